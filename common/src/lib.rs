@@ -1,0 +1,7 @@
+#![forbid(unsafe_code)]
+//! vkmigrate's pure core: the state model, the image/stream format and /proc parsers.
+
+pub mod error;
+pub mod image;
+pub mod model;
+pub mod procfs;

@@ -1,0 +1,344 @@
+//! The state model of a vkernel: what a checkpoint holds and a restore recreates.
+//!
+//! A vkernel is a process tree inside its own PID namespace, under a shim that vkmigrate owns.
+//! Things that several processes can share (an address space, an fd table, an open file
+//! description, a memory object, a pipe) are stored once, in tables on [`Vkernel`], and referenced
+//! by id, so that restore can recreate the sharing exactly (`CLONE_VM` without `CLONE_THREAD`,
+//! `CLONE_FILES`, `dup`ed descriptors, UML's RAM file mapped by every address space).
+//!
+//! Page contents are not part of this model: they travel in `Pages` frames of the image (see
+//! [`crate::image`]) keyed by [`crate::image::Space`]. Kernel ABI structs (registers, xsave) are
+//! kept as sized byte blobs and their length is checked on load rather than guessed.
+
+use serde::{Deserialize, Serialize};
+
+/// Size of `struct user_regs_struct` on x86_64 (27 × u64).
+pub const USER_REGS_SIZE: usize = 27 * 8;
+
+/// Feature flags of an image (see [`crate::image`] for required vs optional bits).
+pub mod features {
+    /// Threads carry an `NT_X86_XSTATE` area.
+    pub const XSTATE: u64 = 1 << 0;
+    /// The vkernel ran in a time namespace; [`super::Clocks`] must be honoured.
+    pub const TIME_NS: u64 = 1 << 1;
+}
+
+/// Everything about one vkernel, except page contents.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Vkernel {
+    pub name: String,
+    /// The command line `vkmigrate run` started, for `ps` and `inspect`.
+    pub argv: Vec<String>,
+    /// Where the vkernel was captured (host name), for humans.
+    pub source_host: String,
+    pub clocks: Clocks,
+    /// Host CPU facts that restore must match (xsave layout).
+    pub cpu: CpuInfo,
+    /// Ordered so that every parent comes before its children.
+    pub processes: Vec<Process>,
+    pub mms: Vec<Mm>,
+    pub objects: Vec<MemObject>,
+    pub fd_tables: Vec<FdTable>,
+    pub files: Vec<OpenFile>,
+    pub pipes: Vec<Pipe>,
+    /// Terminal settings of the console pty that the shim held.
+    pub console: Option<Console>,
+}
+
+/// The vkernel's view of its clocks at the freeze, so that CLOCK_MONOTONIC and CLOCK_BOOTTIME
+/// continue where they stopped (the pause is hidden from it).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Clocks {
+    pub monotonic_ns: i128,
+    pub boottime_ns: i128,
+    /// CLOCK_REALTIME at the freeze, for reports (not namespaced, so not restored).
+    pub realtime_ns: i128,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct CpuInfo {
+    /// Size of the xsave area the kernel returned for `NT_X86_XSTATE`.
+    pub xstate_size: u32,
+    /// XCR0 as saved in the xsave header's software area (bytes 464..472 of the area).
+    pub xcr0: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Process {
+    /// PID inside the vkernel's PID namespace.
+    pub pid: i32,
+    /// Parent's PID inside the namespace; 1 is the shim's reaper (not restored, always there).
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    pub comm: String,
+    /// Index into [`Vkernel::mms`].
+    pub mm: u32,
+    /// Index into [`Vkernel::fd_tables`].
+    pub fd_table: u32,
+    /// Signal sent to the parent when this process exits (SIGCHLD, or 0 for UML's helpers).
+    pub exit_signal: i32,
+    pub cwd: String,
+    pub root: String,
+    pub umask: u32,
+    pub personality: u64,
+    pub rlimits: Vec<Rlimit>,
+    /// Signals 1..=64 with a non-default disposition.
+    pub sigactions: Vec<SigAction>,
+    pub itimers: Vec<ITimer>,
+    pub posix_timers: Vec<PosixTimer>,
+    /// Signals pending for the whole process, as raw `siginfo_t` (128 bytes each).
+    pub pending_shared: Vec<Vec<u8>>,
+    /// The thread-group leader first.
+    pub threads: Vec<Thread>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Rlimit {
+    pub resource: u32,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// `struct kernel_sigaction` as the raw `rt_sigaction` syscall sees it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SigAction {
+    pub signo: i32,
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ITimer {
+    /// ITIMER_REAL = 0, ITIMER_VIRTUAL = 1, ITIMER_PROF = 2.
+    pub which: i32,
+    pub interval_us: i64,
+    pub value_us: i64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PosixTimer {
+    pub id: i32,
+    pub clockid: i32,
+    /// `sigev_notify` (SIGEV_SIGNAL = 0, SIGEV_NONE = 1, SIGEV_THREAD_ID = 4).
+    pub notify: i32,
+    pub signo: i32,
+    pub sigev_value: u64,
+    /// Target thread (namespace TID) for SIGEV_THREAD_ID.
+    pub notify_tid: i32,
+    pub interval_ns: i64,
+    pub value_ns: i64,
+    pub overrun: i32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Thread {
+    /// TID inside the vkernel's PID namespace.
+    pub tid: i32,
+    pub comm: String,
+    /// `struct user_regs_struct`, [`USER_REGS_SIZE`] bytes, after the syscall-restart fix-up
+    /// has been decided (see `restart`).
+    pub regs: Vec<u8>,
+    /// `NT_X86_XSTATE` area as returned by the kernel (length = [`CpuInfo::xstate_size`]).
+    pub xstate: Vec<u8>,
+    pub sigmask: u64,
+    pub sigaltstack: SigAltStack,
+    pub robust_list: u64,
+    pub robust_list_len: u64,
+    pub clear_child_tid: u64,
+    pub rseq: Option<Rseq>,
+    /// Signals pending for this thread only, as raw `siginfo_t` (128 bytes each).
+    pub pending: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct SigAltStack {
+    pub sp: u64,
+    pub flags: i32,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Rseq {
+    pub addr: u64,
+    pub len: u32,
+    pub sig: u32,
+}
+
+/// One address space (a vmspace).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Mm {
+    pub id: u32,
+    pub vmas: Vec<Vma>,
+    pub fields: MmFields,
+    /// Path of `/proc/PID/exe`, for `PR_SET_MM_MAP`'s `exe_fd`.
+    pub exe: String,
+    /// The `[vdso]` bytes: restore refuses when the destination's vDSO differs, because the
+    /// code that jumps into it keeps working only with the very same kernel build.
+    pub vdso: Vec<u8>,
+}
+
+/// The `struct prctl_mm_map` fields, plus auxv.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct MmFields {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+    pub auxv: Vec<u64>,
+}
+
+pub mod prot {
+    pub const READ: u32 = 1;
+    pub const WRITE: u32 = 2;
+    pub const EXEC: u32 = 4;
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    /// [`prot`] bits.
+    pub prot: u32,
+    pub shared: bool,
+    pub growsdown: bool,
+    /// `madvise` flags to reapply: "dc" (DONTCOPY), "dd" (DONTDUMP), "wf" (WIPEONFORK), "hg".
+    pub advise: Vec<String>,
+    pub backing: Backing,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Backing {
+    /// Private anonymous memory (heap, stacks, malloc arenas). Its present pages travel.
+    Anon,
+    /// A file on a filesystem both hosts see. Private mappings send only their COW pages.
+    File {
+        path: String,
+        offset: u64,
+        size: u64,
+        mtime_ns: i128,
+    },
+    /// A shared memory object (memfd, unlinked tmpfs file, /dev/shm file) by id.
+    Object {
+        id: u32,
+        offset: u64,
+    },
+    Vdso,
+    Vvar,
+    VvarVclock,
+    Vsyscall,
+}
+
+/// A memory object whose contents travel (memfd, O_TMPFILE or unlinked tmpfs/shm file).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MemObject {
+    pub id: u32,
+    /// The name shown in /proc maps (e.g. `/memfd:vkload-ram (deleted)`).
+    pub name: String,
+    pub kind: ObjectKind,
+    pub size: u64,
+    pub seals: u32,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ObjectKind {
+    Memfd,
+    /// An unlinked file on tmpfs (`/dev/shm`, `$TMPDIR`): recreated as an O_TMPFILE there.
+    TmpFile,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FdTable {
+    pub id: u32,
+    pub fds: Vec<Fd>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Fd {
+    pub fd: i32,
+    /// Index into [`Vkernel::files`].
+    pub file: u32,
+    pub cloexec: bool,
+}
+
+/// An open file description (several fds may share one: `dup`, fork).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OpenFile {
+    pub id: u32,
+    /// `O_*` status flags (O_ACCMODE, O_APPEND, O_NONBLOCK, ...), from fdinfo.
+    pub flags: u32,
+    pub pos: u64,
+    /// `F_SETOWN` pid (namespace pid; negative = process group) and `F_SETSIG`.
+    pub owner: i32,
+    pub sig: i32,
+    pub kind: FileKind,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum FileKind {
+    Regular {
+        path: String,
+    },
+    Directory {
+        path: String,
+    },
+    /// A character device opened by path (/dev/null, /dev/zero, /dev/urandom...).
+    CharDevice {
+        path: String,
+        rdev: u64,
+    },
+    /// One end of a pipe; the contents live in [`Vkernel::pipes`].
+    Pipe {
+        pipe: u32,
+        write_end: bool,
+    },
+    /// A memory object also held as an fd.
+    Object {
+        id: u32,
+    },
+    /// The slave side of the console pty held by the shim.
+    Console,
+    EventFd {
+        count: u64,
+        semaphore: bool,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Pipe {
+    pub id: u32,
+    /// Bytes that were buffered, unread, at the freeze.
+    pub data: Vec<u8>,
+    pub capacity: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Console {
+    /// `struct termios` (the kernel's, 60 bytes on x86_64) as bytes.
+    pub termios: Vec<u8>,
+    pub rows: u16,
+    pub cols: u16,
+}
+
+impl Vkernel {
+    /// Total bytes of private memory and objects the vkernel maps, for `ps` and `inspect`.
+    pub fn mapped_bytes(&self) -> u64 {
+        let vmas: u64 = self
+            .mms
+            .iter()
+            .flat_map(|m| m.vmas.iter())
+            .filter(|v| matches!(v.backing, Backing::Anon))
+            .map(|v| v.end.saturating_sub(v.start))
+            .sum();
+        vmas + self.objects.iter().map(|o| o.size).sum::<u64>()
+    }
+}

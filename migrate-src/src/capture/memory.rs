@@ -1,0 +1,369 @@
+//! Address spaces: VMAs from smaps, which pages carry state (pagemap), shared memory objects.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+use vkm_common::image::{ImageWriter, Space, PAGE_SIZE};
+use vkm_common::model::{prot, Backing, MemObject, Mm, MmFields, ObjectKind, Vma};
+use vkm_common::procfs;
+use vkm_sys::proc;
+
+use crate::SrcError;
+
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
+const PM_FILE: u64 = 1 << 61;
+/// Pages read from the target per pread (and per image frame group).
+const CHUNK: usize = 1 << 20;
+
+/// How to read the memory that goes with a captured model.
+#[derive(Default)]
+pub struct MemoryPlan {
+    pub mms: Vec<MmPlan>,
+    pub objects: Vec<ObjectPlan>,
+}
+
+pub struct MmPlan {
+    pub id: u32,
+    pub pid: i32,
+    /// Page-aligned [start, end) runs whose pages carry state.
+    pub runs: Vec<(u64, u64)>,
+}
+
+pub struct ObjectPlan {
+    pub id: u32,
+    pub file: File,
+    pub size: u64,
+}
+
+impl MemoryPlan {
+    /// Bytes the plan will read (before zero-page elision), for progress display.
+    pub fn total_bytes(&self) -> u64 {
+        let mm: u64 = self.mms.iter().flat_map(|m| m.runs.iter()).map(|(s, e)| e - s).sum();
+        mm + self.objects.iter().map(|o| o.size).sum::<u64>()
+    }
+
+    /// Copy every page of the plan into the image.
+    pub fn write_pages<W: Write>(
+        &self,
+        w: &mut ImageWriter<W>,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<(), SrcError> {
+        let mut buf = vec![0u8; CHUNK];
+        for m in &self.mms {
+            let path = proc::pid_path(m.pid, "mem");
+            let mem = File::open(&path).map_err(|e| vkm_sys::SysError::Path { path, source: e })?;
+            for &(start, end) in &m.runs {
+                let mut a = start;
+                while a < end {
+                    let n = usize::try_from((end - a).min(CHUNK as u64)).unwrap_or(CHUNK);
+                    mem.read_exact_at(&mut buf[..n], a).map_err(|e| {
+                        vkm_sys::SysError::Syscall { op: "pread(/proc/PID/mem)", pid: m.pid, source: e }
+                    })?;
+                    w.write_pages(Space::Mm(m.id), a, &buf[..n])?;
+                    progress(n as u64);
+                    a += n as u64;
+                }
+            }
+        }
+        for o in &self.objects {
+            for (start, end) in data_extents(&o.file, o.size)? {
+                let mut a = start;
+                while a < end {
+                    let n = usize::try_from((end - a).min(CHUNK as u64)).unwrap_or(CHUNK);
+                    // The object's tail page may be partial; pad it with zeros.
+                    let want = n.min(usize::try_from(o.size - a).unwrap_or(n));
+                    buf[..n].fill(0);
+                    o.file.read_exact_at(&mut buf[..want], a).map_err(|e| {
+                        vkm_sys::SysError::Syscall { op: "pread(memory object)", pid: 0, source: e }
+                    })?;
+                    w.write_pages(Space::Object(o.id), a, &buf[..n])?;
+                    progress(n as u64);
+                    a += n as u64;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Allocated extents of a file (SEEK_DATA/SEEK_HOLE), page aligned: a 256 MiB UML RAM file uses
+/// a tenth of that when idle, and holes read as zeros anyway.
+fn data_extents(file: &File, size: u64) -> Result<Vec<(u64, u64)>, SrcError> {
+    use nix::unistd::{lseek, Whence};
+    use std::os::fd::AsRawFd;
+    let page = PAGE_SIZE as u64;
+    let mut out = Vec::new();
+    let mut pos: i64 = 0;
+    let size_i = i64::try_from(size).unwrap_or(i64::MAX);
+    while pos < size_i {
+        let data = match lseek(file.as_raw_fd(), pos, Whence::SeekData) {
+            Ok(d) => d,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => {
+                return Err(vkm_sys::SysError::Syscall { op: "lseek(SEEK_DATA)", pid: 0, source: e.into() }.into())
+            }
+        };
+        let hole = lseek(file.as_raw_fd(), data, Whence::SeekHole).unwrap_or(size_i);
+        let s = (data as u64) / page * page;
+        let e = ((hole as u64).min(size)).div_ceil(page) * page;
+        if e > s {
+            out.push((s, e));
+        }
+        pos = hole;
+    }
+    Ok(out)
+}
+
+#[derive(Default)]
+pub struct MemoryCapture {
+    mms: Vec<Mm>,
+    plans: Vec<MmPlan>,
+    /// (dev, inode) → object id.
+    object_ids: BTreeMap<(u64, u64), u32>,
+    objects: Vec<MemObject>,
+    object_plans: Vec<ObjectPlan>,
+    /// Per mm: base address of [vdso].
+    vdso_base: Vec<Option<u64>>,
+}
+
+impl MemoryCapture {
+    pub fn capture_mm(&mut self, id: u32, pid: i32) -> Result<(), SrcError> {
+        let smaps_text = proc::read(proc::pid_path(pid, "smaps"))?;
+        let entries = procfs::parse_smaps(&smaps_text)
+            .map_err(|source| SrcError::Parse { what: "smaps", pid, source })?;
+        let pagemap = File::open(proc::pid_path(pid, "pagemap")).map_err(|e| vkm_sys::SysError::Path {
+            path: proc::pid_path(pid, "pagemap"),
+            source: e,
+        })?;
+        let mut vmas = Vec::new();
+        let mut runs = Vec::new();
+        let mut vdso = Vec::new();
+        let mut vdso_base = None;
+        for e in &entries {
+            let mut p = 0;
+            if e.read {
+                p |= prot::READ;
+            }
+            if e.write {
+                p |= prot::WRITE;
+            }
+            if e.exec {
+                p |= prot::EXEC;
+            }
+            let path = e.path.clone().unwrap_or_default();
+            let unsupported = |what: &str| SrcError::UnsupportedVma {
+                pid,
+                start: e.start,
+                end: e.end,
+                what: what.to_string(),
+            };
+            let backing = match path.as_str() {
+                "[vdso]" => {
+                    vdso = read_mem(pid, e.start, e.end)?;
+                    vdso_base = Some(e.start);
+                    Backing::Vdso
+                }
+                "[vvar]" => Backing::Vvar,
+                "[vvar_vclock]" => Backing::VvarVclock,
+                "[vsyscall]" => Backing::Vsyscall,
+                _ if e.shared => {
+                    if is_object_path(&path) {
+                        let oid = self.object(pid, e, &path)?;
+                        Backing::Object { id: oid, offset: e.offset }
+                    } else if path.starts_with('/') {
+                        file_backing(pid, e, &path)?
+                    } else {
+                        return Err(unsupported("shared mapping of an unknown kind"));
+                    }
+                }
+                "" | "[heap]" | "[stack]" => {
+                    runs.extend(state_runs(&pagemap, e.start, e.end, false)?);
+                    Backing::Anon
+                }
+                _ if path.starts_with("[anon:") || path.starts_with("[stack:") => {
+                    runs.extend(state_runs(&pagemap, e.start, e.end, false)?);
+                    Backing::Anon
+                }
+                _ if path.starts_with('/') && !path.ends_with(" (deleted)") => {
+                    runs.extend(state_runs(&pagemap, e.start, e.end, true)?);
+                    file_backing(pid, e, &path)?
+                }
+                _ => return Err(unsupported(&format!("private mapping of {path}"))),
+            };
+            vmas.push(Vma {
+                start: e.start,
+                end: e.end,
+                prot: p,
+                shared: e.shared,
+                growsdown: e.vm_flags.iter().any(|f| f == "gd"),
+                advise: e
+                    .vm_flags
+                    .iter()
+                    .filter(|f| matches!(f.as_str(), "dc" | "dd" | "wf" | "hg" | "nh"))
+                    .cloned()
+                    .collect(),
+                backing,
+            });
+        }
+        let fields = mm_fields(pid)?;
+        let exe = proc::readlink(proc::pid_path(pid, "exe")).unwrap_or_default();
+        self.mms.push(Mm { id, vmas, fields, exe, vdso });
+        self.plans.push(MmPlan { id, pid, runs: merge_runs(runs) });
+        self.vdso_base.push(vdso_base);
+        Ok(())
+    }
+
+    pub fn vdso_of(&self, mm: u32) -> Option<(u64, Vec<u8>)> {
+        let i = usize::try_from(mm).ok()?;
+        Some((self.vdso_base.get(i).copied()??, self.mms.get(i)?.vdso.clone()))
+    }
+
+    /// The object id of a shared memory object, registering it on first sight. `path` is the
+    /// name shown in /proc; `open_path` a /proc path through which its contents can be read.
+    pub fn object_by_inode(
+        &mut self,
+        dev: u64,
+        ino: u64,
+        name: &str,
+        open_path: &std::path::Path,
+    ) -> Result<u32, SrcError> {
+        if let Some(&id) = self.object_ids.get(&(dev, ino)) {
+            return Ok(id);
+        }
+        let file = File::open(open_path).map_err(|e| vkm_sys::SysError::Path {
+            path: open_path.to_path_buf(),
+            source: e,
+        })?;
+        let meta = file.metadata().map_err(|e| vkm_sys::SysError::Path {
+            path: open_path.to_path_buf(),
+            source: e,
+        })?;
+        let id = u32::try_from(self.objects.len()).unwrap_or(u32::MAX);
+        let kind = if name.starts_with("/memfd:") { ObjectKind::Memfd } else { ObjectKind::TmpFile };
+        // Seals are only visible through fcntl on the object itself.
+        let seals = nix::fcntl::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), nix::fcntl::FcntlArg::F_GET_SEALS)
+            .map_or(0, |s| u32::try_from(s).unwrap_or(0));
+        self.objects.push(MemObject { id, name: name.to_string(), kind, size: meta.size(), seals });
+        self.object_plans.push(ObjectPlan { id, file, size: meta.size() });
+        self.object_ids.insert((dev, ino), id);
+        Ok(id)
+    }
+
+    fn object(&mut self, pid: i32, e: &procfs::Vma, path: &str) -> Result<u32, SrcError> {
+        let open_path = proc::pid_path(pid, &format!("map_files/{:x}-{:x}", e.start, e.end));
+        let meta = std::fs::metadata(&open_path).map_err(|err| vkm_sys::SysError::Path {
+            path: open_path.clone(),
+            source: err,
+        })?;
+        self.object_by_inode(meta.dev(), meta.ino(), path, &open_path)
+    }
+
+    pub fn finish(self) -> (Vec<Mm>, Vec<MemObject>, MemoryPlan) {
+        (self.mms, self.objects, MemoryPlan { mms: self.plans, objects: self.object_plans })
+    }
+}
+
+/// Shared mappings whose contents exist nowhere else: memfds, unlinked tmpfs files (UML's RAM
+/// file), shared anonymous memory (`/dev/zero (deleted)`).
+fn is_object_path(path: &str) -> bool {
+    path.starts_with("/memfd:") || path.ends_with(" (deleted)") || path == "/dev/zero"
+}
+
+fn file_backing(pid: i32, e: &procfs::Vma, path: &str) -> Result<Backing, SrcError> {
+    let map_file = proc::pid_path(pid, &format!("map_files/{:x}-{:x}", e.start, e.end));
+    let meta = std::fs::metadata(&map_file)
+        .map_err(|err| vkm_sys::SysError::Path { path: map_file, source: err })?;
+    Ok(Backing::File {
+        path: path.to_string(),
+        offset: e.offset,
+        size: meta.size(),
+        mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+    })
+}
+
+fn read_mem(pid: i32, start: u64, end: u64) -> Result<Vec<u8>, SrcError> {
+    let path = proc::pid_path(pid, "mem");
+    let f = File::open(&path).map_err(|e| vkm_sys::SysError::Path { path: path.clone(), source: e })?;
+    let mut buf = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
+    f.read_exact_at(&mut buf, start).map_err(|e| vkm_sys::SysError::Path { path, source: e })?;
+    Ok(buf)
+}
+
+/// Runs of pages of [start, end) that carry state: present or swapped anonymous pages; for a
+/// private file mapping only its copied-on-write pages (the rest is in the file).
+fn state_runs(pagemap: &File, start: u64, end: u64, file_backed: bool) -> Result<Vec<(u64, u64)>, SrcError> {
+    let page = PAGE_SIZE as u64;
+    let mut out = Vec::new();
+    let mut a = start;
+    let mut buf = vec![0u8; 8 * 4096];
+    while a < end {
+        let n = ((end - a) / page).min(4096);
+        let bytes = usize::try_from(n * 8).unwrap_or(0);
+        pagemap
+            .read_exact_at(&mut buf[..bytes], a / page * 8)
+            .map_err(|e| vkm_sys::SysError::Syscall { op: "pread(pagemap)", pid: 0, source: e })?;
+        for (i, c) in buf[..bytes].chunks_exact(8).enumerate() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(c);
+            let v = u64::from_le_bytes(b);
+            let keep = if file_backed {
+                (v & PM_PRESENT != 0 && v & PM_FILE == 0) || v & PM_SWAPPED != 0
+            } else {
+                v & (PM_PRESENT | PM_SWAPPED) != 0
+            };
+            if keep {
+                let pa = a + i as u64 * page;
+                match out.last_mut() {
+                    Some((_, e)) if *e == pa => *e = pa + page,
+                    _ => out.push((pa, pa + page)),
+                }
+            }
+        }
+        a += n * page;
+    }
+    Ok(out)
+}
+
+fn merge_runs(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    runs.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+    for (s, e) in runs {
+        match out.last_mut() {
+            Some((_, le)) if *le >= s => *le = (*le).max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+fn mm_fields(pid: i32) -> Result<MmFields, SrcError> {
+    let stat_text = proc::read(proc::pid_path(pid, "stat"))?;
+    let st = procfs::parse_stat(&stat_text).map_err(|source| SrcError::Parse { what: "stat", pid, source })?;
+    let auxv_bytes = proc::read_bytes(proc::pid_path(pid, "auxv"))?;
+    let auxv = auxv_bytes
+        .chunks_exact(8)
+        .map(|c| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(c);
+            u64::from_le_bytes(b)
+        })
+        .collect();
+    Ok(MmFields {
+        start_code: st.start_code,
+        end_code: st.end_code,
+        start_data: st.start_data,
+        end_data: st.end_data,
+        start_brk: st.start_brk,
+        // The exact brk is read by injection later (stat does not show it).
+        brk: st.start_brk,
+        start_stack: st.start_stack,
+        arg_start: st.arg_start,
+        arg_end: st.arg_end,
+        env_start: st.env_start,
+        env_end: st.env_end,
+        auxv,
+    })
+}

@@ -1,0 +1,155 @@
+//! Reading a frozen vkernel's state into the model ([`vkm_common::model::Vkernel`]).
+//!
+//! Everything here only reads: /proc, ptrace regsets, and syscalls injected into stopped
+//! threads that leave no trace (the scratch page they use is unmapped again and the registers
+//! are put back). So a capture that fails, or a `--leave-running` checkpoint, leaves the
+//! vkernel exactly as it was.
+
+mod files;
+mod memory;
+mod process;
+
+use std::collections::BTreeMap;
+
+use vkm_common::model::{self, Clocks, CpuInfo, Vkernel};
+use vkm_sys::calls;
+
+use crate::freeze::Frozen;
+use crate::SrcError;
+
+pub use memory::MemoryPlan;
+
+#[derive(Debug, Clone, Default)]
+pub struct CaptureOptions {
+    pub name: String,
+    pub argv: Vec<String>,
+    /// Path of the pty slave the shim gave the vkernel as its console (`/dev/pts/N`).
+    pub console_tty: Option<String>,
+}
+
+/// The model plus what the page writer needs to read the memory that goes with it.
+pub struct Captured {
+    pub vk: Vkernel,
+    pub memory: MemoryPlan,
+    /// Signals held back during injections: (host tgid, host tid, signal).
+    pub held: Vec<(i32, i32, i32)>,
+}
+
+/// Capture a frozen vkernel.
+pub fn capture(frozen: &Frozen, opts: &CaptureOptions) -> Result<Captured, SrcError> {
+    if frozen.processes.is_empty() {
+        return Err(SrcError::Empty);
+    }
+    let host_to_ns: BTreeMap<i32, i32> = frozen
+        .processes
+        .iter()
+        .map(|p| (p.host_pid, p.ns_pid))
+        .chain(std::iter::once((frozen.init, 1)))
+        .collect();
+
+    // Sharing between processes is found with kcmp: the first process of each group owns the
+    // object, the others point at it.
+    let mut mm_owner: Vec<i32> = Vec::new(); // host pid per mm id
+    let mut table_owner: Vec<i32> = Vec::new();
+    let mut proc_mm = Vec::new();
+    let mut proc_table = Vec::new();
+    for p in &frozen.processes {
+        proc_mm.push(group(&mut mm_owner, p.host_pid, calls::KCMP_VM)?);
+        proc_table.push(group(&mut table_owner, p.host_pid, calls::KCMP_FILES)?);
+    }
+
+    // Layouts first: the injections below map a scratch page, which must not be captured.
+    let mut mem = memory::MemoryCapture::default();
+    for (id, &pid) in mm_owner.iter().enumerate() {
+        mem.capture_mm(u32::try_from(id).unwrap_or(u32::MAX), pid)?;
+    }
+
+    let mut fcap = files::FileCapture::new(&host_to_ns, opts.console_tty.as_deref());
+    let mut tables = Vec::new();
+    for (id, &pid) in table_owner.iter().enumerate() {
+        tables.push(fcap.capture_table(u32::try_from(id).unwrap_or(u32::MAX), pid, &mut mem)?);
+    }
+
+    let mut processes = Vec::new();
+    let mut brks = Vec::new();
+    let mut held = Vec::new();
+    for (i, p) in frozen.processes.iter().enumerate() {
+        let (proc, brk, h) = process::capture_process(
+            p,
+            &host_to_ns,
+            proc_mm[i],
+            proc_table[i],
+            mem.vdso_of(proc_mm[i]),
+        )?;
+        brks.push((proc_mm[i], brk));
+        held.extend(h.into_iter().map(|(tid, sig)| (p.host_pid, tid, sig)));
+        processes.push(proc);
+    }
+
+    let first = &frozen.processes[0];
+    let clocks = read_clocks(first.host_pid)?;
+    let cpu = processes
+        .first()
+        .and_then(|p: &model::Process| p.threads.first())
+        .map(|t| CpuInfo { xstate_size: t.xstate.len() as u32, xcr0: xcr0_of(&t.xstate) })
+        .unwrap_or_default();
+
+    let (mut mms, objects, plan) = mem.finish();
+    for (mm, brk) in brks {
+        if let Some(m) = mms.get_mut(mm as usize) {
+            m.fields.brk = brk;
+        }
+    }
+    let console = fcap.console()?;
+    let (files, pipes) = fcap.finish();
+    let vk = Vkernel {
+        name: opts.name.clone(),
+        argv: opts.argv.clone(),
+        source_host: nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        clocks,
+        cpu,
+        processes,
+        mms,
+        objects,
+        fd_tables: tables,
+        files,
+        pipes,
+        console,
+    };
+    Ok(Captured { vk, memory: plan, held })
+}
+
+/// Index of the group `pid` belongs to (by kcmp `kind`), adding a new group when none matches.
+fn group(owners: &mut Vec<i32>, pid: i32, kind: i32) -> Result<u32, SrcError> {
+    for (i, &o) in owners.iter().enumerate() {
+        if calls::kcmp_same(o, pid, kind, 0, 0)? {
+            return Ok(u32::try_from(i).unwrap_or(u32::MAX));
+        }
+    }
+    owners.push(pid);
+    Ok(u32::try_from(owners.len() - 1).unwrap_or(u32::MAX))
+}
+
+/// The vkernel's own view of its clocks now (it is frozen, so "now" is the freeze).
+fn read_clocks(pid: i32) -> Result<Clocks, SrcError> {
+    let path = vkm_sys::proc::pid_path(pid, "timens_offsets");
+    let text = vkm_sys::proc::read(&path)?;
+    let off = vkm_common::procfs::parse_timens_offsets(&text)
+        .map_err(|source| SrcError::Parse { what: "timens_offsets", pid, source })?;
+    let ns = |o: vkm_common::procfs::TimeOffset| i128::from(o.secs) * 1_000_000_000 + i128::from(o.nsecs);
+    Ok(Clocks {
+        monotonic_ns: calls::clock_ns(libc::CLOCK_MONOTONIC) + ns(off.monotonic),
+        boottime_ns: calls::clock_ns(libc::CLOCK_BOOTTIME) + ns(off.boottime),
+        realtime_ns: calls::clock_ns(libc::CLOCK_REALTIME),
+    })
+}
+
+/// XCR0 as the kernel saved it in the xsave header's software-reserved area.
+fn xcr0_of(xstate: &[u8]) -> u64 {
+    xstate
+        .get(464..472)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map_or(0, u64::from_le_bytes)
+}

@@ -1,0 +1,268 @@
+//! Per-process and per-thread state: registers, signals, timers, limits; what no /proc file
+//! shows is read by injecting the syscall into the stopped thread.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+
+use vkm_common::model::{ITimer, PosixTimer, Process, Rlimit, Rseq, SigAction, SigAltStack, Thread};
+use vkm_common::procfs;
+use vkm_sys::inject::{self, Remote};
+use vkm_sys::{proc, ptrace};
+
+use crate::freeze::FrozenProcess;
+use crate::SrcError;
+
+const SCRATCH_LEN: u64 = 64 * 1024;
+
+/// Signals that arrived while we injected and were held back: (host tid, signal number). A
+/// vkernel that keeps running gets them again.
+pub type Held = Vec<(i32, i32)>;
+
+/// Capture one process. Returns it, its exact program break (`brk(0)`) and the held signals.
+pub fn capture_process(
+    p: &FrozenProcess,
+    host_to_ns: &BTreeMap<i32, i32>,
+    mm: u32,
+    fd_table: u32,
+    vdso: Option<(u64, Vec<u8>)>,
+) -> Result<(Process, u64, Held), SrcError> {
+    let pid = p.host_pid;
+    let stat_text = proc::read(proc::pid_path(pid, "stat"))?;
+    let st = procfs::parse_stat(&stat_text).map_err(|source| SrcError::Parse { what: "stat", pid, source })?;
+    let status_text = proc::read(proc::pid_path(pid, "status"))?;
+    let status =
+        procfs::parse_status(&status_text).map_err(|source| SrcError::Parse { what: "status", pid, source })?;
+    if status.seccomp != 0 {
+        return Err(SrcError::Unsupported { pid: p.ns_pid, what: "a seccomp filter is installed".into() });
+    }
+    let ns = |host: i32| host_to_ns.get(&host).copied();
+    let ppid = ns(st.ppid).ok_or(SrcError::Unsupported {
+        pid: p.ns_pid,
+        what: format!("its parent {} is outside the vkernel", st.ppid),
+    })?;
+    let limits_text = proc::read(proc::pid_path(pid, "limits"))?;
+    let rlimits = procfs::parse_limits(&limits_text)
+        .map_err(|source| SrcError::Parse { what: "limits", pid, source })?
+        .into_iter()
+        .map(|l| Rlimit { resource: l.resource, soft: l.soft, hard: l.hard })
+        .collect();
+    let timers_text = proc::read(proc::pid_path(pid, "timers")).unwrap_or_default();
+    let timers = procfs::parse_timers(&timers_text)
+        .map_err(|source| SrcError::Parse { what: "timers", pid, source })?;
+
+    let Some((vdso_base, vdso_code)) = vdso else {
+        return Err(SrcError::Unsupported { pid: p.ns_pid, what: "it has no [vdso] to borrow a syscall instruction from".into() });
+    };
+    let gadget = inject::find_syscall_insn(&vdso_code, vdso_base).ok_or(SrcError::Unsupported {
+        pid: p.ns_pid,
+        what: "its [vdso] has no syscall instruction".into(),
+    })?;
+
+    // Registers etc. are read before any injection changes them.
+    let mut threads = Vec::new();
+    for &tid in &p.threads {
+        threads.push(capture_thread_outside(tid, host_to_ns, p)?);
+    }
+
+    let mem_path = proc::pid_path(pid, "mem");
+    let mem = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&mem_path)
+        .map_err(|e| vkm_sys::SysError::Path { path: mem_path, source: e })?;
+    let mut leader = Remote::new(pid, gadget, 0, 0, mem)?;
+    leader.stack = leader.saved.rsp;
+    let mut thread_held: Held = Vec::new();
+    let result = inject_reads(&mut leader, p, &mut threads, &timers, host_to_ns, &mut thread_held);
+    // Registers go back whatever happened; the scratch page is gone already on success.
+    let restored = leader.restore_regs();
+    let (sigactions, itimers, posix_timers, brk, personality) = result?;
+    restored?;
+    let mut held: Held = Vec::new();
+    for si in leader.swallowed.drain(..) {
+        held.push((pid, signo_of(&si)));
+        threads[0].pending.push(si);
+    }
+    held.append(&mut thread_held);
+
+    let proc = Process {
+        pid: p.ns_pid,
+        ppid,
+        pgid: ns(st.pgrp).unwrap_or(0),
+        sid: ns(st.session).unwrap_or(0),
+        comm: st.comm.clone(),
+        mm,
+        fd_table,
+        exit_signal: st.exit_signal,
+        cwd: proc::readlink(proc::pid_path(pid, "cwd"))?,
+        root: proc::readlink(proc::pid_path(pid, "root"))?,
+        umask: status.umask.unwrap_or(0o022),
+        personality,
+        rlimits,
+        sigactions,
+        itimers,
+        posix_timers,
+        pending_shared: ptrace::peek_siginfo(pid, true)?,
+        threads,
+    };
+    Ok((proc, brk, held))
+}
+
+type Injected = (Vec<SigAction>, Vec<ITimer>, Vec<PosixTimer>, u64, u64);
+
+fn inject_reads(
+    r: &mut Remote,
+    p: &FrozenProcess,
+    threads: &mut [Thread],
+    timers: &[procfs::PosixTimerInfo],
+    host_to_ns: &BTreeMap<i32, i32>,
+    held: &mut Held,
+) -> Result<Injected, SrcError> {
+    let nr = |n: libc::c_long| n as i64;
+    // A private scratch page for out-parameters, so that nothing of the target's memory is
+    // touched; it is unmapped again before we return.
+    let scratch = r.call(
+        "mmap(scratch)",
+        nr(libc::SYS_mmap),
+        &[0, SCRATCH_LEN, (libc::PROT_READ | libc::PROT_WRITE) as u64, (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64, u64::MAX, 0],
+    )?;
+    r.scratch = scratch;
+    let out = (|| -> Result<Injected, SrcError> {
+        let mut sigactions = Vec::new();
+        for sig in 1..=64i32 {
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                continue;
+            }
+            r.call("rt_sigaction", nr(libc::SYS_rt_sigaction), &[sig as u64, 0, scratch, 8])?;
+            let b = r.read(scratch, 32)?;
+            let f = words(&b);
+            if f[0] != 0 || f[1] != 0 {
+                sigactions.push(SigAction { signo: sig, handler: f[0], flags: f[1], restorer: f[2], mask: f[3] });
+            }
+        }
+        let mut itimers = Vec::new();
+        for which in 0..3 {
+            r.call("getitimer", nr(libc::SYS_getitimer), &[which, scratch])?;
+            let f = words(&r.read(scratch, 32)?);
+            let us = |s: u64, u: u64| (s as i64) * 1_000_000 + u as i64;
+            let t = ITimer { which: which as i32, interval_us: us(f[0], f[1]), value_us: us(f[2], f[3]) };
+            if t.interval_us != 0 || t.value_us != 0 {
+                itimers.push(t);
+            }
+        }
+        let mut posix = Vec::new();
+        for t in timers {
+            r.call("timer_gettime", nr(libc::SYS_timer_gettime), &[t.id as u64, scratch])?;
+            let f = words(&r.read(scratch, 32)?);
+            let ns = |s: u64, n: u64| (s as i64) * 1_000_000_000 + n as i64;
+            let overrun = r.raw(nr(libc::SYS_timer_getoverrun), &[t.id as u64])?;
+            posix.push(PosixTimer {
+                id: t.id,
+                clockid: t.clockid,
+                notify: t.sigev_notify(),
+                signo: t.signal,
+                sigev_value: t.sigev_value,
+                notify_tid: if t.thread { host_to_ns_tid(host_to_ns, t.target) } else { 0 },
+                interval_ns: ns(f[0], f[1]),
+                value_ns: ns(f[2], f[3]),
+                overrun: i32::try_from(overrun.max(0)).unwrap_or(0),
+            });
+        }
+        let brk = r.call("brk", nr(libc::SYS_brk), &[0])?;
+        let personality = r.call("personality", nr(libc::SYS_personality), &[0xffff_ffff])?;
+        // Per-thread values only readable from inside: each thread runs its own injection.
+        for (i, &tid) in p.threads.iter().enumerate() {
+            let mem = r.mem.try_clone().map_err(|e| vkm_sys::SysError::Syscall { op: "dup(/proc/PID/mem)", pid: tid, source: e })?;
+            let mut t = if tid == r.tid {
+                None
+            } else {
+                let mut t = Remote::new(tid, r.gadget, scratch, 0, mem)?;
+                t.stack = t.saved.rsp;
+                Some(t)
+            };
+            let rem: &mut Remote = match t.as_mut() {
+                Some(t) => t,
+                None => &mut *r,
+            };
+            let res = per_thread(rem, scratch, &mut threads[i]);
+            if let Some(t) = t.as_mut() {
+                t.restore_regs()?;
+                for si in t.swallowed.drain(..) {
+                    held.push((tid, signo_of(&si)));
+                    threads[i].pending.push(si);
+                }
+            }
+            res?;
+        }
+        Ok((sigactions, itimers, posix, brk, personality))
+    })();
+    let unmapped = r.call("munmap(scratch)", nr(libc::SYS_munmap), &[scratch, SCRATCH_LEN]);
+    let out = out?;
+    unmapped?;
+    Ok(out)
+}
+
+fn per_thread(r: &mut Remote, scratch: u64, t: &mut Thread) -> Result<(), SrcError> {
+    let nr = |n: libc::c_long| n as i64;
+    r.call("prctl(PR_GET_TID_ADDRESS)", nr(libc::SYS_prctl), &[libc::PR_GET_TID_ADDRESS as u64, scratch])?;
+    t.clear_child_tid = words(&r.read(scratch, 8)?)[0];
+    r.call("sigaltstack", nr(libc::SYS_sigaltstack), &[0, scratch])?;
+    let f = words(&r.read(scratch, 24)?);
+    t.sigaltstack = SigAltStack { sp: f[0], flags: (f[1] & 0xffff_ffff) as i32, size: f[2] };
+    Ok(())
+}
+
+fn capture_thread_outside(
+    tid: i32,
+    host_to_ns: &BTreeMap<i32, i32>,
+    p: &FrozenProcess,
+) -> Result<Thread, SrcError> {
+    let regs = ptrace::getregs(tid)?;
+    let xstate = ptrace::get_xstate(tid)?;
+    let sigmask = ptrace::get_sigmask(tid)?;
+    let rseq = ptrace::rseq_config(tid)?;
+    let (robust_list, robust_list_len) = vkm_sys::calls::get_robust_list(tid)?;
+    let comm = proc::read(format!("/proc/{}/task/{tid}/comm", p.host_pid))?.trim_end().to_string();
+    let ns_tid = proc::ns_pid(tid)?;
+    let _ = host_to_ns;
+    let mut pending = ptrace::peek_siginfo(tid, false)?;
+    if let Some((_, si)) = p.stop_signals.get(&tid) {
+        pending.push(si.clone());
+    }
+    Ok(Thread {
+        tid: ns_tid,
+        comm,
+        regs: ptrace::regs_to_bytes(&regs),
+        xstate,
+        sigmask,
+        sigaltstack: SigAltStack::default(),
+        robust_list,
+        robust_list_len,
+        clear_child_tid: 0,
+        rseq: (rseq.rseq_abi_pointer != 0).then_some(Rseq {
+            addr: rseq.rseq_abi_pointer,
+            len: rseq.rseq_abi_size,
+            sig: rseq.signature,
+        }),
+        pending,
+    })
+}
+
+fn words(b: &[u8]) -> Vec<u64> {
+    b.chunks_exact(8)
+        .map(|c| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(c);
+            u64::from_le_bytes(a)
+        })
+        .collect()
+}
+
+fn signo_of(siginfo: &[u8]) -> i32 {
+    siginfo.get(0..4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map_or(0, i32::from_le_bytes)
+}
+
+/// Namespace TID of a host TID of the vkernel (threads are not in the pid map, ask /proc).
+fn host_to_ns_tid(host_to_ns: &BTreeMap<i32, i32>, host: i32) -> i32 {
+    host_to_ns.get(&host).copied().or_else(|| proc::ns_pid(host).ok()).unwrap_or(0)
+}

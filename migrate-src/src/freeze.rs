@@ -1,0 +1,151 @@
+//! Stopping every thread of a vkernel (and letting them go again).
+//!
+//! Every thread is seized and interrupted with ptrace; the task lists are rescanned until no new
+//! thread or process appears, since a thread may clone while we stop its siblings. Seizing does
+//! not change the vkernel: detaching without touching registers lets it continue exactly.
+
+use std::collections::BTreeMap;
+
+use vkm_sys::ptrace::{self, Stop};
+use vkm_sys::proc;
+
+use crate::SrcError;
+
+/// One stopped process of the vkernel.
+#[derive(Debug)]
+pub struct FrozenProcess {
+    pub host_pid: i32,
+    pub ns_pid: i32,
+    /// Host tids, leader first.
+    pub threads: Vec<i32>,
+    /// Signals that stopped a thread while we interrupted it; re-delivered on thaw.
+    pub stop_signals: BTreeMap<i32, (i32, Vec<u8>)>,
+}
+
+/// A vkernel whose every thread is in a ptrace stop of ours.
+#[derive(Debug)]
+pub struct Frozen {
+    /// Host pid of the namespace's init (the shim's reaper, not part of the vkernel).
+    pub init: i32,
+    /// Parents before children.
+    pub processes: Vec<FrozenProcess>,
+}
+
+impl Frozen {
+    /// Stop every process below `init` (the pid-1 reaper of the vkernel's namespace).
+    pub fn freeze(init: i32) -> Result<Frozen, SrcError> {
+        let mut frozen = Frozen { init, processes: Vec::new() };
+        if let Err(e) = frozen.freeze_all() {
+            frozen.thaw();
+            return Err(e);
+        }
+        Ok(frozen)
+    }
+
+    fn freeze_all(&mut self) -> Result<(), SrcError> {
+        loop {
+            let mut changed = false;
+            let mut queue = vec![self.init];
+            let mut order = Vec::new();
+            while let Some(p) = queue.pop() {
+                for c in proc::children(p)? {
+                    order.push(c);
+                    queue.push(c);
+                }
+            }
+            for pid in order {
+                let idx = match self.processes.iter().position(|p| p.host_pid == pid) {
+                    Some(i) => i,
+                    None => {
+                        let ns_pid = proc::ns_pid(pid)?;
+                        self.processes.push(FrozenProcess {
+                            host_pid: pid,
+                            ns_pid,
+                            threads: Vec::new(),
+                            stop_signals: BTreeMap::new(),
+                        });
+                        self.processes.len() - 1
+                    }
+                };
+                let tids = match proc::list_numeric(proc::pid_path(pid, "task")) {
+                    Ok(t) => t,
+                    // Gone between listing and freezing: it is no longer part of the vkernel.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                        self.processes.remove(idx);
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                for tid in tids {
+                    if self.processes[idx].threads.contains(&tid) {
+                        continue;
+                    }
+                    changed = true;
+                    stop_thread(tid, &mut self.processes[idx].stop_signals)?;
+                    let t = &mut self.processes[idx].threads;
+                    if tid == pid {
+                        t.insert(0, tid);
+                    } else {
+                        t.push(tid);
+                    }
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        self.processes.sort_by_key(|p| p.ns_pid);
+        Ok(())
+    }
+
+    /// Let every thread run again. Errors are logged, not returned: a thaw must try every
+    /// thread even when one of them has gone.
+    pub fn thaw(&mut self) {
+        for p in self.processes.drain(..) {
+            for t in p.threads {
+                let sig = p.stop_signals.get(&t).map_or(0, |s| s.0);
+                if let Err(e) = ptrace::detach(t, sig) {
+                    tracing::warn!(tid = t, error = %e, "detach failed");
+                }
+            }
+        }
+    }
+
+    /// Kill the whole vkernel: SIGKILL its namespace's init, which makes the kernel kill every
+    /// process in the namespace. Used once its state is safely elsewhere.
+    pub fn kill(mut self) -> Result<(), SrcError> {
+        self.processes.clear();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.init), nix::sys::signal::SIGKILL)
+            .map_err(|e| SrcError::Kill { pid: self.init, source: e.into() })
+    }
+
+    pub fn host_pid_of(&self, ns_pid: i32) -> Option<i32> {
+        self.processes.iter().find(|p| p.ns_pid == ns_pid).map(|p| p.host_pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        self.thaw();
+    }
+}
+
+fn stop_thread(tid: i32, stop_signals: &mut BTreeMap<i32, (i32, Vec<u8>)>) -> Result<(), SrcError> {
+    ptrace::seize(tid, ptrace::PTRACE_O_TRACESYSGOOD)?;
+    ptrace::interrupt(tid)?;
+    loop {
+        match ptrace::wait(tid)? {
+            Stop::Event(_) | Stop::Syscall => return Ok(()),
+            // A signal was being delivered when we interrupted: keep it to re-deliver on thaw,
+            // and wait for the interrupt's own stop.
+            Stop::Signal(sig) => {
+                stop_signals.insert(tid, (sig, ptrace::getsiginfo(tid)?));
+                ptrace::cont(tid, 0)?;
+                ptrace::interrupt(tid)?;
+            }
+            Stop::Exited(_) | Stop::Killed(_) => {
+                return Err(SrcError::Vanished { pid: tid });
+            }
+        }
+    }
+}

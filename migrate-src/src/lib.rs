@@ -1,0 +1,51 @@
+//! The source side: freezing a vkernel, reading its state, and writing it out as an image
+//! (checkpoint) — later also the pre-copy sender of a live migration.
+
+mod capture;
+pub mod checkpoint;
+pub mod freeze;
+
+pub use capture::{capture, CaptureOptions, Captured};
+pub use checkpoint::{checkpoint, CheckpointOptions, CheckpointReport};
+
+use std::path::PathBuf;
+
+/// Everything that can make a capture or checkpoint fail. The vkernel keeps running in every
+/// case (it is thawed before the error is returned).
+#[derive(Debug, thiserror::Error)]
+pub enum SrcError {
+    #[error(transparent)]
+    Sys(#[from] vkm_sys::SysError),
+    #[error("Cannot parse {what} of process {pid}")]
+    Parse {
+        what: &'static str,
+        pid: i32,
+        #[source]
+        source: vkm_common::error::CommonError,
+    },
+    #[error("Process {pid} holds fd {fd} of an unsupported kind ({kind}); checkpoint refused, the vkernel keeps running")]
+    UnsupportedFd { pid: i32, fd: i32, kind: String },
+    #[error("Process {pid} has an unsupported mapping {start:#x}-{end:#x} ({what}); checkpoint refused, the vkernel keeps running")]
+    UnsupportedVma { pid: i32, start: u64, end: u64, what: String },
+    #[error("Process {pid} is unsupported: {what}; checkpoint refused, the vkernel keeps running")]
+    Unsupported { pid: i32, what: String },
+    #[error("Task {pid} vanished while the vkernel was being frozen")]
+    Vanished { pid: i32 },
+    #[error("Cannot kill the vkernel's init {pid}")]
+    Kill {
+        pid: i32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("The vkernel has no processes")]
+    Empty,
+    #[error("Cannot write the image")]
+    Image(#[from] vkm_common::error::CommonError),
+    #[error("Cannot {step} {path}")]
+    Output {
+        step: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,444 @@
+//! Direct system-call wrappers that libc or nix do not offer (or offer in a shape that loses
+//! information we need).
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use crate::{Result, SysError};
+
+/// `struct clone_args` (CLONE_ARGS_SIZE_VER2 = 88 bytes).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CloneArgs {
+    pub flags: u64,
+    pub pidfd: u64,
+    pub child_tid: u64,
+    pub parent_tid: u64,
+    pub exit_signal: u64,
+    pub stack: u64,
+    pub stack_size: u64,
+    pub tls: u64,
+    pub set_tid: u64,
+    pub set_tid_size: u64,
+    pub cgroup: u64,
+}
+
+impl CloneArgs {
+    /// The struct as the kernel reads it, for writing into another process's memory.
+    pub fn to_bytes(&self) -> [u8; 88] {
+        let f = [
+            self.flags,
+            self.pidfd,
+            self.child_tid,
+            self.parent_tid,
+            self.exit_signal,
+            self.stack,
+            self.stack_size,
+            self.tls,
+            self.set_tid,
+            self.set_tid_size,
+            self.cgroup,
+        ];
+        let mut out = [0u8; 88];
+        for (i, v) in f.iter().enumerate() {
+            out[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+}
+
+/// Fork-like `clone3` (no new stack: the child continues on a copy of ours) with an optional
+/// chosen PID in the innermost PID namespace. Returns 0 in the child.
+///
+/// # Safety
+/// The caller must be single-threaded, as for `fork()`: the child gets a copy of only this
+/// thread, and locks held by other threads would stay locked forever in it.
+pub unsafe fn clone3_fork(flags: u64, set_tid: Option<i32>) -> Result<i32> {
+    let tid_arr: [libc::pid_t; 1] = [set_tid.unwrap_or(0)];
+    let args = CloneArgs {
+        flags,
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: if set_tid.is_some() { tid_arr.as_ptr() as u64 } else { 0 },
+        set_tid_size: u64::from(set_tid.is_some()),
+        ..Default::default()
+    };
+    // SAFETY: `args` and `tid_arr` outlive the call; without CLONE_VM and with stack = 0 the
+    // child runs on its own copy of our stack, like fork(); the caller guarantees there are no
+    // other threads whose locks the child could inherit.
+    let r = unsafe {
+        libc::syscall(libc::SYS_clone3, std::ptr::addr_of!(args), std::mem::size_of::<CloneArgs>())
+    };
+    if r == -1 {
+        return Err(SysError::last("clone3", set_tid.unwrap_or(0)));
+    }
+    Ok(i32::try_from(r).unwrap_or(-1))
+}
+
+/// `pidfd_open(pid, 0)`.
+pub fn pidfd_open(pid: i32) -> Result<OwnedFd> {
+    // SAFETY: plain integer arguments; on success the kernel returns a new fd that we own.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if r < 0 {
+        return Err(SysError::last("pidfd_open", pid));
+    }
+    // SAFETY: `r` is a freshly created fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+/// `pidfd_getfd(pidfd, fd, 0)`: a duplicate of another process's file descriptor.
+pub fn pidfd_getfd(pidfd: &OwnedFd, fd: i32, pid: i32) -> Result<OwnedFd> {
+    // SAFETY: plain integer arguments; on success the kernel returns a new fd that we own.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if r < 0 {
+        return Err(SysError::last("pidfd_getfd", pid));
+    }
+    // SAFETY: `r` is a freshly created fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+pub const KCMP_FILE: i32 = 0;
+pub const KCMP_VM: i32 = 1;
+pub const KCMP_FILES: i32 = 2;
+pub const KCMP_SIGHAND: i32 = 4;
+
+/// `kcmp(pid1, pid2, kind, a, b) == 0`: do two tasks share the kernel object?
+pub fn kcmp_same(pid1: i32, pid2: i32, kind: i32, a: u64, b: u64) -> Result<bool> {
+    // SAFETY: plain integer arguments.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, kind, a, b) };
+    if r < 0 {
+        return Err(SysError::last("kcmp", pid1));
+    }
+    Ok(r == 0)
+}
+
+/// `get_robust_list(tid)`: (head, len).
+pub fn get_robust_list(tid: i32) -> Result<(u64, u64)> {
+    let mut head: u64 = 0;
+    let mut len: libc::size_t = 0;
+    // SAFETY: both out pointers are valid for the duration of the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            tid,
+            std::ptr::addr_of_mut!(head),
+            std::ptr::addr_of_mut!(len),
+        )
+    };
+    if r < 0 {
+        return Err(SysError::last("get_robust_list", tid));
+    }
+    Ok((head, len as u64))
+}
+
+/// `tee(in, out, len, SPLICE_F_NONBLOCK)`: copy pipe contents without consuming them.
+pub fn tee(fd_in: &impl AsRawFd, fd_out: &impl AsRawFd, len: usize) -> Result<usize> {
+    // SAFETY: plain fd and integer arguments.
+    let r = unsafe {
+        libc::tee(fd_in.as_raw_fd(), fd_out.as_raw_fd(), len, libc::SPLICE_F_NONBLOCK)
+    };
+    if r < 0 {
+        return Err(SysError::last("tee", 0));
+    }
+    Ok(r as usize)
+}
+
+/// `unshare(flags)` for the calling thread.
+pub fn unshare(flags: i32) -> Result<()> {
+    // SAFETY: plain integer argument.
+    if unsafe { libc::unshare(flags) } != 0 {
+        return Err(SysError::last("unshare", 0));
+    }
+    Ok(())
+}
+
+/// `clock_gettime(clock)` in nanoseconds.
+pub fn clock_ns(clock: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid out pointer; clock_gettime cannot fail for the clocks we pass
+    // (MONOTONIC, BOOTTIME, REALTIME exist on every Linux).
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+}
+
+/// `ioctl(fd, TCGETS)`: the kernel `struct termios` (60 bytes... glibc's is larger; we use
+/// glibc's `termios` through nix elsewhere). Window size through `TIOCGWINSZ`.
+pub fn get_winsize(fd: &impl AsRawFd) -> Result<(u16, u16)> {
+    let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCGWINSZ writes one `struct winsize` into `ws`.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) } != 0 {
+        return Err(SysError::last("ioctl(TIOCGWINSZ)", 0));
+    }
+    Ok((ws.ws_row, ws.ws_col))
+}
+
+pub fn set_winsize(fd: &impl AsRawFd, rows: u16, cols: u16) -> Result<()> {
+    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads one `struct winsize` from `ws`.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) } != 0 {
+        return Err(SysError::last("ioctl(TIOCSWINSZ)", 0));
+    }
+    Ok(())
+}
+
+/// The kernel's `struct termios` as used by `TCGETS`/`TCSETS` (36 bytes on x86_64), so that a
+/// console's settings travel independently of glibc's larger struct.
+pub fn tcgets(fd: &impl AsRawFd) -> Result<Vec<u8>> {
+    let mut buf = [0u8; 64];
+    // SAFETY: TCGETS writes a kernel `struct termios` (36 bytes) into the 64-byte buffer.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TCGETS, buf.as_mut_ptr()) } != 0 {
+        return Err(SysError::last("ioctl(TCGETS)", 0));
+    }
+    Ok(buf[..KERNEL_TERMIOS_SIZE].to_vec())
+}
+
+pub const KERNEL_TERMIOS_SIZE: usize = 36;
+
+pub fn tcsets(fd: &impl AsRawFd, termios: &[u8]) -> Result<()> {
+    if termios.len() != KERNEL_TERMIOS_SIZE {
+        return Err(SysError::Unexpected { pid: 0, what: "termios blob has a wrong size".into() });
+    }
+    let mut buf = [0u8; 64];
+    buf[..KERNEL_TERMIOS_SIZE].copy_from_slice(termios);
+    // SAFETY: TCSETS reads a kernel `struct termios` (36 bytes) from the buffer.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TCSETS, buf.as_ptr()) } != 0 {
+        return Err(SysError::last("ioctl(TCSETS)", 0));
+    }
+    Ok(())
+}
+
+/// Write `/proc/self/timens_offsets` for the time namespace our children will enter.
+pub fn set_timens_offsets(monotonic_ns: i128, boottime_ns: i128) -> Result<()> {
+    fn split(ns: i128) -> (i128, i128) {
+        (ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000))
+    }
+    let (ms, mn) = split(monotonic_ns);
+    let (bs, bn) = split(boottime_ns);
+    let text = format!("monotonic {ms} {mn}\nboottime {bs} {bn}\n");
+    std::fs::write("/proc/self/timens_offsets", text)
+        .map_err(|e| SysError::path("/proc/self/timens_offsets", e))
+}
+
+/// Errno of a failed call that returned -1, for callers outside this crate.
+pub fn errno(op: &'static str, pid: i32, e: i32) -> SysError {
+    SysError::errno(op, pid, e)
+}
+
+std::arch::global_asm!(
+    ".pushsection .text.vkm_gadget,\"ax\",@progbits",
+    ".globl vkm_syscall_gadget",
+    "vkm_syscall_gadget:",
+    "syscall",
+    "int3",
+    ".popsection"
+);
+
+extern "C" {
+    fn vkm_syscall_gadget();
+}
+
+/// Address of a `syscall; int3` sequence in our own text. A process forked from us has it at the
+/// same address, which gives the first injection into a fresh skeleton process a gadget before
+/// anything else is mapped there.
+pub fn own_syscall_gadget() -> u64 {
+    vkm_syscall_gadget as *const () as usize as u64
+}
+
+/// `fcntl(F_GETOWN)`: the pid (negative: process group) that receives SIGIO for a description.
+pub fn get_owner(fd: &impl AsRawFd) -> i32 {
+    // SAFETY: F_GETOWN takes no argument and returns an int.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETOWN) }
+}
+
+/// `fcntl(F_GETSIG)`: the signal sent instead of SIGIO (0 = SIGIO).
+pub fn get_sig(fd: &impl AsRawFd) -> i32 {
+    // SAFETY: F_GETSIG takes no argument and returns an int.
+    unsafe { libc::fcntl(fd.as_raw_fd(), F_GETSIG) }.max(0)
+}
+
+/// `fcntl(F_SETOWN)` and `fcntl(F_SETSIG)`.
+pub fn set_owner_sig(fd: &impl AsRawFd, owner: i32, sig: i32) -> Result<()> {
+    // SAFETY: F_SETOWN takes an int argument.
+    if owner != 0 && unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETOWN, owner) } != 0 {
+        return Err(SysError::last("fcntl(F_SETOWN)", owner));
+    }
+    // SAFETY: F_SETSIG takes an int argument.
+    if sig != 0 && unsafe { libc::fcntl(fd.as_raw_fd(), F_SETSIG, sig) } != 0 {
+        return Err(SysError::last("fcntl(F_SETSIG)", 0));
+    }
+    Ok(())
+}
+
+/// `tgkill(tgid, tid, sig)`.
+pub fn tgkill(tgid: i32, tid: i32, sig: i32) -> Result<()> {
+    // SAFETY: plain integer arguments.
+    if unsafe { libc::syscall(libc::SYS_tgkill, tgid, tid, sig) } != 0 {
+        return Err(SysError::last("tgkill", tid));
+    }
+    Ok(())
+}
+
+/// Linux's `F_SETSIG`/`F_GETSIG` (not exported by the libc crate).
+const F_SETSIG: i32 = 10;
+const F_GETSIG: i32 = 11;
+
+/// Thin raw wrappers for the sandbox's init and for skeleton processes: code that runs in a
+/// fork of the shim, where only plain system calls are wanted. Errors end in `-errno` returns
+/// or are ignored where nothing sensible could be done about them in init.
+pub mod raw {
+    use std::ffi::CString;
+
+    /// `fcntl(fd, F_DUPFD, min)`.
+    pub fn dup_above(fd: i32, min: i32) -> i32 {
+        // SAFETY: plain integer arguments.
+        unsafe { libc::fcntl(fd, libc::F_DUPFD, min) }
+    }
+
+    pub fn dup2(from: i32, to: i32) {
+        // SAFETY: plain integer arguments; replacing `to` is the intent.
+        unsafe { libc::dup2(from, to) };
+    }
+
+    pub fn close(fd: i32) {
+        // SAFETY: plain integer argument; the caller no longer uses `fd`.
+        unsafe { libc::close(fd) };
+    }
+
+    /// Close every fd from `first` up.
+    pub fn close_from(first: u32) {
+        // SAFETY: plain integer arguments; the caller keeps nothing above `first`.
+        unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0) };
+    }
+
+    /// Close every fd not in `keep`.
+    pub fn close_range_except(keep: &[i32]) {
+        let mut keep: Vec<u32> = keep.iter().filter_map(|&k| u32::try_from(k).ok()).collect();
+        keep.sort_unstable();
+        let mut next = 0u32;
+        for k in keep {
+            if k > next {
+                // SAFETY: plain integer arguments; only fds outside `keep` are closed.
+                unsafe { libc::syscall(libc::SYS_close_range, next, k - 1, 0) };
+            }
+            next = k + 1;
+        }
+        close_from(next);
+    }
+
+    pub fn set_cloexec(fd: i32, on: bool) {
+        // SAFETY: plain integer arguments.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, if on { libc::FD_CLOEXEC } else { 0 }) };
+    }
+
+    /// Plain `fork()`: returns 0 in the child, the child's pid (or -errno) in the parent.
+    pub fn fork() -> i32 {
+        // SAFETY: callers are single-threaded (init), so the child inherits no held locks.
+        let r = unsafe { libc::fork() };
+        if r < 0 {
+            -std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+        } else {
+            r
+        }
+    }
+
+    /// Fork a child with the given pid in our (innermost) namespace; 0 in the child, the pid or
+    /// -errno in the parent.
+    pub fn fork_with_pid(pid: i32) -> i32 {
+        // SAFETY: callers are single-threaded (init), like `fork`.
+        match unsafe { super::clone3_fork(0, Some(pid)) } {
+            Ok(p) => p,
+            Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+
+    pub fn setsid() {
+        // SAFETY: no arguments.
+        unsafe { libc::setsid() };
+    }
+
+    /// Make `fd` (a terminal) the controlling terminal of our new session.
+    pub fn make_ctty(fd: i32) {
+        // SAFETY: TIOCSCTTY takes an int argument (0: do not steal).
+        unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0) };
+    }
+
+    /// `execvp`; returns only on failure, with the error.
+    pub fn execvp(argv: &[String]) -> std::io::Error {
+        let Ok(args) = argv.iter().map(|a| CString::new(a.as_bytes())).collect::<Result<Vec<_>, _>>() else {
+            return std::io::Error::from_raw_os_error(libc::EINVAL);
+        };
+        let Some(file) = args.first() else {
+            return std::io::Error::from_raw_os_error(libc::EINVAL);
+        };
+        let mut ptrs: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+        ptrs.push(std::ptr::null());
+        // SAFETY: `ptrs` is a NULL-terminated array of pointers to NUL-terminated strings that
+        // outlive the call.
+        unsafe { libc::execvp(file.as_ptr(), ptrs.as_ptr()) };
+        std::io::Error::last_os_error()
+    }
+
+    pub fn write_all(fd: i32, mut buf: &[u8]) {
+        while !buf.is_empty() {
+            // SAFETY: `buf` is valid for `buf.len()` bytes.
+            let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return;
+            }
+            buf = &buf[usize::try_from(n).unwrap_or(buf.len())..];
+        }
+    }
+
+    /// Read exactly `buf.len()` bytes; false on EOF or error.
+    pub fn read_exact(fd: i32, buf: &mut [u8]) -> bool {
+        let mut off = 0;
+        while off < buf.len() {
+            // SAFETY: the destination range lies inside `buf`.
+            let n = unsafe { libc::read(fd, buf[off..].as_mut_ptr().cast(), buf.len() - off) };
+            if n <= 0 {
+                if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return false;
+            }
+            off += usize::try_from(n).unwrap_or(0);
+        }
+        true
+    }
+
+    pub fn pause() {
+        // SAFETY: raw pause(2) has no arguments; the skeleton parks in it (syscall 34), which the
+        // restorer watches for.
+        unsafe { libc::syscall(libc::SYS_pause) };
+    }
+
+    /// `waitpid(-1, __WALL)`: Some((pid, exit code or 128+signal)), None when no child is left.
+    pub fn wait_any() -> Option<(i32, i32)> {
+        loop {
+            let mut status = 0;
+            // SAFETY: `status` is a valid out pointer.
+            let r = unsafe { libc::waitpid(-1, &mut status, libc::__WALL) };
+            if r > 0 {
+                let code = if libc::WIFEXITED(status) {
+                    libc::WEXITSTATUS(status)
+                } else if libc::WIFSIGNALED(status) {
+                    128 + libc::WTERMSIG(status)
+                } else {
+                    continue;
+                };
+                return Some((r, code));
+            }
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return None;
+        }
+    }
+
+    pub fn exit(code: i32) -> ! {
+        // SAFETY: ends the process without running the parent's atexit handlers or destructors,
+        // which belong to the shim, not to init.
+        unsafe { libc::_exit(code) }
+    }
+}

@@ -1,0 +1,156 @@
+//! Running system calls inside a ptrace-stopped thread ("injection").
+//!
+//! The thread's registers are pointed at a `syscall` instruction with the call's number and
+//! arguments, it is resumed with `PTRACE_SYSCALL` up to the syscall's exit stop, and the result is
+//! read from `rax`. `orig_rax = -1` keeps the kernel's restart logic away from an injected call
+//! when the thread was stopped inside an interrupted syscall. Signals that arrive meanwhile are
+//! kept (not delivered) and handed back to the caller, who decides whether they become pending
+//! signals of the image or are re-delivered on detach.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use crate::ptrace::{self, Regs, Stop};
+use crate::{Result, SysError};
+
+/// A stopped thread that syscalls can be injected into.
+pub struct Remote {
+    pub tid: i32,
+    /// Address of a `0f 05` (syscall) instruction mapped executable in the thread's mm.
+    pub gadget: u64,
+    /// Writable scratch memory for syscall arguments (at least [`SCRATCH_ARGS`] bytes).
+    pub scratch: u64,
+    /// The stack pointer the thread runs the injected syscall with.
+    pub stack: u64,
+    /// Registers the thread had before the first injection.
+    pub saved: Regs,
+    /// `/proc/PID/mem` of the thread's process.
+    pub mem: File,
+    /// Signals that arrived during injections, as raw siginfos, in arrival order.
+    pub swallowed: Vec<Vec<u8>>,
+    /// Pids (tracer's namespace) of tasks created by the last injected call (fork/clone events).
+    pub children: Vec<i32>,
+}
+
+/// Bytes of scratch memory that injected calls may use for their arguments.
+pub const SCRATCH_ARGS: u64 = 8192;
+
+impl Remote {
+    /// Prepare a stopped thread for injection. `mem` must be `/proc/PID/mem` of its process.
+    pub fn new(tid: i32, gadget: u64, scratch: u64, stack: u64, mem: File) -> Result<Self> {
+        let saved = ptrace::getregs(tid)?;
+        Ok(Remote {
+            tid,
+            gadget,
+            scratch,
+            stack,
+            saved,
+            mem,
+            swallowed: Vec::new(),
+            children: Vec::new(),
+        })
+    }
+
+    /// Run syscall `nr` with `args` in the thread; returns the raw result (negative errno on
+    /// failure).
+    pub fn raw(&mut self, nr: i64, args: &[u64]) -> Result<i64> {
+        let mut r = self.saved;
+        r.rax = nr as u64;
+        r.orig_rax = u64::MAX;
+        let slots = [&mut r.rdi, &mut r.rsi, &mut r.rdx, &mut r.r10, &mut r.r8, &mut r.r9];
+        for (slot, a) in slots.into_iter().zip(args.iter().copied().chain(std::iter::repeat(0))) {
+            *slot = a;
+        }
+        r.rip = self.gadget;
+        r.rsp = self.stack;
+        ptrace::setregs(self.tid, &r)?;
+        self.children.clear();
+        ptrace::syscall(self.tid, 0)?;
+        let mut entered = false;
+        loop {
+            match ptrace::wait(self.tid)? {
+                Stop::Syscall if !entered => {
+                    entered = true;
+                    ptrace::syscall(self.tid, 0)?;
+                }
+                Stop::Syscall => break,
+                Stop::Signal(_) => {
+                    self.swallowed.push(ptrace::getsiginfo(self.tid)?);
+                    ptrace::syscall(self.tid, 0)?;
+                }
+                Stop::Event(ev)
+                    if ev == ptrace::PTRACE_EVENT_FORK
+                        || ev == ptrace::PTRACE_EVENT_VFORK
+                        || ev == ptrace::PTRACE_EVENT_CLONE =>
+                {
+                    let child = ptrace::geteventmsg(self.tid)?;
+                    self.children.push(i32::try_from(child).unwrap_or(-1));
+                    ptrace::syscall(self.tid, 0)?;
+                }
+                Stop::Event(_) => ptrace::syscall(self.tid, 0)?,
+                Stop::Exited(code) => {
+                    return Err(SysError::Unexpected {
+                        pid: self.tid,
+                        what: format!("exited with status {code} during an injected syscall {nr}"),
+                    })
+                }
+                Stop::Killed(sig) => {
+                    return Err(SysError::Unexpected {
+                        pid: self.tid,
+                        what: format!("was killed by signal {sig} during an injected syscall {nr}"),
+                    })
+                }
+            }
+        }
+        let out = ptrace::getregs(self.tid)?;
+        Ok(out.rax as i64)
+    }
+
+    /// Like [`Remote::raw`], mapping a negative result to [`SysError::Remote`] naming `op`.
+    pub fn call(&mut self, op: &'static str, nr: i64, args: &[u64]) -> Result<u64> {
+        let r = self.raw(nr, args)?;
+        if (-4095..0).contains(&r) {
+            return Err(SysError::Remote {
+                op,
+                pid: self.tid,
+                source: std::io::Error::from_raw_os_error(i32::try_from(-r).unwrap_or(libc::EIO)),
+            });
+        }
+        Ok(r as u64)
+    }
+
+    /// Write bytes into the thread's memory (through `/proc/PID/mem`, which also writes
+    /// read-only private pages).
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
+        self.mem
+            .write_all_at(data, addr)
+            .map_err(|e| SysError::Syscall { op: "pwrite(/proc/PID/mem)", pid: self.tid, source: e })
+    }
+
+    pub fn read(&self, addr: u64, len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.mem
+            .read_exact_at(&mut buf, addr)
+            .map_err(|e| SysError::Syscall { op: "pread(/proc/PID/mem)", pid: self.tid, source: e })?;
+        Ok(buf)
+    }
+
+    /// Put the registers the thread had before the injections back.
+    pub fn restore_regs(&self) -> Result<()> {
+        ptrace::setregs(self.tid, &self.saved)
+    }
+}
+
+/// Find a `syscall` instruction (`0f 05`) in a code blob (the vDSO) mapped at `base`.
+pub fn find_syscall_insn(code: &[u8], base: u64) -> Option<u64> {
+    code.windows(2).position(|w| w == [0x0f, 0x05]).map(|i| base + i as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn finds_syscall_instruction() {
+        assert_eq!(super::find_syscall_insn(&[0x90, 0x0f, 0x05, 0xc3], 0x1000), Some(0x1001));
+        assert_eq!(super::find_syscall_insn(&[0x0f, 0x90, 0x05], 0), None);
+    }
+}

@@ -1,0 +1,68 @@
+//! Readers of /proc files; the parsing itself is pure and lives in `vkm_common::procfs`.
+
+use std::path::{Path, PathBuf};
+
+use crate::{Result, SysError};
+
+pub fn read(path: impl AsRef<Path>) -> Result<String> {
+    let path = path.as_ref();
+    std::fs::read_to_string(path).map_err(|e| SysError::path(path, e))
+}
+
+pub fn read_bytes(path: impl AsRef<Path>) -> Result<Vec<u8>> {
+    let path = path.as_ref();
+    std::fs::read(path).map_err(|e| SysError::path(path, e))
+}
+
+pub fn readlink(path: impl AsRef<Path>) -> Result<String> {
+    let path = path.as_ref();
+    std::fs::read_link(path)
+        .map(|p| p.to_string_lossy().into_owned())
+        .map_err(|e| SysError::path(path, e))
+}
+
+/// Numeric entries of a /proc directory (`task`, `fd`), sorted.
+pub fn list_numeric(dir: impl AsRef<Path>) -> Result<Vec<i32>> {
+    let dir = dir.as_ref();
+    let mut out: Vec<i32> = std::fs::read_dir(dir)
+        .map_err(|e| SysError::path(dir, e))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    out.sort_unstable();
+    Ok(out)
+}
+
+pub fn pid_path(pid: i32, rest: &str) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/{rest}"))
+}
+
+/// Host pids of every child of every thread of `pid`.
+pub fn children(pid: i32) -> Result<Vec<i32>> {
+    let mut out = Vec::new();
+    for tid in list_numeric(pid_path(pid, "task"))? {
+        let text = match read(format!("/proc/{pid}/task/{tid}/children")) {
+            Ok(t) => t,
+            // The thread exited between listing and reading.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(e),
+        };
+        out.extend(text.split_whitespace().filter_map(|s| s.parse::<i32>().ok()));
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// The pid of a task in the innermost PID namespace it belongs to (last NSpid entry).
+pub fn ns_pid(pid: i32) -> Result<i32> {
+    let status = read(pid_path(pid, "status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .and_then(|v| v.split_whitespace().last()?.parse().ok())
+        .ok_or_else(|| SysError::Unexpected { pid, what: "has no NSpid line in its status".into() })
+}
+
+pub fn parse_error(path: impl Into<PathBuf>, source: vkm_common::error::CommonError) -> SysError {
+    SysError::Parse { path: path.into(), source }
+}
