@@ -141,7 +141,7 @@ impl Restorer<'_> {
             let p = &vk.processes[i];
             let remote = if p.ppid == 1 {
                 let host = sandbox.spawn_parked(p.pid)?;
-                let r = self.adopt(host, calls::own_syscall_gadget()).map_err(|e| step("seize", p.pid, e))?;
+                let r = self.adopt(host, calls::own_syscall_gadget(), false).map_err(|e| step("seize", p.pid, e))?;
                 let mut r = r;
                 self.map_scratch(&mut r).map_err(|e| step("scratch", p.pid, e))?;
                 r
@@ -162,7 +162,7 @@ impl Restorer<'_> {
                 let exit_signal = u64::try_from(p.exit_signal).unwrap_or(0);
                 let host = self.clone_in(parent_idx, flags, exit_signal, p.pid).map_err(|e| step("clone", p.pid, e))?;
                 let scratch = self.scratch;
-                let mut r = self.adopt(host, scratch)?;
+                let mut r = self.adopt(host, scratch, true)?;
                 r.scratch = scratch + ARGS_OFF;
                 r.stack = scratch + SCRATCH_LEN - 256;
                 r
@@ -194,18 +194,21 @@ impl Restorer<'_> {
 
     /// Seize a fresh task, stop it, block all its signals (nothing may be delivered while we
     /// inject; the saved mask is set at the very end).
-    fn adopt(&self, host: i32, gadget: u64) -> Result<Remote, DstError> {
-        ptrace::seize(
-            host,
-            ptrace::PTRACE_O_TRACESYSGOOD
-                | ptrace::PTRACE_O_TRACECLONE
-                | ptrace::PTRACE_O_TRACEFORK
-                | ptrace::PTRACE_O_TRACEVFORK
-                | ptrace::PTRACE_O_EXITKILL,
-        )
-        .or_else(|e| if e.raw_os_error() == Some(libc::EPERM) { Ok(()) } else { Err(e) })?;
-        let _ = ptrace::interrupt(host);
-        wait_stopped(host)?;
+    /// `attached`: the task was auto-attached (created by an injected clone) and its first
+    /// stop has been waited for already.
+    fn adopt(&self, host: i32, gadget: u64, attached: bool) -> Result<Remote, DstError> {
+        if !attached {
+            ptrace::seize(
+                host,
+                ptrace::PTRACE_O_TRACESYSGOOD
+                    | ptrace::PTRACE_O_TRACECLONE
+                    | ptrace::PTRACE_O_TRACEFORK
+                    | ptrace::PTRACE_O_TRACEVFORK
+                    | ptrace::PTRACE_O_EXITKILL,
+            )?;
+            ptrace::interrupt(host)?;
+            wait_stopped(host)?;
+        }
         ptrace::set_sigmask(host, u64::MAX)?;
         let mem = open_mem(host)?;
         let regs = ptrace::getregs(host)?;
@@ -526,7 +529,7 @@ impl Restorer<'_> {
         for t in p.threads.iter().skip(1) {
             let host = self.clone_in(i, flags, 0, t.tid).map_err(|e| step("thread", t.tid, e))?;
             let scratch = self.scratch;
-            let mut rt = self.adopt(host, scratch)?;
+            let mut rt = self.adopt(host, scratch, true)?;
             rt.scratch = args;
             rt.stack = scratch + SCRATCH_LEN - 256;
             self.procs.get_mut(&i).ok_or_else(|| DstError::Inconsistent("lost process".into()))?.threads.push(rt);

@@ -126,24 +126,25 @@ pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Parsed, String> {
         if !name.starts_with("--") {
             return Err(format!("unexpected argument '{arg}'"));
         }
-        let value = match inline {
-            Some(v) => v,
+        // Fetched inside the arms so that an unknown option is reported as such.
+        let mut value = || match inline {
+            Some(v) => Ok(v),
             None => it
                 .next()
-                .ok_or_else(|| format!("option {name} needs a value"))?,
+                .ok_or_else(|| format!("option {name} needs a value")),
         };
         match name {
-            "--mem" => cfg.mem_mib = number(name, value, 0, 1 << 20)?,
-            "--threads" => cfg.threads = number(name, value, 0, 256)? as usize,
+            "--mem" => cfg.mem_mib = number(name, value()?, 0, 1 << 20)?,
+            "--threads" => cfg.threads = number(name, value()?, 0, 256)? as usize,
             "--children" => {
-                cfg.children = number(name, value, 0, crate::ramfile::MAX_SLOTS as u64)? as usize
+                cfg.children = number(name, value()?, 0, crate::ramfile::MAX_SLOTS as u64)? as usize
             }
-            "--ram-file-mib" => cfg.ram_file_mib = number(name, value, 1, 1 << 16)?,
-            "--dirty-mbps" => cfg.dirty_mbps = number(name, value, 0, 1 << 20)?,
-            "--tick-ms" => cfg.tick_ms = number(name, value, 1, 60_000)?,
+            "--ram-file-mib" => cfg.ram_file_mib = number(name, value()?, 1, 1 << 16)?,
+            "--dirty-mbps" => cfg.dirty_mbps = number(name, value()?, 0, 1 << 20)?,
+            "--tick-ms" => cfg.tick_ms = number(name, value()?, 1, 60_000)?,
             "--without" => {
                 // Empty items are tolerated so that scripts can pass `--without "$LIST"`.
-                for feat in value.split(',').filter(|s| !s.is_empty()) {
+                for feat in value()?.split(',').filter(|s| !s.is_empty()) {
                     let f = Feature::from_name(feat)
                         .ok_or_else(|| format!("unknown feature '{feat}'"))?;
                     cfg.disabled |= f.bit();
@@ -226,6 +227,10 @@ mod tests {
         assert!(parse(&["--children", "64"]).is_err());
         assert!(parse(&["--tick-ms", "0"]).is_err());
         assert!(parse(&["--bogus", "1"]).is_err());
+        assert_eq!(
+            parse(&["--bogus"]),
+            Err("unknown option '--bogus'".to_string())
+        );
         assert!(parse(&["stray"]).is_err());
         assert_eq!(parse(&["--help"]), Ok(Parsed::Help));
     }

@@ -25,6 +25,14 @@ pub const STREAM_PIPE: u64 = 1;
 pub const STREAM_SOCK: u64 = 2;
 pub const STREAM_HEARTBEAT: u64 = 0x100;
 
+fn stream_name(stream: u64) -> String {
+    match stream {
+        STREAM_PIPE => "pipe".to_string(),
+        STREAM_SOCK => "socketpair".to_string(),
+        s => format!("child {} heartbeat pipe", s - STREAM_HEARTBEAT),
+    }
+}
+
 /// Largest single read; a multiple of the record size is not required (records may straddle
 /// reads) but keeps the common case simple.
 const READ_MAX: usize = 64 * REC_SIZE;
@@ -60,11 +68,11 @@ impl Tx {
         }
         while self.off < REC_SIZE {
             match (&self.file).write(&self.buf[self.off..]) {
-                Ok(0) => return Err(format!("stream {:#x}: write returned 0", self.stream)),
+                Ok(0) => return Err(format!("{}: write returned 0", stream_name(self.stream))),
                 Ok(n) => self.off += n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
-                Err(e) => return Err(format!("stream {:#x}: write: {e}", self.stream)),
+                Err(e) => return Err(format!("{}: write: {e}", stream_name(self.stream))),
             }
         }
         self.seq += 1;
@@ -98,11 +106,11 @@ impl Rx {
         let mut buf = [0u8; READ_MAX];
         let n = loop {
             match (&self.file).read(&mut buf) {
-                Ok(0) => return Err(format!("stream {:#x}: unexpected EOF", self.stream)),
+                Ok(0) => return Err(format!("{}: unexpected EOF", stream_name(self.stream))),
                 Ok(n) => break n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(None),
-                Err(e) => return Err(format!("stream {:#x}: read: {e}", self.stream)),
+                Err(e) => return Err(format!("{}: read: {e}", stream_name(self.stream))),
             }
         };
         self.partial.extend_from_slice(&buf[..n]);
@@ -110,11 +118,12 @@ impl Rx {
         let mut count = 0;
         for rec in self.partial[..whole].chunks_exact(REC_SIZE) {
             let (seq, aux) = decode_record(rec, self.stream)
-                .map_err(|e| format!("stream {:#x}: {e}", self.stream))?;
+                .map_err(|e| format!("{}: {e}", stream_name(self.stream)))?;
             if seq != self.next_seq {
                 return Err(format!(
-                    "stream {:#x}: got record {seq}, expected {}",
-                    self.stream, self.next_seq
+                    "{}: got record {seq}, expected {}",
+                    stream_name(self.stream),
+                    self.next_seq
                 ));
             }
             self.next_seq += 1;

@@ -59,9 +59,12 @@ pub fn fail(msg: impl Display) -> ! {
     sys::exit_now(1)
 }
 
-/// Unwraps a setup or I/O result, failing with context otherwise.
+/// Unwraps a result, failing otherwise.
 pub trait OrFail<T> {
+    /// For errors that need context (setup steps, raw I/O errors).
     fn or_fail(self, what: &str) -> T;
+    /// For self-check errors, whose messages already say what failed.
+    fn or_fail_as_is(self) -> T;
 }
 
 impl<T, E: Display> OrFail<T> for Result<T, E> {
@@ -69,6 +72,13 @@ impl<T, E: Display> OrFail<T> for Result<T, E> {
         match self {
             Ok(v) => v,
             Err(e) => fail(format_args!("{what}: {e}")),
+        }
+    }
+
+    fn or_fail_as_is(self) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => fail(e),
         }
     }
 }

@@ -234,33 +234,33 @@ fn run(cfg: &Config) -> ! {
             w.step(now_ms);
         }
         if let Some((tx, rx)) = &mut inline.pipe {
-            chan::inline_stream(tx, rx, &PIPE_RECV).or_fail("pipe");
+            chan::inline_stream(tx, rx, &PIPE_RECV).or_fail_as_is();
         }
         if let Some((tx, rx)) = &mut inline.sock {
-            chan::inline_stream(tx, rx, &SOCK_RECV).or_fail("socketpair");
+            chan::inline_stream(tx, rx, &SOCK_RECV).or_fail_as_is();
         }
         if let Some(e) = &mut inline.eventfd {
-            e.tick().or_fail("eventfd");
+            e.tick().or_fail_as_is();
         }
         if inline.usr2 {
             sys::kill(pid as libc::pid_t, libc::SIGUSR2).or_fail("kill SIGUSR2");
         }
         if let Some(v) = &mut verifier {
-            v.tick().or_fail("memory");
+            v.tick().or_fail_as_is();
         }
-        heap.tick().or_fail("heap");
+        heap.tick().or_fail_as_is();
         if let Some(r) = &mut ram {
-            r.tick().or_fail("RAM file");
+            r.tick().or_fail_as_is();
         }
         let child_sum = match &mut children {
-            Some(c) => c.tick(now_ms).or_fail("children"),
+            Some(c) => c.tick(now_ms).or_fail_as_is(),
             None => 0,
         };
         if let Some(f) = &mut data_file {
-            f.tick(tick).or_fail("data file");
+            f.tick(tick).or_fail_as_is();
         }
         for (stall, value) in &mut stalls {
-            stall.observe(value(), now_ms).or_fail("liveness");
+            stall.observe(value(), now_ms).or_fail_as_is();
         }
 
         let tls_list = if tls.is_empty() {

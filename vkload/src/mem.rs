@@ -118,8 +118,8 @@ impl Verifier {
                 Ok(PageState::Gen(_)) => self.verified += 1,
                 // Being rewritten right now: it will be checked on the next pass.
                 Ok(PageState::Busy) => {}
-                Ok(PageState::Zero) => return Err(format!("memory page {i} is all zero")),
-                Err(e) => return Err(format!("memory {e}")),
+                Ok(PageState::Zero) => return Err(format!("memory region page {i} is all zero")),
+                Err(e) => return Err(format!("memory region {e}")),
             }
         }
         Ok(())

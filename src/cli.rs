@@ -1,0 +1,228 @@
+//! The command line: one clap struct per subcommand, every flag documented.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::state;
+
+/// Checkpoint, restore and (later) live-migrate vkernels: process trees that run in their own
+/// PID and time namespaces under a per-vkernel shim.
+#[derive(Debug, Parser)]
+#[command(name = "vkmigrate", version, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every subcommand takes.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Directory with one sub-directory of state per vkernel (record, console log, sockets).
+    #[arg(
+        long,
+        global = true,
+        env = "VKMIGRATE_STATE_DIR",
+        default_value = "/run/vkmigrate",
+        value_name = "DIR"
+    )]
+    pub state_dir: PathBuf,
+
+    /// Format of the log lines written to stderr. The level comes from RUST_LOG (default: warn).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, value_name = "FORMAT")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Run(RunArgs),
+    Ps(PsArgs),
+    Console(ConsoleArgs),
+    Checkpoint(CheckpointArgs),
+    Restore(RestoreArgs),
+    Inspect(InspectArgs),
+    Kill(KillArgs),
+    #[command(name = "__shim", hide = true)]
+    Shim(ShimArgs),
+}
+
+/// Start a command as a new vkernel under its own shim; returns once it runs.
+///
+/// Prints the vkernel's name and the host pid of its init. The command gets a fresh pty as its
+/// console (see `vkmigrate console`).
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Name of the new vkernel: 1 to 64 characters out of A-Z a-z 0-9 _ . -
+    #[arg(long, value_parser = parse_name)]
+    pub name: String,
+
+    /// The command to run and its arguments (put `--` before it when it has options).
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// List the vkernels: name, state, init pid, memory (RSS sum), uptime and command.
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    /// Print a JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Attach to a vkernel's console.
+///
+/// Prints the recent console output, then relays stdin to the console and the console to
+/// stdout. On a terminal, stdin is put in raw mode and Ctrl-] detaches. With a stdin that is not
+/// a terminal, the command ends one second after the end of stdin (or when the vkernel ends).
+#[derive(Debug, Args)]
+pub struct ConsoleArgs {
+    /// Name of the vkernel.
+    #[arg(value_parser = parse_name)]
+    pub name: String,
+
+    /// Do not print the recent console output first; show only new output.
+    #[arg(long)]
+    pub no_attach_log: bool,
+}
+
+/// Write a vkernel's state to an image file.
+///
+/// Without --leave-running the vkernel is stopped once the image is safely on disk.
+#[derive(Debug, Args)]
+pub struct CheckpointArgs {
+    /// Name of the vkernel.
+    #[arg(value_parser = parse_name)]
+    pub name: String,
+
+    /// Image file to write (it appears only once complete and synced).
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+
+    /// Keep the vkernel running after the image is written.
+    #[arg(long)]
+    pub leave_running: bool,
+
+    /// Store pages uncompressed (faster on fast disks, larger images).
+    #[arg(long)]
+    pub no_compress: bool,
+
+    /// Overwrite FILE if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Recreate a vkernel from an image under a new shim; returns once it runs.
+///
+/// The whole image is verified first: a corrupted or truncated image is refused before anything
+/// is created.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The image written by `vkmigrate checkpoint`.
+    #[arg(value_name = "FILE")]
+    pub image: PathBuf,
+
+    /// Name for the restored vkernel (default: the name stored in the image).
+    #[arg(long, value_parser = parse_name)]
+    pub name: Option<String>,
+}
+
+/// Verify an image and show what it holds.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The image to inspect.
+    #[arg(value_name = "FILE")]
+    pub image: PathBuf,
+
+    /// Print JSON (the state model plus a summary of the pages) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Kill a vkernel (every process in it) and wait until its shim has cleaned up.
+#[derive(Debug, Args)]
+pub struct KillArgs {
+    /// Name of the vkernel.
+    #[arg(value_parser = parse_name)]
+    pub name: String,
+}
+
+/// Internal: the per-vkernel shim, started by `run` and `restore`.
+///
+/// Expects the locked state lock on stdin, the status pipe on stdout and its log on stderr.
+#[derive(Debug, Args)]
+pub struct ShimArgs {
+    #[command(subcommand)]
+    pub mode: ShimMode,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ShimMode {
+    /// Start a command.
+    Run {
+        /// Name of the vkernel.
+        #[arg(long, value_parser = parse_name)]
+        name: String,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Restore an image.
+    Restore {
+        /// Name of the vkernel.
+        #[arg(long, value_parser = parse_name)]
+        name: String,
+        /// Absolute path of the (already verified) image.
+        #[arg(long)]
+        image: PathBuf,
+    },
+}
+
+fn parse_name(s: &str) -> Result<String, String> {
+    state::validate_name(s).map(|()| s.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_takes_the_command_after_dashes() {
+        let cli = Cli::try_parse_from(["vkmigrate", "run", "--name", "a", "--", "sh", "-c", "echo hi"])
+            .expect("parses");
+        match cli.command {
+            Command::Run(r) => assert_eq!(r.command, ["sh", "-c", "echo hi"]),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_names_are_usage_errors() {
+        let err = Cli::try_parse_from(["vkmigrate", "kill", "a/b"]).expect_err("refused");
+        assert_eq!(err.exit_code(), 2);
+    }
+}

@@ -1,0 +1,156 @@
+//! End-to-end: vkload under `vkmigrate run`, checkpointed to a file and restored. vkload checks
+//! itself continuously (it prints `vkload FAIL` and exits on any inconsistency), so these tests
+//! assert what an operator would look at: the console goes on from where it was.
+
+mod common;
+
+use std::time::Duration;
+
+use std::os::unix::fs::PermissionsExt;
+
+use common::{field_u64, last_tick_line, tick_lines, ConsoleTail, Lab};
+
+const LONG: Duration = Duration::from_secs(30);
+/// The fd kinds checkpoint supports today; the others are tested to be refused.
+const SUPPORTED: &[&str] = &["--without", "socketpair"];
+
+fn vkload_cmd(extra: &[&str]) -> Vec<String> {
+    let mut v = vec![common::vkload_bin().to_string_lossy().into_owned()];
+    v.extend(SUPPORTED.iter().map(|s| s.to_string()));
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn run_vkload(lab: &mut Lab, name: &str, extra: &[&str]) {
+    let cmd = vkload_cmd(extra);
+    let refs: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    lab.run(name, &refs);
+}
+
+/// The restored vkernel continues: its first tick is the one after the last tick before the
+/// checkpoint, its counters did not reset, CLOCK_MONOTONIC did not jump, and it keeps running.
+fn assert_continues(lab: &Lab, name: &str, before: &std::collections::BTreeMap<String, String>) {
+    let t_before = field_u64(before, "tick");
+    let after = lab.wait_tick(name, t_before + 20, LONG);
+    let log = lab.console_log(name);
+    let lines = tick_lines(&log);
+    let first = lines.first().expect("restored vkernel printed ticks");
+    assert_eq!(field_u64(first, "tick"), t_before + 1, "first tick after restore; console:\n{log}");
+    let gap = field_u64(first, "mono_ms").saturating_sub(field_u64(before, "mono_ms"));
+    assert!(gap < 2_000, "CLOCK_MONOTONIC jumped by {gap} ms across the restore");
+    for key in ["pipe", "alrm", "ptimer", "usr2", "mem", "child", "file"] {
+        if let (Some(b), Some(a)) = (before.get(key), after.get(key)) {
+            let (b, a): (u64, u64) = (b.parse().unwrap_or(0), a.parse().unwrap_or(0));
+            assert!(a >= b, "{key} went back from {b} to {a}");
+        }
+    }
+    assert!(field_u64(&after, "alrm") > field_u64(before, "alrm"), "itimer stopped firing");
+}
+
+#[test]
+fn checkpoint_then_restore_continues() {
+    let mut lab = Lab::new();
+    run_vkload(&mut lab, "cr1", &[]);
+    lab.wait_tick("cr1", 15, LONG);
+    let tail = ConsoleTail::start(&lab, "cr1");
+    let img = lab.path("cr1.vkimg");
+    lab.ok(&["checkpoint", "cr1", "-o", img.to_str().expect("utf-8")]);
+    lab.forget("cr1");
+    let before = last_tick_line(&tail.finish()).expect("ticks before the checkpoint");
+    let meta = std::fs::metadata(&img).expect("image written");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "image mode");
+    // Without --leave-running the vkernel is gone once the image is safe.
+    let ps = lab.ok(&["ps", "--json"]);
+    assert!(!ps.contains("\"cr1\""), "cr1 still listed after checkpoint: {ps}");
+    lab.restore(&img, "cr1");
+    assert_continues(&lab, "cr1", &before);
+}
+
+/// One image restores more than once (one after the other: the restored vkernels would share
+/// vkload's data file otherwise).
+#[test]
+fn restore_twice_from_one_file() {
+    let mut lab = Lab::new();
+    run_vkload(&mut lab, "tw", &[]);
+    lab.wait_tick("tw", 10, LONG);
+    let tail = ConsoleTail::start(&lab, "tw");
+    let img = lab.path("tw.vkimg");
+    lab.ok(&["checkpoint", "tw", "-o", img.to_str().expect("utf-8")]);
+    lab.forget("tw");
+    let before = last_tick_line(&tail.finish()).expect("ticks before the checkpoint");
+    for name in ["tw-a", "tw-b"] {
+        // vkload appends to its data file; restore the file's length too, as a rollback would.
+        lab.restore(&img, name);
+        assert_continues(&lab, name, &before);
+        lab.ok(&["kill", name]);
+        lab.forget(name);
+        truncate_data_files(&lab, &before);
+    }
+}
+
+/// `--leave-running`: the image is written and the vkernel never notices.
+#[test]
+fn leave_running_keeps_the_vkernel() {
+    let mut lab = Lab::new();
+    run_vkload(&mut lab, "lr", &[]);
+    let t = lab.wait_tick("lr", 10, LONG);
+    let img = lab.path("lr.vkimg");
+    lab.ok(&["checkpoint", "lr", "-o", img.to_str().expect("utf-8"), "--leave-running"]);
+    let after = lab.wait_tick("lr", field_u64(&t, "tick") + 20, LONG);
+    assert!(field_u64(&after, "alrm") > field_u64(&t, "alrm"));
+    assert!(img.exists());
+}
+
+/// A vkernel holding an fd of a kind checkpoint does not support is refused, named, and keeps
+/// running; no image appears.
+#[test]
+fn unsupported_fd_is_refused_and_vkernel_untouched() {
+    let mut lab = Lab::new();
+    let bin = common::vkload_bin();
+    lab.run("us", &[bin.to_str().expect("utf-8")]);
+    let t = lab.wait_tick("us", 5, LONG);
+    let img = lab.path("us.vkimg");
+    let out = lab.vkm(&["checkpoint", "us", "-o", img.to_str().expect("utf-8")]);
+    assert!(!out.status.success(), "checkpoint of a vkernel with a socketpair succeeded");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("socket"), "error does not name the socket: {err}");
+    assert!(err.contains("fd "), "error does not name the fd: {err}");
+    assert!(!img.exists(), "an image was left behind");
+    let dir_entries: Vec<_> = std::fs::read_dir(lab.dir.path()).expect("lab dir").flatten().map(|e| e.file_name()).collect();
+    assert!(!dir_entries.iter().any(|n| n.to_string_lossy().contains(".tmp")), "temporary file left: {dir_entries:?}");
+    lab.wait_tick("us", field_u64(&t, "tick") + 15, LONG);
+}
+
+/// A corrupted or truncated image is refused before anything is created.
+#[test]
+fn corrupted_and_truncated_images_are_refused() {
+    let mut lab = Lab::new();
+    run_vkload(&mut lab, "co", &["--mem", "4"]);
+    lab.wait_tick("co", 5, LONG);
+    let img = lab.path("co.vkimg");
+    lab.ok(&["checkpoint", "co", "-o", img.to_str().expect("utf-8"), "--leave-running"]);
+    let bytes = std::fs::read(&img).expect("image");
+    let mut flipped = bytes.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x40;
+    let bad = lab.path("flipped.vkimg");
+    std::fs::write(&bad, &flipped).expect("write");
+    let short = lab.path("short.vkimg");
+    std::fs::write(&short, &bytes[..bytes.len() * 2 / 3]).expect("write");
+    for (path, name) in [(&bad, "bad1"), (&short, "bad2")] {
+        let out = lab.vkm(&["restore", path.to_str().expect("utf-8"), "--name", name]);
+        assert!(!out.status.success(), "restore of a damaged image succeeded");
+        assert!(!lab.state_dir().join(name).exists(), "a damaged restore left state behind");
+    }
+}
+
+fn truncate_data_files(lab: &Lab, before: &std::collections::BTreeMap<String, String>) {
+    let size = field_u64(before, "file");
+    for e in std::fs::read_dir(lab.dir.path()).expect("lab dir").flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with("vkload-") && n.ends_with(".dat") {
+            let f = std::fs::OpenOptions::new().write(true).open(e.path()).expect("data file");
+            f.set_len(size).expect("truncate");
+        }
+    }
+}
