@@ -76,7 +76,12 @@ pub struct RunArgs {
     pub name: String,
 
     /// The command to run and its arguments (put `--` before it when it has options).
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
     pub command: Vec<String>,
 }
 
@@ -212,8 +217,17 @@ mod tests {
 
     #[test]
     fn run_takes_the_command_after_dashes() {
-        let cli = Cli::try_parse_from(["vkmigrate", "run", "--name", "a", "--", "sh", "-c", "echo hi"])
-            .expect("parses");
+        let cli = Cli::try_parse_from([
+            "vkmigrate",
+            "run",
+            "--name",
+            "a",
+            "--",
+            "sh",
+            "-c",
+            "echo hi",
+        ])
+        .expect("parses");
         match cli.command {
             Command::Run(r) => assert_eq!(r.command, ["sh", "-c", "echo hi"]),
             other => panic!("unexpected {other:?}"),

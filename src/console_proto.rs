@@ -77,7 +77,9 @@ pub fn decode(buf: &mut Vec<u8>) -> Result<Option<Frame>, DecodeError> {
     }
     let payload: Vec<u8> = buf.drain(..HEADER_LEN + len).skip(HEADER_LEN).collect();
     let frame = match kind {
-        KIND_HELLO => Frame::Hello { send_log: payload.first().is_some_and(|f| f & HELLO_SEND_LOG != 0) },
+        KIND_HELLO => Frame::Hello {
+            send_log: payload.first().is_some_and(|f| f & HELLO_SEND_LOG != 0),
+        },
         KIND_DATA => Frame::Data(payload),
         _ => match payload[..] {
             [r0, r1, c0, c1] => Frame::Winsize {

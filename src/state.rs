@@ -167,7 +167,9 @@ impl StateDir {
             Ok(f) => f,
             // Being created (the lock comes right after the directory) or being removed.
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Probe::Busy),
-            Err(e) => return Err(e).with_context(|| format!("Cannot open {}", lock_path.display())),
+            Err(e) => {
+                return Err(e).with_context(|| format!("Cannot open {}", lock_path.display()))
+            }
         };
         match lock.try_lock() {
             Err(TryLockError::WouldBlock) => match read_record(&dir) {
@@ -194,7 +196,9 @@ impl StateDir {
             Probe::Alive(r) => Ok(r),
             Probe::Absent => bail!("vkernel {name} does not exist"),
             Probe::Busy => bail!("vkernel {name} is starting or stopping"),
-            Probe::Stale => bail!("vkernel {name} does not exist (its shim had died; its stale state was removed)"),
+            Probe::Stale => bail!(
+                "vkernel {name} does not exist (its shim had died; its stale state was removed)"
+            ),
         }
     }
 
@@ -204,8 +208,9 @@ impl StateDir {
             Ok(rd) => rd,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("Cannot read the state directory {}", self.root.display()))
+                return Err(e).with_context(|| {
+                    format!("Cannot read the state directory {}", self.root.display())
+                })
             }
         };
         let mut names: Vec<String> = rd
@@ -221,8 +226,14 @@ impl StateDir {
     /// Wait until the vkernel recorded as `rec` is gone (its shim removed the directory, or
     /// the name now belongs to another shim). False on timeout.
     pub fn wait_gone(&self, rec: &Record, timeout: Duration) -> bool {
+        self.wait_gone_with(rec, timeout, &mut || {})
+    }
+
+    /// [`StateDir::wait_gone`], calling `tick` before every check.
+    pub fn wait_gone_with(&self, rec: &Record, timeout: Duration, tick: &mut dyn FnMut()) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
+            tick();
             match self.probe(&rec.name) {
                 Ok(Probe::Alive(r)) if r.shim_pid == rec.shim_pid => {}
                 Ok(Probe::Busy) => {}
@@ -244,7 +255,8 @@ pub fn read_record(dir: &Path) -> Result<Option<Record>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("Cannot read {}", path.display())),
     };
-    let rec = serde_json::from_str(&text).with_context(|| format!("Cannot parse {}", path.display()))?;
+    let rec =
+        serde_json::from_str(&text).with_context(|| format!("Cannot parse {}", path.display()))?;
     Ok(Some(rec))
 }
 
@@ -305,7 +317,7 @@ fn clear_except_lock(dir: &Path) -> Result<()> {
 }
 
 /// True if `path` still names the file `f` is open on.
-fn same_file(f: &File, path: &Path) -> bool {
+pub fn same_file(f: &File, path: &Path) -> bool {
     match (f.metadata(), fs::metadata(path)) {
         (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
         _ => false,

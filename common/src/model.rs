@@ -91,7 +91,14 @@ pub struct Process {
     pub pending_shared: Vec<Vec<u8>>,
     /// The thread-group leader first.
     pub threads: Vec<Thread>,
+    /// An exited process its parent has not reaped yet: its wait status. Such a process has
+    /// no threads, address space or fds (`mm` and `fd_table` are [`NONE`]).
+    #[serde(default)]
+    pub zombie: Option<i32>,
 }
+
+/// Index value meaning "none" for [`Process::mm`] and [`Process::fd_table`].
+pub const NONE: u32 = u32::MAX;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Rlimit {
@@ -311,6 +318,9 @@ pub enum FileKind {
         count: u64,
         semaphore: bool,
     },
+    /// A pidfd of a process of the vkernel (namespace pid), or of a process that has exited
+    /// and been reaped (`pid` 0).
+    PidFd { pid: i32 },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

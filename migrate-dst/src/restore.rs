@@ -61,7 +61,7 @@ pub fn restore<R: Read>(
     check_image(vk)?;
     let order = process_order(vk)?;
     let scratch = pick_scratch(vk)?;
-    let mut r = Restorer { vk, scratch, procs: BTreeMap::new(), objects: BTreeMap::new(), pages: 0 };
+    let mut r = Restorer { vk, scratch, procs: BTreeMap::new(), objects: BTreeMap::new(), hosts: BTreeMap::new(), pages: 0 };
     r.build_tree(&order, sandbox)?;
     r.create_objects()?;
     for mm in &vk.mms {
@@ -82,6 +82,9 @@ pub fn restore<R: Read>(
     }
     drop(agent_files);
     for &i in &order {
+        if vk.processes[i].zombie.is_some() {
+            continue;
+        }
         let pid = vk.processes[i].pid;
         r.process_state(i).map_err(|e| step("process state", pid, e))?;
     }
@@ -103,7 +106,6 @@ fn step(step: &'static str, pid: i32, e: DstError) -> DstError {
 
 /// A restored process under construction: its threads as injection targets (leader first).
 struct RProc {
-    host: i32,
     threads: Vec<Remote>,
 }
 
@@ -114,6 +116,8 @@ struct Restorer<'a> {
     procs: BTreeMap<usize, RProc>,
     /// Object id → the agent's memfd.
     objects: BTreeMap<u32, OwnedFd>,
+    /// Namespace pid → host pid of every process created, zombies included.
+    hosts: BTreeMap<i32, i32>,
     pages: u64,
 }
 
@@ -160,6 +164,9 @@ impl Restorer<'_> {
                     flags |= libc::CLONE_FILES as u64;
                 }
                 let exit_signal = u64::try_from(p.exit_signal).unwrap_or(0);
+                if p.zombie.is_some() {
+                    flags = 0;
+                }
                 let host = self.clone_in(parent_idx, flags, exit_signal, p.pid).map_err(|e| step("clone", p.pid, e))?;
                 let scratch = self.scratch;
                 let mut r = self.adopt(host, scratch, true)?;
@@ -167,10 +174,13 @@ impl Restorer<'_> {
                 r.stack = scratch + SCRATCH_LEN - 256;
                 r
             };
-            self.procs.insert(i, RProc { host: remote.tid, threads: vec![remote] });
+            self.hosts.insert(p.pid, remote.tid);
+            self.procs.insert(i, RProc { threads: vec![remote] });
             let args = self.args();
             let r = self.leader(i)?;
-            unregister_rseq(r).map_err(|e| step("rseq", p.pid, e))?;
+            if p.zombie.is_none() {
+                unregister_rseq(r).map_err(|e| step("rseq", p.pid, e))?;
+            }
             if p.sid == p.pid {
                 r.call("setsid", nr(libc::SYS_setsid), &[]).map_err(|e| step("setsid", p.pid, e.into()))?;
             }
@@ -187,6 +197,46 @@ impl Restorer<'_> {
                 self.leader(i)?
                     .call("setpgid", nr(libc::SYS_setpgid), &[0, pgid])
                     .map_err(|e| step("setpgid", p.pid, e.into()))?;
+            }
+        }
+        self.make_zombies(order)
+    }
+
+    /// Processes that had exited but were not reaped: they exit again now, with the same
+    /// status, and wait for their (restored) parent to reap them.
+    fn make_zombies(&mut self, order: &[usize]) -> Result<(), DstError> {
+        let vk = self.vk;
+        for &i in order {
+            let p = &vk.processes[i];
+            let Some(status) = p.zombie else { continue };
+            let args = self.args();
+            let mut rp = self.procs.remove(&i).ok_or_else(|| DstError::Inconsistent("lost process".into()))?;
+            let r = &mut rp.threads[0];
+            let sig = status & 0x7f;
+            let mut regs = r.saved;
+            if sig == 0 {
+                regs.rax = libc::SYS_exit_group as u64;
+                regs.rdi = u64::try_from((status >> 8) & 0xff).unwrap_or(0);
+            } else {
+                // Killed by a signal: the signal's default action with every signal unblocked.
+                r.write(args, &[0u8; 32])?;
+                r.call("rt_sigaction", nr(libc::SYS_rt_sigaction), &[u64::try_from(sig).unwrap_or(0), args, 0, 8])?;
+                ptrace::set_sigmask(r.tid, 0)?;
+                regs.rax = libc::SYS_tgkill as u64;
+                regs.rdi = u64::try_from(p.pid).unwrap_or(0);
+                regs.rsi = regs.rdi;
+                regs.rdx = u64::try_from(sig).unwrap_or(0);
+            }
+            regs.orig_rax = u64::MAX;
+            regs.rip = r.gadget;
+            ptrace::setregs(r.tid, &regs)?;
+            ptrace::cont(r.tid, 0)?;
+            loop {
+                match ptrace::wait(r.tid)? {
+                    Stop::Exited(_) | Stop::Killed(_) => break,
+                    Stop::Signal(s) => ptrace::cont(r.tid, s)?,
+                    _ => ptrace::cont(r.tid, 0)?,
+                }
             }
         }
         Ok(())
@@ -391,8 +441,7 @@ impl Restorer<'_> {
             }
             pipes.insert(p.id, (Some(rd), Some(wr)));
         }
-        let host_of: BTreeMap<i32, i32> =
-            self.procs.iter().map(|(i, p)| (vk.processes[*i].pid, p.host)).collect();
+        let host_of = self.hosts.clone();
         let mut out = BTreeMap::new();
         for f in &vk.files {
             let fd: OwnedFd = match &f.kind {
@@ -429,6 +478,13 @@ impl Restorer<'_> {
                 FileKind::Console => {
                     let c = console.ok_or_else(|| DstError::Inconsistent("the vkernel had a console but none was given".into()))?;
                     c.try_clone().map_err(|e| DstError::Sys(vkm_sys::SysError::Syscall { op: "dup(console)", pid: 0, source: e }))?
+                }
+                FileKind::PidFd { pid: 0 } => dead_pidfd()?,
+                FileKind::PidFd { pid } => {
+                    let host = host_of
+                        .get(pid)
+                        .ok_or_else(|| DstError::Inconsistent(format!("pidfd of unknown process {pid}")))?;
+                    calls::pidfd_open(*host)?
                 }
                 FileKind::EventFd { count, semaphore } => {
                     let mut flags = nix::sys::eventfd::EfdFlags::EFD_CLOEXEC;
@@ -579,6 +635,9 @@ impl Restorer<'_> {
         let mut unmapped = Vec::new();
         for &i in order {
             let p = &vk.processes[i];
+            if p.zombie.is_some() {
+                continue;
+            }
             let rp = self.procs.get_mut(&i).ok_or_else(|| DstError::Inconsistent("lost process".into()))?;
             if !unmapped.contains(&p.mm) {
                 // The last injected call removes the scratch area; the thread stops at the
@@ -769,4 +828,20 @@ fn own_vdso() -> Result<Vec<u8>, DstError> {
     let mut buf = vec![0u8; usize::try_from(v.end - v.start).unwrap_or(0)];
     mem.read_exact_at(&mut buf, v.start).map_err(|e| DstError::Sys(vkm_sys::SysError::Path { path: "/proc/self/mem".into(), source: e }))?;
     Ok(buf)
+}
+
+/// A pidfd that refers to a process that has exited and been reaped, like the vkernel's pidfd
+/// of a child it already waited for: readable, and signals to it fail with ESRCH.
+fn dead_pidfd() -> Result<OwnedFd, DstError> {
+    let io = |e: std::io::Error| DstError::Sys(vkm_sys::SysError::Syscall { op: "spawn(true)", pid: 0, source: e });
+    let mut child = std::process::Command::new("true")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(io)?;
+    let pid = i32::try_from(child.id()).unwrap_or(-1);
+    let fd = calls::pidfd_open(pid);
+    child.wait().map_err(io)?;
+    Ok(fd?)
 }

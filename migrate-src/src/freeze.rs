@@ -20,6 +20,9 @@ pub struct FrozenProcess {
     pub threads: Vec<i32>,
     /// Signals that stopped a thread while we interrupted it; re-delivered on thaw.
     pub stop_signals: BTreeMap<i32, (i32, Vec<u8>)>,
+    /// A process that has exited but was not reaped yet: its wait status. It has no threads
+    /// left to stop; restore recreates it as a zombie so that its parent can still reap it.
+    pub zombie: Option<i32>,
 }
 
 /// A vkernel whose every thread is in a ptrace stop of ours.
@@ -57,36 +60,58 @@ impl Frozen {
                 let idx = match self.processes.iter().position(|p| p.host_pid == pid) {
                     Some(i) => i,
                     None => {
-                        let ns_pid = proc::ns_pid(pid)?;
+                        let ns_pid = match proc::ns_pid(pid) {
+                            Ok(n) => n,
+                            // Reaped between listing and reading: not part of the vkernel.
+                            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                            Err(e) => return Err(e.into()),
+                        };
                         self.processes.push(FrozenProcess {
                             host_pid: pid,
                             ns_pid,
                             threads: Vec::new(),
                             stop_signals: BTreeMap::new(),
+                            zombie: None,
                         });
                         self.processes.len() - 1
                     }
                 };
+                if self.processes[idx].zombie.is_some() {
+                    continue;
+                }
                 let tids = match proc::list_numeric(proc::pid_path(pid, "task")) {
                     Ok(t) => t,
-                    // Gone between listing and freezing: it is no longer part of the vkernel.
                     Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                         self.processes.remove(idx);
                         continue;
                     }
                     Err(e) => return Err(e.into()),
                 };
-                for tid in tids {
+                for &tid in &tids {
                     if self.processes[idx].threads.contains(&tid) {
                         continue;
                     }
                     changed = true;
-                    stop_thread(tid, &mut self.processes[idx].stop_signals)?;
-                    let t = &mut self.processes[idx].threads;
-                    if tid == pid {
-                        t.insert(0, tid);
-                    } else {
-                        t.push(tid);
+                    match stop_thread(tid, &mut self.processes[idx].stop_signals)? {
+                        Stopped::Yes => {
+                            let t = &mut self.processes[idx].threads;
+                            if tid == pid {
+                                t.insert(0, tid);
+                            } else {
+                                t.push(tid);
+                            }
+                        }
+                        Stopped::Gone => {}
+                        Stopped::Dead(status) if tid == pid => {
+                            if tids.len() > 1 {
+                                return Err(SrcError::Unsupported {
+                                    pid: self.processes[idx].ns_pid,
+                                    what: "its main thread has exited while other threads run".into(),
+                                });
+                            }
+                            self.processes[idx].zombie = Some(status);
+                        }
+                        Stopped::Dead(_) => {}
                     }
                 }
             }
@@ -130,12 +155,34 @@ impl Drop for Frozen {
     }
 }
 
-fn stop_thread(tid: i32, stop_signals: &mut BTreeMap<i32, (i32, Vec<u8>)>) -> Result<(), SrcError> {
-    ptrace::seize(tid, ptrace::PTRACE_O_TRACESYSGOOD)?;
+enum Stopped {
+    Yes,
+    /// The thread no longer exists.
+    Gone,
+    /// The thread has exited (a zombie, or on its way out) with this wait status.
+    Dead(i32),
+}
+
+fn stop_thread(tid: i32, stop_signals: &mut BTreeMap<i32, (i32, Vec<u8>)>) -> Result<Stopped, SrcError> {
+    if let Err(e) = ptrace::seize(tid, ptrace::PTRACE_O_TRACESYSGOOD) {
+        // Exited tasks cannot be seized: tell a zombie from a real refusal.
+        return match e.raw_os_error() {
+            Some(libc::ESRCH) | Some(libc::EPERM) => match dead_status(tid) {
+                Some(Some(status)) => Ok(Stopped::Dead(status)),
+                None => Ok(Stopped::Gone),
+                Some(None) => {
+                    let status = proc::read(proc::pid_path(tid, "status")).unwrap_or_default();
+                    tracing::warn!(tid, status = %status, "seize refused");
+                    Err(e.into())
+                }
+            },
+            _ => Err(e.into()),
+        };
+    }
     ptrace::interrupt(tid)?;
     loop {
         match ptrace::wait(tid)? {
-            Stop::Event(_) | Stop::Syscall => return Ok(()),
+            Stop::Event(_) | Stop::Syscall => return Ok(Stopped::Yes),
             // A signal was being delivered when we interrupted: keep it to re-deliver on thaw,
             // and wait for the interrupt's own stop.
             Stop::Signal(sig) => {
@@ -143,9 +190,19 @@ fn stop_thread(tid: i32, stop_signals: &mut BTreeMap<i32, (i32, Vec<u8>)>) -> Re
                 ptrace::cont(tid, 0)?;
                 ptrace::interrupt(tid)?;
             }
-            Stop::Exited(_) | Stop::Killed(_) => {
-                return Err(SrcError::Vanished { pid: tid });
-            }
+            Stop::Exited(_) | Stop::Killed(_) => return Ok(Stopped::Gone),
         }
+    }
+}
+
+/// None: the task is gone; Some(None): alive; Some(Some(status)): exited, with its wait status
+/// (field 52 of /proc/PID/stat).
+fn dead_status(tid: i32) -> Option<Option<i32>> {
+    let stat = proc::read(proc::pid_path(tid, "stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    match fields.first() {
+        Some(&"Z") | Some(&"X") => Some(Some(fields.get(49).and_then(|f| f.parse().ok()).unwrap_or(0))),
+        _ => Some(None),
     }
 }

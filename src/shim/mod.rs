@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::cli::LogFormat;
 use crate::state::{Claim, StateDir, SHIM_LOG};
 
-pub use serve::main;
+pub use serve::{main, read_meta};
 
 /// The shim's one status line.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -78,9 +78,15 @@ impl RemoteError {
     pub fn from_chain(chain: &[String]) -> RemoteError {
         let mut err: Option<RemoteError> = None;
         for msg in chain.iter().rev() {
-            err = Some(RemoteError { msg: msg.clone(), source: err.map(Box::new) });
+            err = Some(RemoteError {
+                msg: msg.clone(),
+                source: err.map(Box::new),
+            });
         }
-        err.unwrap_or_else(|| RemoteError { msg: "The shim failed without saying why".into(), source: None })
+        err.unwrap_or_else(|| RemoteError {
+            msg: "The shim failed without saying why".into(),
+            source: None,
+        })
     }
 }
 
@@ -92,7 +98,9 @@ impl fmt::Display for RemoteError {
 
 impl std::error::Error for RemoteError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
 
@@ -105,7 +113,8 @@ pub fn start(
     mode: Vec<OsString>,
     log_format: LogFormat,
 ) -> Result<Started> {
-    let exe = std::env::current_exe().context("Cannot find the vkmigrate executable to start the shim")?;
+    let exe = std::env::current_exe()
+        .context("Cannot find the vkmigrate executable to start the shim")?;
     let log_path = claim.dir.join(SHIM_LOG);
     let log = OpenOptions::new()
         .create(true)
@@ -113,8 +122,8 @@ pub fn start(
         .mode(0o600)
         .open(&log_path)
         .with_context(|| format!("Cannot create {}", log_path.display()))?;
-    let (status_r, status_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("Cannot create the shim's status pipe")?;
+    let (status_r, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .context("Cannot create the shim's status pipe")?;
     let mut child = {
         // The Command keeps its Stdio (and so our copy of the pipe's write end) until dropped:
         // drop it right after the spawn, or the read below would never see end of file.
@@ -143,14 +152,24 @@ pub fn start(
         let _ = state.probe(name);
         let mut err = anyhow!("The shim exited without reporting ({status})");
         if !tail.is_empty() {
-            err = anyhow!("{tail}").context(format!("The shim exited without reporting ({status}); the end of its log"));
+            err = anyhow!("{tail}").context(format!(
+                "The shim exited without reporting ({status}); the end of its log"
+            ));
         }
         return Err(err);
     }
     let reply: Reply = serde_json::from_str(line.trim())
         .with_context(|| format!("Cannot parse the shim's status line {:?}", line.trim()))?;
     match reply {
-        Reply::Ready { init_pid, console_tty, restore } => Ok(Started { init_pid, console_tty, restore }),
+        Reply::Ready {
+            init_pid,
+            console_tty,
+            restore,
+        } => Ok(Started {
+            init_pid,
+            console_tty,
+            restore,
+        }),
         Reply::Failed { chain } => {
             let _ = wait_briefly(&mut child);
             Err(RemoteError::from_chain(&chain).into())
@@ -184,7 +203,11 @@ mod tests {
 
     #[test]
     fn reply_round_trip() {
-        let r = Reply::Ready { init_pid: 42, console_tty: "/dev/pts/3".into(), restore: None };
+        let r = Reply::Ready {
+            init_pid: 42,
+            console_tty: "/dev/pts/3".into(),
+            restore: None,
+        };
         let s = serde_json::to_string(&r).expect("encodes");
         assert!(!s.contains('\n'));
         assert_eq!(serde_json::from_str::<Reply>(&s).expect("decodes"), r);
@@ -192,7 +215,11 @@ mod tests {
 
     #[test]
     fn remote_chain_keeps_order() {
-        let e = anyhow::Error::from(RemoteError::from_chain(&["a".into(), "b".into(), "c".into()]));
+        let e = anyhow::Error::from(RemoteError::from_chain(&[
+            "a".into(),
+            "b".into(),
+            "c".into(),
+        ]));
         let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
         assert_eq!(chain, ["a", "b", "c"]);
     }

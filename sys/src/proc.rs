@@ -39,7 +39,13 @@ pub fn pid_path(pid: i32, rest: &str) -> PathBuf {
 /// Host pids of every child of every thread of `pid`.
 pub fn children(pid: i32) -> Result<Vec<i32>> {
     let mut out = Vec::new();
-    for tid in list_numeric(pid_path(pid, "task"))? {
+    let tids = match list_numeric(pid_path(pid, "task")) {
+        Ok(t) => t,
+        // Reaped meanwhile: it has no children any more.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for tid in tids {
         let text = match read(format!("/proc/{pid}/task/{tid}/children")) {
             Ok(t) => t,
             // The thread exited between listing and reading.

@@ -114,6 +114,24 @@ impl<'a> FileCapture<'a> {
             let ev = info.eventfd.as_ref().ok_or_else(|| unsupported("eventfd without a readable count"))?;
             return Ok(FileKind::EventFd { count: ev.count, semaphore: ev.semaphore });
         }
+        if link == "anon_inode:[pidfd]" {
+            let host: i32 = info
+                .other
+                .iter()
+                .find(|(k, _)| k == "Pid")
+                .and_then(|(_, v)| v.trim().parse().ok())
+                .ok_or_else(|| unsupported("pidfd without a pid"))?;
+            // -1: the process is gone (exited and reaped); such a pidfd is still meaningful.
+            let pid = if host == -1 {
+                0
+            } else {
+                self.host_to_ns
+                    .get(&host)
+                    .copied()
+                    .ok_or_else(|| unsupported(&format!("pidfd of process {host}, which is not part of the vkernel")))?
+            };
+            return Ok(FileKind::PidFd { pid });
+        }
         if Some(link) == self.console_tty {
             self.console_path = Some(fd_path);
             return Ok(FileKind::Console);

@@ -54,6 +54,11 @@ pub fn capture(frozen: &Frozen, opts: &CaptureOptions) -> Result<Captured, SrcEr
     let mut proc_mm = Vec::new();
     let mut proc_table = Vec::new();
     for p in &frozen.processes {
+        if p.zombie.is_some() {
+            proc_mm.push(model::NONE);
+            proc_table.push(model::NONE);
+            continue;
+        }
         proc_mm.push(group(&mut mm_owner, p.host_pid, calls::KCMP_VM)?);
         proc_table.push(group(&mut table_owner, p.host_pid, calls::KCMP_FILES)?);
     }
@@ -74,6 +79,10 @@ pub fn capture(frozen: &Frozen, opts: &CaptureOptions) -> Result<Captured, SrcEr
     let mut brks = Vec::new();
     let mut held = Vec::new();
     for (i, p) in frozen.processes.iter().enumerate() {
+        if let Some(status) = p.zombie {
+            processes.push(process::capture_zombie(p, &host_to_ns, status)?);
+            continue;
+        }
         let (proc, brk, h) = process::capture_process(
             p,
             &host_to_ns,
@@ -86,7 +95,7 @@ pub fn capture(frozen: &Frozen, opts: &CaptureOptions) -> Result<Captured, SrcEr
         processes.push(proc);
     }
 
-    let first = &frozen.processes[0];
+    let first = frozen.processes.iter().find(|p| p.zombie.is_none()).ok_or(SrcError::Empty)?;
     let clocks = read_clocks(first.host_pid)?;
     let cpu = processes
         .first()

@@ -72,10 +72,19 @@ pub fn capture_process(
         .map_err(|e| vkm_sys::SysError::Path { path: mem_path, source: e })?;
     let mut leader = Remote::new(pid, gadget, 0, 0, mem)?;
     leader.stack = leader.saved.rsp;
+    // Block every signal while we inject: a vkernel whose timers fire faster than an injection
+    // takes would otherwise keep us busy with signal-delivery stops forever. What arrives
+    // meanwhile stays pending and is delivered when the vkernel runs again.
+    for &tid in &p.threads {
+        ptrace::set_sigmask(tid, u64::MAX)?;
+    }
     let mut thread_held: Held = Vec::new();
     let result = inject_reads(&mut leader, p, &mut threads, &timers, host_to_ns, &mut thread_held);
-    // Registers go back whatever happened; the scratch page is gone already on success.
+    // Registers and masks go back whatever happened; the scratch page is gone already on success.
     let restored = leader.restore_regs();
+    for (t, &tid) in threads.iter().zip(&p.threads) {
+        ptrace::set_sigmask(tid, t.sigmask)?;
+    }
     let (sigactions, itimers, posix_timers, brk, personality) = result?;
     restored?;
     let mut held: Held = Vec::new();
@@ -104,6 +113,7 @@ pub fn capture_process(
         posix_timers,
         pending_shared: ptrace::peek_siginfo(pid, true)?,
         threads,
+        zombie: None,
     };
     Ok((proc, brk, held))
 }
@@ -265,4 +275,33 @@ fn signo_of(siginfo: &[u8]) -> i32 {
 /// Namespace TID of a host TID of the vkernel (threads are not in the pid map, ask /proc).
 fn host_to_ns_tid(host_to_ns: &BTreeMap<i32, i32>, host: i32) -> i32 {
     host_to_ns.get(&host).copied().or_else(|| proc::ns_pid(host).ok()).unwrap_or(0)
+}
+
+/// A process that exited and waits for its parent to reap it.
+pub fn capture_zombie(p: &FrozenProcess, host_to_ns: &BTreeMap<i32, i32>, status: i32) -> Result<Process, SrcError> {
+    let pid = p.host_pid;
+    let stat_text = proc::read(proc::pid_path(pid, "stat"))?;
+    let st = procfs::parse_stat(&stat_text).map_err(|source| SrcError::Parse { what: "stat", pid, source })?;
+    let ns = |host: i32| host_to_ns.get(&host).copied();
+    Ok(Process {
+        pid: p.ns_pid,
+        ppid: ns(st.ppid).unwrap_or(1),
+        pgid: ns(st.pgrp).unwrap_or(0),
+        sid: ns(st.session).unwrap_or(0),
+        comm: st.comm,
+        mm: vkm_common::model::NONE,
+        fd_table: vkm_common::model::NONE,
+        exit_signal: st.exit_signal,
+        cwd: "/".into(),
+        root: "/".into(),
+        umask: 0o022,
+        personality: 0,
+        rlimits: Vec::new(),
+        sigactions: Vec::new(),
+        itimers: Vec::new(),
+        posix_timers: Vec::new(),
+        pending_shared: Vec::new(),
+        threads: Vec::new(),
+        zombie: Some(status),
+    })
 }

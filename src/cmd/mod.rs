@@ -1,0 +1,44 @@
+//! One module per subcommand.
+
+mod checkpoint;
+mod console;
+mod inspect;
+mod kill;
+mod ps;
+mod restore;
+mod run;
+
+use anyhow::Result;
+
+use crate::cli::{Command, LogFormat};
+use crate::state::StateDir;
+
+pub fn dispatch(state: &StateDir, log_format: LogFormat, command: Command) -> Result<()> {
+    match command {
+        Command::Run(a) => run::run(state, log_format, a),
+        Command::Ps(a) => ps::ps(state, a),
+        Command::Console(a) => console::console(state, a),
+        Command::Checkpoint(a) => checkpoint::checkpoint(state, a),
+        Command::Restore(a) => restore::restore(state, log_format, a),
+        Command::Inspect(a) => inspect::inspect(a),
+        Command::Kill(a) => kill::kill(state, a),
+        Command::Shim(_) => {
+            anyhow::bail!("the shim is started by `run` and `restore`, not from the command line")
+        }
+    }
+}
+
+/// A field of `/proc/PID/status` (the text after `Key:`), trimmed.
+fn status_field(pid: i32, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .map(|v| v.trim().to_owned())
+}
+
+/// True if `rec.init_pid` is alive and still the child of the shim `rec.shim_pid` (and so
+/// not a recycled pid).
+fn init_is_ours(rec: &crate::state::Record) -> bool {
+    status_field(rec.init_pid, "PPid").and_then(|p| p.parse::<i32>().ok()) == Some(rec.shim_pid)
+        && status_field(rec.init_pid, "State").is_some_and(|s| !s.starts_with('Z'))
+}
