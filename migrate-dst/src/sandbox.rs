@@ -151,6 +151,9 @@ fn init_main(ctl: RawFd, ack: RawFd, console: Option<RawFd>, pidfd: Option<RawFd
         raw::close(tmp);
     }
     raw::close_range_except(&[CTL_FD, ACK_FD, CONSOLE_FD, AGENT_PIDFD]);
+    // The shim's dispositions (Rust ignores SIGPIPE) and mask must not leak into the vkernel:
+    // exec keeps ignored signals ignored, and skeletons would pass them on otherwise.
+    raw::reset_signals();
     raw::set_cloexec(CTL_FD, true);
     raw::set_cloexec(ACK_FD, true);
     if console.is_some() {

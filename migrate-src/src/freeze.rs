@@ -137,11 +137,25 @@ impl Frozen {
     }
 
     /// Kill the whole vkernel: SIGKILL its namespace's init, which makes the kernel kill every
-    /// process in the namespace. Used once its state is safely elsewhere.
+    /// process in the namespace. Used once its state is safely elsewhere. As their tracer we
+    /// must also collect every killed thread (non-leaders first: a leader's exit is reported
+    /// only once its thread group is empty), or they stay zombies and init never exits.
     pub fn kill(mut self) -> Result<(), SrcError> {
-        self.processes.clear();
+        let processes = std::mem::take(&mut self.processes);
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.init), nix::sys::signal::SIGKILL)
-            .map_err(|e| SrcError::Kill { pid: self.init, source: e.into() })
+            .map_err(|e| SrcError::Kill { pid: self.init, source: e.into() })?;
+        for p in &processes {
+            for &t in p.threads.iter().rev() {
+                loop {
+                    match ptrace::wait(t) {
+                        Ok(Stop::Exited(_)) | Ok(Stop::Killed(_)) | Err(_) => break,
+                        // A stop reported before the kill landed; the kill follows.
+                        Ok(_) => {}
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn host_pid_of(&self, ns_pid: i32) -> Option<i32> {

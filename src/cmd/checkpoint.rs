@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use vkm_migrate_src::{CaptureOptions, CheckpointOptions};
 
 use crate::cli::CheckpointArgs;
@@ -65,7 +64,7 @@ pub fn checkpoint(state: &StateDir, args: CheckpointArgs) -> Result<()> {
         bytes_raw = report.stats.bytes_raw,
         "checkpoint written"
     );
-    if !args.leave_running && !state.wait_gone_with(&rec, Duration::from_secs(5), &mut reap_tracees)
+    if !args.leave_running && !state.wait_gone_with(&rec, Duration::from_secs(5), &mut || {})
     {
         tracing::warn!(
             vkernel = %rec.name,
@@ -74,19 +73,6 @@ pub fn checkpoint(state: &StateDir, args: CheckpointArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// The library kills the vkernel while this process is still the ptrace tracer of its
-/// processes: they stay zombies until their tracer reaps them (and the namespace's init, which
-/// waits for them, never exits) unless we collect them here. We have no children of our own.
-fn reap_tracees() {
-    let flags = WaitPidFlag::WNOHANG | WaitPidFlag::__WALL;
-    for _ in 0..4096 {
-        match waitpid(None, Some(flags)) {
-            Ok(WaitStatus::StillAlive) | Err(_) => return,
-            Ok(ws) => tracing::debug!(status = ?ws, "reaped a task of the stopped vkernel"),
-        }
-    }
 }
 
 /// Refuse what would fail late or destroy something: a missing directory, a directory as the

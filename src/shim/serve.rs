@@ -223,21 +223,6 @@ fn open_console(winsize: Option<(u16, u16)>) -> Result<(OwnedFd, OwnedFd, String
     Ok((pty.master, pty.slave, tty))
 }
 
-/// Give SIGPIPE its default action back before init is forked. The Rust runtime ignores it at
-/// start-up and an ignored signal stays ignored across fork and exec, so every process of the
-/// vkernel would otherwise run with SIGPIPE ignored (`yes | head` would never end).
-///
-/// TODO(lead): this is the one `unsafe` of the binary besides `Sandbox::create`; it belongs in
-/// vkm-sys, or better, the sandbox's init should reset every disposition and the signal mask
-/// before it execs the command or parks a skeleton.
-fn default_sigpipe() -> Result<()> {
-    // SAFETY: SIG_DFL installs no handler, so no code of ours can run in signal context; the
-    // shim is single-threaded, so no other thread races on the disposition.
-    unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) }
-        .map(drop)
-        .context("Cannot reset SIGPIPE to its default action")
-}
-
 /// After init is forked: the shim itself must not die of SIGPIPE when a console client or the
 /// CLI goes away. Blocked (not ignored) so that nothing of it is inherited by what init forks
 /// later; a write to a closed socket or pipe then fails with EPIPE.
@@ -251,7 +236,6 @@ fn block_sigpipe() {
 
 fn setup_run(argv: Vec<String>) -> Result<Running> {
     let (master, slave, tty) = open_console(None)?;
-    default_sigpipe()?;
     // SAFETY: the shim is single-threaded (checked by `check_single_threaded`; it starts no
     // threads), which is what `Sandbox::create` needs to fork init from it.
     let sandbox = unsafe {
@@ -294,7 +278,6 @@ fn setup_restore(image: PathBuf) -> Result<Running> {
                 .context("Cannot apply the saved console size")?;
         }
     }
-    default_sigpipe()?;
     // SAFETY: the shim is single-threaded (checked by `check_single_threaded`; it starts no
     // threads), which is what `Sandbox::create` needs to fork init from it.
     let sandbox = unsafe { Sandbox::create(InitMode::Restore, Some(vk.clocks)) }

@@ -436,6 +436,21 @@ pub mod raw {
         }
     }
 
+    /// Every signal back to its default action, none blocked.
+    pub fn reset_signals() {
+        for sig in 1..=64 {
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                continue;
+            }
+            // SAFETY: SIG_DFL installs no handler; the caller (init) is single-threaded.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+        }
+        // SAFETY: sigset_t is a plain bit array; all-zero is the empty set.
+        let set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid set and no old-set pointer is asked for.
+        unsafe { libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) };
+    }
+
     pub fn exit(code: i32) -> ! {
         // SAFETY: ends the process without running the parent's atexit handlers or destructors,
         // which belong to the shim, not to init.
