@@ -35,16 +35,26 @@ fn assert_continues(lab: &Lab, name: &str, before: &std::collections::BTreeMap<S
     let log = lab.console_log(name);
     let lines = tick_lines(&log);
     let first = lines.first().expect("restored vkernel printed ticks");
-    assert_eq!(field_u64(first, "tick"), t_before + 1, "first tick after restore; console:\n{log}");
+    assert_eq!(
+        field_u64(first, "tick"),
+        t_before + 1,
+        "first tick after restore; console:\n{log}"
+    );
     let gap = field_u64(first, "mono_ms").saturating_sub(field_u64(before, "mono_ms"));
-    assert!(gap < 2_000, "CLOCK_MONOTONIC jumped by {gap} ms across the restore");
+    assert!(
+        gap < 2_000,
+        "CLOCK_MONOTONIC jumped by {gap} ms across the restore"
+    );
     for key in ["pipe", "alrm", "ptimer", "usr2", "mem", "child", "file"] {
         if let (Some(b), Some(a)) = (before.get(key), after.get(key)) {
             let (b, a): (u64, u64) = (b.parse().unwrap_or(0), a.parse().unwrap_or(0));
             assert!(a >= b, "{key} went back from {b} to {a}");
         }
     }
-    assert!(field_u64(&after, "alrm") > field_u64(before, "alrm"), "itimer stopped firing");
+    assert!(
+        field_u64(&after, "alrm") > field_u64(before, "alrm"),
+        "itimer stopped firing"
+    );
 }
 
 #[test]
@@ -61,7 +71,10 @@ fn checkpoint_then_restore_continues() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o600, "image mode");
     // Without --leave-running the vkernel is gone once the image is safe.
     let ps = lab.ok(&["ps", "--json"]);
-    assert!(!ps.contains("\"cr1\""), "cr1 still listed after checkpoint: {ps}");
+    assert!(
+        !ps.contains("\"cr1\""),
+        "cr1 still listed after checkpoint: {ps}"
+    );
     lab.restore(&img, "cr1");
     assert_continues(&lab, "cr1", &before);
 }
@@ -95,7 +108,13 @@ fn leave_running_keeps_the_vkernel() {
     run_vkload(&mut lab, "lr", &[]);
     let t = lab.wait_tick("lr", 10, LONG);
     let img = lab.path("lr.vkimg");
-    lab.ok(&["checkpoint", "lr", "-o", img.to_str().expect("utf-8"), "--leave-running"]);
+    lab.ok(&[
+        "checkpoint",
+        "lr",
+        "-o",
+        img.to_str().expect("utf-8"),
+        "--leave-running",
+    ]);
     let after = lab.wait_tick("lr", field_u64(&t, "tick") + 20, LONG);
     assert!(field_u64(&after, "alrm") > field_u64(&t, "alrm"));
     assert!(img.exists());
@@ -111,13 +130,28 @@ fn unsupported_fd_is_refused_and_vkernel_untouched() {
     let t = lab.wait_tick("us", 5, LONG);
     let img = lab.path("us.vkimg");
     let out = lab.vkm(&["checkpoint", "us", "-o", img.to_str().expect("utf-8")]);
-    assert!(!out.status.success(), "checkpoint of a vkernel with a socketpair succeeded");
+    assert!(
+        !out.status.success(),
+        "checkpoint of a vkernel with a socketpair succeeded"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("socket"), "error does not name the socket: {err}");
+    assert!(
+        err.contains("socket"),
+        "error does not name the socket: {err}"
+    );
     assert!(err.contains("fd "), "error does not name the fd: {err}");
     assert!(!img.exists(), "an image was left behind");
-    let dir_entries: Vec<_> = std::fs::read_dir(lab.dir.path()).expect("lab dir").flatten().map(|e| e.file_name()).collect();
-    assert!(!dir_entries.iter().any(|n| n.to_string_lossy().contains(".tmp")), "temporary file left: {dir_entries:?}");
+    let dir_entries: Vec<_> = std::fs::read_dir(lab.dir.path())
+        .expect("lab dir")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        !dir_entries
+            .iter()
+            .any(|n| n.to_string_lossy().contains(".tmp")),
+        "temporary file left: {dir_entries:?}"
+    );
     lab.wait_tick("us", field_u64(&t, "tick") + 15, LONG);
 }
 
@@ -128,7 +162,13 @@ fn corrupted_and_truncated_images_are_refused() {
     run_vkload(&mut lab, "co", &["--mem", "4"]);
     lab.wait_tick("co", 5, LONG);
     let img = lab.path("co.vkimg");
-    lab.ok(&["checkpoint", "co", "-o", img.to_str().expect("utf-8"), "--leave-running"]);
+    lab.ok(&[
+        "checkpoint",
+        "co",
+        "-o",
+        img.to_str().expect("utf-8"),
+        "--leave-running",
+    ]);
     let bytes = std::fs::read(&img).expect("image");
     let mut flipped = bytes.clone();
     let mid = flipped.len() / 2;
@@ -139,17 +179,29 @@ fn corrupted_and_truncated_images_are_refused() {
     std::fs::write(&short, &bytes[..bytes.len() * 2 / 3]).expect("write");
     for (path, name) in [(&bad, "bad1"), (&short, "bad2")] {
         let out = lab.vkm(&["restore", path.to_str().expect("utf-8"), "--name", name]);
-        assert!(!out.status.success(), "restore of a damaged image succeeded");
-        assert!(!lab.state_dir().join(name).exists(), "a damaged restore left state behind");
+        assert!(
+            !out.status.success(),
+            "restore of a damaged image succeeded"
+        );
+        assert!(
+            !lab.state_dir().join(name).exists(),
+            "a damaged restore left state behind"
+        );
     }
 }
 
 fn truncate_data_files(lab: &Lab, before: &std::collections::BTreeMap<String, String>) {
     let size = field_u64(before, "file");
-    for e in std::fs::read_dir(lab.dir.path()).expect("lab dir").flatten() {
+    for e in std::fs::read_dir(lab.dir.path())
+        .expect("lab dir")
+        .flatten()
+    {
         let n = e.file_name().to_string_lossy().into_owned();
         if n.starts_with("vkload-") && n.ends_with(".dat") {
-            let f = std::fs::OpenOptions::new().write(true).open(e.path()).expect("data file");
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(e.path())
+                .expect("data file");
             f.set_len(size).expect("truncate");
         }
     }

@@ -320,7 +320,9 @@ pub enum FileKind {
     },
     /// A pidfd of a process of the vkernel (namespace pid), or of a process that has exited
     /// and been reaped (`pid` 0).
-    PidFd { pid: i32 },
+    PidFd {
+        pid: i32,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

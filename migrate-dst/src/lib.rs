@@ -1,6 +1,7 @@
 //! The destination side: recreating a vkernel from its state, in a fresh PID + time namespace
 //! under a shim, with every PID/TID, mapping, fd and register as it was.
 
+mod files;
 mod restore;
 pub mod sandbox;
 

@@ -21,11 +21,11 @@ use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use vkm_common::image::{Frame, ImageReader, Space};
-use vkm_common::model::{self, prot, Backing, FileKind, Vkernel};
+use vkm_common::model::{self, prot, Backing, Vkernel};
 use vkm_sys::calls::{self, CloneArgs};
 use vkm_sys::inject::Remote;
-use vkm_sys::ptrace::{self, Stop};
 use vkm_sys::proc;
+use vkm_sys::ptrace::{self, Stop};
 
 use crate::sandbox::AGENT_PIDFD;
 use crate::{DstError, Sandbox};
@@ -61,24 +61,37 @@ pub fn restore<R: Read>(
     check_image(vk)?;
     let order = process_order(vk)?;
     let scratch = pick_scratch(vk)?;
-    let mut r = Restorer { vk, scratch, procs: BTreeMap::new(), objects: BTreeMap::new(), hosts: BTreeMap::new(), pages: 0 };
+    let mut r = Restorer {
+        vk,
+        scratch,
+        procs: BTreeMap::new(),
+        objects: BTreeMap::new(),
+        hosts: BTreeMap::new(),
+        pages: 0,
+    };
     r.build_tree(&order, sandbox)?;
     r.create_objects()?;
     for mm in &vk.mms {
         let rep = rep_of(vk, &order, |p| p.mm == mm.id)?;
-        r.layout(mm, rep).map_err(|e| step("layout", vk.processes[rep].pid, e))?;
+        r.layout(mm, rep)
+            .map_err(|e| step("layout", vk.processes[rep].pid, e))?;
     }
     while let Some(frame) = reader.next_frame()? {
         match frame {
             Frame::Pages { space, addr, data } => r.apply_pages(&order, space, addr, &data)?,
-            Frame::Meta(_) => return Err(DstError::Inconsistent("a second vkernel description".into())),
+            Frame::Meta(_) => {
+                return Err(DstError::Inconsistent(
+                    "a second vkernel description".into(),
+                ))
+            }
             Frame::Blob { .. } => {}
         }
     }
     let agent_files = r.prepare_files(console)?;
     for table in &vk.fd_tables {
         let rep = rep_of(vk, &order, |p| p.fd_table == table.id)?;
-        r.install_fds(rep, table, &agent_files).map_err(|e| step("files", vk.processes[rep].pid, e))?;
+        r.install_fds(rep, table, &agent_files)
+            .map_err(|e| step("files", vk.processes[rep].pid, e))?;
     }
     drop(agent_files);
     for &i in &order {
@@ -86,7 +99,8 @@ pub fn restore<R: Read>(
             continue;
         }
         let pid = vk.processes[i].pid;
-        r.process_state(i).map_err(|e| step("process state", pid, e))?;
+        r.process_state(i)
+            .map_err(|e| step("process state", pid, e))?;
     }
     r.resume(&order)?;
     Ok(RestoreReport {
@@ -100,7 +114,11 @@ pub fn restore<R: Read>(
 fn step(step: &'static str, pid: i32, e: DstError) -> DstError {
     match e {
         DstError::Step { .. } => e,
-        other => DstError::Step { step, pid, source: Box::new(other) },
+        other => DstError::Step {
+            step,
+            pid,
+            source: Box::new(other),
+        },
     }
 }
 
@@ -145,16 +163,24 @@ impl Restorer<'_> {
             let p = &vk.processes[i];
             let remote = if p.ppid == 1 {
                 let host = sandbox.spawn_parked(p.pid)?;
-                let r = self.adopt(host, calls::own_syscall_gadget(), false).map_err(|e| step("seize", p.pid, e))?;
+                let r = self
+                    .adopt(host, calls::own_syscall_gadget(), false)
+                    .map_err(|e| step("seize", p.pid, e))?;
                 let mut r = r;
-                self.map_scratch(&mut r).map_err(|e| step("scratch", p.pid, e))?;
+                self.map_scratch(&mut r)
+                    .map_err(|e| step("scratch", p.pid, e))?;
                 r
             } else {
                 let parent_idx = vk
                     .processes
                     .iter()
                     .position(|q| q.pid == p.ppid)
-                    .ok_or_else(|| DstError::Inconsistent(format!("process {} has no parent {}", p.pid, p.ppid)))?;
+                    .ok_or_else(|| {
+                        DstError::Inconsistent(format!(
+                            "process {} has no parent {}",
+                            p.pid, p.ppid
+                        ))
+                    })?;
                 let parent = &vk.processes[parent_idx];
                 let mut flags = 0u64;
                 if parent.mm == p.mm {
@@ -167,7 +193,9 @@ impl Restorer<'_> {
                 if p.zombie.is_some() {
                     flags = 0;
                 }
-                let host = self.clone_in(parent_idx, flags, exit_signal, p.pid).map_err(|e| step("clone", p.pid, e))?;
+                let host = self
+                    .clone_in(parent_idx, flags, exit_signal, p.pid)
+                    .map_err(|e| step("clone", p.pid, e))?;
                 let scratch = self.scratch;
                 let mut r = self.adopt(host, scratch, true)?;
                 r.scratch = scratch + ARGS_OFF;
@@ -175,14 +203,20 @@ impl Restorer<'_> {
                 r
             };
             self.hosts.insert(p.pid, remote.tid);
-            self.procs.insert(i, RProc { threads: vec![remote] });
+            self.procs.insert(
+                i,
+                RProc {
+                    threads: vec![remote],
+                },
+            );
             let args = self.args();
             let r = self.leader(i)?;
             if p.zombie.is_none() {
                 unregister_rseq(r).map_err(|e| step("rseq", p.pid, e))?;
             }
             if p.sid == p.pid {
-                r.call("setsid", nr(libc::SYS_setsid), &[]).map_err(|e| step("setsid", p.pid, e.into()))?;
+                r.call("setsid", nr(libc::SYS_setsid), &[])
+                    .map_err(|e| step("setsid", p.pid, e.into()))?;
             }
             let _ = args;
         }
@@ -210,7 +244,10 @@ impl Restorer<'_> {
             let p = &vk.processes[i];
             let Some(status) = p.zombie else { continue };
             let args = self.args();
-            let mut rp = self.procs.remove(&i).ok_or_else(|| DstError::Inconsistent("lost process".into()))?;
+            let mut rp = self
+                .procs
+                .remove(&i)
+                .ok_or_else(|| DstError::Inconsistent("lost process".into()))?;
             let r = &mut rp.threads[0];
             let sig = status & 0x7f;
             let mut regs = r.saved;
@@ -220,7 +257,11 @@ impl Restorer<'_> {
             } else {
                 // Killed by a signal: the signal's default action with every signal unblocked.
                 r.write(args, &[0u8; 32])?;
-                r.call("rt_sigaction", nr(libc::SYS_rt_sigaction), &[u64::try_from(sig).unwrap_or(0), args, 0, 8])?;
+                r.call(
+                    "rt_sigaction",
+                    nr(libc::SYS_rt_sigaction),
+                    &[u64::try_from(sig).unwrap_or(0), args, 0, 8],
+                )?;
                 ptrace::set_sigmask(r.tid, 0)?;
                 regs.rax = libc::SYS_tgkill as u64;
                 regs.rdi = u64::try_from(p.pid).unwrap_or(0);
@@ -268,9 +309,15 @@ impl Restorer<'_> {
     fn map_scratch(&self, r: &mut Remote) -> Result<(), DstError> {
         let prot = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
         let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
-        let got = r.call("mmap(scratch)", nr(libc::SYS_mmap), &[self.scratch, SCRATCH_LEN, prot, flags, u64::MAX, 0])?;
+        let got = r.call(
+            "mmap(scratch)",
+            nr(libc::SYS_mmap),
+            &[self.scratch, SCRATCH_LEN, prot, flags, u64::MAX, 0],
+        )?;
         if got != self.scratch {
-            return Err(DstError::Inconsistent(format!("scratch area landed at {got:#x}")));
+            return Err(DstError::Inconsistent(format!(
+                "scratch area landed at {got:#x}"
+            )));
         }
         // syscall; int3
         r.write(self.scratch, &[0x0f, 0x05, 0xcc])?;
@@ -282,18 +329,35 @@ impl Restorer<'_> {
 
     /// Inject `clone3` into process #`parent` to create a child at namespace pid `pid`; returns
     /// the child's host pid (it is auto-attached and stopped).
-    fn clone_in(&mut self, parent: usize, flags: u64, exit_signal: u64, pid: i32) -> Result<i32, DstError> {
+    fn clone_in(
+        &mut self,
+        parent: usize,
+        flags: u64,
+        exit_signal: u64,
+        pid: i32,
+    ) -> Result<i32, DstError> {
         let args = self.args();
         let r = self.leader(parent)?;
         let tid_addr = args + 128;
-        let ca = CloneArgs { flags, exit_signal, set_tid: tid_addr, set_tid_size: 1, ..Default::default() };
+        let ca = CloneArgs {
+            flags,
+            exit_signal,
+            set_tid: tid_addr,
+            set_tid_size: 1,
+            ..Default::default()
+        };
         r.write(args, &ca.to_bytes())?;
         r.write(tid_addr, &pid.to_le_bytes())?;
         let got = r.call("clone3", nr(libc::SYS_clone3), &[args, 88])?;
         if got != u64::try_from(pid).unwrap_or(0) {
-            return Err(DstError::Inconsistent(format!("clone3 gave pid {got}, wanted {pid}")));
+            return Err(DstError::Inconsistent(format!(
+                "clone3 gave pid {got}, wanted {pid}"
+            )));
         }
-        let host = *r.children.first().ok_or_else(|| DstError::Inconsistent("clone3 reported no child".into()))?;
+        let host = *r
+            .children
+            .first()
+            .ok_or_else(|| DstError::Inconsistent("clone3 reported no child".into()))?;
         wait_stopped(host)?;
         Ok(host)
     }
@@ -302,15 +366,21 @@ impl Restorer<'_> {
 
     fn create_objects(&mut self) -> Result<(), DstError> {
         for o in &self.vk.objects {
-            let name = o.name.trim_start_matches("/memfd:").trim_end_matches(" (deleted)");
+            let name = o
+                .name
+                .trim_start_matches("/memfd:")
+                .trim_end_matches(" (deleted)");
             let cname = std::ffi::CString::new(name).unwrap_or_default();
             let fd = nix::sys::memfd::memfd_create(
                 &cname,
-                nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC | nix::sys::memfd::MemFdCreateFlag::MFD_ALLOW_SEALING,
+                nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC
+                    | nix::sys::memfd::MemFdCreateFlag::MFD_ALLOW_SEALING,
             )
             .map_err(|e| DstError::Sys(calls::errno("memfd_create", 0, e as i32)))?;
-            let size = i64::try_from(o.size).map_err(|_| DstError::Inconsistent("object too large".into()))?;
-            nix::unistd::ftruncate(&fd, size).map_err(|e| DstError::Sys(calls::errno("ftruncate(memfd)", 0, e as i32)))?;
+            let size = i64::try_from(o.size)
+                .map_err(|_| DstError::Inconsistent("object too large".into()))?;
+            nix::unistd::ftruncate(&fd, size)
+                .map_err(|e| DstError::Sys(calls::errno("ftruncate(memfd)", 0, e as i32)))?;
             self.objects.insert(o.id, fd);
         }
         Ok(())
@@ -319,18 +389,34 @@ impl Restorer<'_> {
     fn layout(&mut self, mm: &model::Mm, rep: usize) -> Result<(), DstError> {
         let scratch = self.scratch;
         let args = self.args();
-        let objects: BTreeMap<u32, i32> = self.objects.iter().map(|(k, v)| (*k, v.as_raw_fd())).collect();
+        let objects: BTreeMap<u32, i32> = self
+            .objects
+            .iter()
+            .map(|(k, v)| (*k, v.as_raw_fd()))
+            .collect();
         let r = self.leader(rep)?;
         r.call("munmap(low)", nr(libc::SYS_munmap), &[0, scratch])?;
         let top = scratch + SCRATCH_LEN;
-        r.call("munmap(high)", nr(libc::SYS_munmap), &[top, TASK_SIZE - top])?;
+        r.call(
+            "munmap(high)",
+            nr(libc::SYS_munmap),
+            &[top, TASK_SIZE - top],
+        )?;
         if let Some(vvar) = mm.vmas.iter().find(|v| matches!(v.backing, Backing::Vvar)) {
-            r.call("arch_prctl(ARCH_MAP_VDSO_64)", nr(libc::SYS_arch_prctl), &[ARCH_MAP_VDSO_64, vvar.start])?;
+            r.call(
+                "arch_prctl(ARCH_MAP_VDSO_64)",
+                nr(libc::SYS_arch_prctl),
+                &[ARCH_MAP_VDSO_64, vvar.start],
+            )?;
         }
         for v in &mm.vmas {
             let len = v.end - v.start;
             let p = u64::from(v.prot & (prot::READ | prot::WRITE | prot::EXEC));
-            let share = if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE } as u64;
+            let share = if v.shared {
+                libc::MAP_SHARED
+            } else {
+                libc::MAP_PRIVATE
+            } as u64;
             let fixed = libc::MAP_FIXED as u64;
             match &v.backing {
                 Backing::Vdso | Backing::Vvar | Backing::VvarVclock | Backing::Vsyscall => continue,
@@ -339,20 +425,51 @@ impl Restorer<'_> {
                     if v.growsdown {
                         flags |= libc::MAP_GROWSDOWN as u64;
                     }
-                    r.call("mmap(anon)", nr(libc::SYS_mmap), &[v.start, len, p, flags, u64::MAX, 0])?;
+                    r.call(
+                        "mmap(anon)",
+                        nr(libc::SYS_mmap),
+                        &[v.start, len, p, flags, u64::MAX, 0],
+                    )?;
                 }
                 Backing::File { path, offset, .. } => {
-                    let mode = if v.shared && v.prot & prot::WRITE != 0 { libc::O_RDWR } else { libc::O_RDONLY };
+                    let mode = if v.shared && v.prot & prot::WRITE != 0 {
+                        libc::O_RDWR
+                    } else {
+                        libc::O_RDONLY
+                    };
                     r.write(args, &cstr(path))?;
-                    let fd = r.call("openat(mapped file)", nr(libc::SYS_openat), &[libc::AT_FDCWD as u64, args, (mode | libc::O_CLOEXEC) as u64, 0])?;
-                    let res = r.call("mmap(file)", nr(libc::SYS_mmap), &[v.start, len, p, share | fixed, fd, *offset]);
+                    let fd = r.call(
+                        "openat(mapped file)",
+                        nr(libc::SYS_openat),
+                        &[
+                            libc::AT_FDCWD as u64,
+                            args,
+                            (mode | libc::O_CLOEXEC) as u64,
+                            0,
+                        ],
+                    )?;
+                    let res = r.call(
+                        "mmap(file)",
+                        nr(libc::SYS_mmap),
+                        &[v.start, len, p, share | fixed, fd, *offset],
+                    );
                     r.call("close", nr(libc::SYS_close), &[fd])?;
                     res?;
                 }
                 Backing::Object { id, offset } => {
-                    let afd = objects.get(id).ok_or_else(|| DstError::Inconsistent(format!("object {id} is missing")))?;
-                    let fd = r.call("pidfd_getfd(object)", nr(libc::SYS_pidfd_getfd), &[AGENT_PIDFD as u64, *afd as u64, 0])?;
-                    let res = r.call("mmap(object)", nr(libc::SYS_mmap), &[v.start, len, p, share | fixed, fd, *offset]);
+                    let afd = objects
+                        .get(id)
+                        .ok_or_else(|| DstError::Inconsistent(format!("object {id} is missing")))?;
+                    let fd = r.call(
+                        "pidfd_getfd(object)",
+                        nr(libc::SYS_pidfd_getfd),
+                        &[AGENT_PIDFD as u64, *afd as u64, 0],
+                    )?;
+                    let res = r.call(
+                        "mmap(object)",
+                        nr(libc::SYS_mmap),
+                        &[v.start, len, p, share | fixed, fd, *offset],
+                    );
                     r.call("close", nr(libc::SYS_close), &[fd])?;
                     res?;
                 }
@@ -366,7 +483,11 @@ impl Restorer<'_> {
                     "nh" => libc::MADV_NOHUGEPAGE,
                     _ => continue,
                 };
-                r.call("madvise", nr(libc::SYS_madvise), &[v.start, len, advice as u64])?;
+                r.call(
+                    "madvise",
+                    nr(libc::SYS_madvise),
+                    &[v.start, len, advice as u64],
+                )?;
             }
         }
         // PR_SET_MM_MAP needs an fd of the executable in the target.
@@ -378,18 +499,47 @@ impl Restorer<'_> {
         }
         r.write(auxv_addr, &auxv)?;
         r.write(args + 3072, &cstr(&mm.exe))?;
-        let exe_fd = r.call("openat(exe)", nr(libc::SYS_openat), &[libc::AT_FDCWD as u64, args + 3072, (libc::O_RDONLY | libc::O_CLOEXEC) as u64, 0])?;
+        let exe_fd = r.call(
+            "openat(exe)",
+            nr(libc::SYS_openat),
+            &[
+                libc::AT_FDCWD as u64,
+                args + 3072,
+                (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
+                0,
+            ],
+        )?;
         let mut map = Vec::with_capacity(104);
         for w in [
-            f.start_code, f.end_code, f.start_data, f.end_data, f.start_brk, f.brk, f.start_stack, f.arg_start,
-            f.arg_end, f.env_start, f.env_end, auxv_addr,
+            f.start_code,
+            f.end_code,
+            f.start_data,
+            f.end_data,
+            f.start_brk,
+            f.brk,
+            f.start_stack,
+            f.arg_start,
+            f.arg_end,
+            f.env_start,
+            f.env_end,
+            auxv_addr,
         ] {
             map.extend_from_slice(&w.to_le_bytes());
         }
         map.extend_from_slice(&u32::try_from(auxv.len()).unwrap_or(0).to_le_bytes());
         map.extend_from_slice(&u32::try_from(exe_fd).unwrap_or(0).to_le_bytes());
         r.write(args, &map)?;
-        let res = r.call("prctl(PR_SET_MM_MAP)", nr(libc::SYS_prctl), &[libc::PR_SET_MM as u64, libc::PR_SET_MM_MAP as u64, args, 104, 0]);
+        let res = r.call(
+            "prctl(PR_SET_MM_MAP)",
+            nr(libc::SYS_prctl),
+            &[
+                libc::PR_SET_MM as u64,
+                libc::PR_SET_MM_MAP as u64,
+                args,
+                104,
+                0,
+            ],
+        );
         r.call("close", nr(libc::SYS_close), &[exe_fd])?;
         res?;
         Ok(())
@@ -397,17 +547,31 @@ impl Restorer<'_> {
 
     // ---- stage 3: pages ------------------------------------------------------------------
 
-    fn apply_pages(&mut self, order: &[usize], space: Space, addr: u64, data: &[u8]) -> Result<(), DstError> {
+    fn apply_pages(
+        &mut self,
+        order: &[usize],
+        space: Space,
+        addr: u64,
+        data: &[u8],
+    ) -> Result<(), DstError> {
         self.pages += (data.len() / 4096) as u64;
         match space {
             Space::Mm(id) => {
                 let rep = rep_of(self.vk, order, |p| p.mm == id)?;
                 let r = self.leader(rep)?;
-                r.write(addr, data).map_err(|e| step("pages", r.tid, e.into()))
+                r.write(addr, data)
+                    .map_err(|e| step("pages", r.tid, e.into()))
             }
             Space::Object(id) => {
-                let fd = self.objects.get(&id).ok_or_else(|| DstError::Inconsistent(format!("pages for unknown object {id}")))?;
-                let size = self.vk.objects.iter().find(|o| o.id == id).map_or(0, |o| o.size);
+                let fd = self.objects.get(&id).ok_or_else(|| {
+                    DstError::Inconsistent(format!("pages for unknown object {id}"))
+                })?;
+                let size = self
+                    .vk
+                    .objects
+                    .iter()
+                    .find(|o| o.id == id)
+                    .map_or(0, |o| o.size);
                 // The last page of an object may be partial.
                 let end = (addr + data.len() as u64).min(size);
                 let n = usize::try_from(end.saturating_sub(addr)).unwrap_or(0);
@@ -420,114 +584,55 @@ impl Restorer<'_> {
 
     // ---- stage 4: files and process state -------------------------------------------------
 
-    /// One agent-side fd per open file description, in the state the vkernel had (position,
-    /// status flags, owner); pipes are created and refilled here.
-    fn prepare_files(&mut self, console: Option<&OwnedFd>) -> Result<BTreeMap<u32, OwnedFd>, DstError> {
-        let vk = self.vk;
-        let mut pipes: BTreeMap<u32, (Option<OwnedFd>, Option<OwnedFd>)> = BTreeMap::new();
-        for p in &vk.pipes {
-            let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-                .map_err(|e| DstError::Sys(calls::errno("pipe2", 0, e as i32)))?;
-            if p.capacity > 0 {
-                let cap = i32::try_from(p.capacity).unwrap_or(65536);
-                nix::fcntl::fcntl(wr.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(cap))
-                    .map_err(|e| DstError::Sys(calls::errno("fcntl(F_SETPIPE_SZ)", 0, e as i32)))?;
-            }
-            let mut off = 0;
-            while off < p.data.len() {
-                let n = nix::unistd::write(&wr, &p.data[off..])
-                    .map_err(|e| DstError::Sys(calls::errno("write(pipe)", 0, e as i32)))?;
-                off += n;
-            }
-            pipes.insert(p.id, (Some(rd), Some(wr)));
-        }
-        let host_of = self.hosts.clone();
-        let mut out = BTreeMap::new();
-        for f in &vk.files {
-            let fd: OwnedFd = match &f.kind {
-                FileKind::Regular { path } | FileKind::Directory { path } | FileKind::CharDevice { path, .. } => {
-                    let acc = f.flags & libc::O_ACCMODE as u32;
-                    let mut oo = OpenOptions::new();
-                    oo.read(acc != libc::O_WRONLY as u32).write(acc != libc::O_RDONLY as u32);
-                    use std::os::unix::fs::OpenOptionsExt;
-                    let extra = f.flags as i32 & (libc::O_APPEND | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_PATH);
-                    oo.custom_flags(extra | libc::O_CLOEXEC | libc::O_NOCTTY);
-                    let file = oo.open(path).map_err(|e| DstError::Sys(vkm_sys::SysError::Path { path: path.into(), source: e }))?;
-                    if f.pos != 0 {
-                        nix::unistd::lseek(file.as_raw_fd(), i64::try_from(f.pos).unwrap_or(0), nix::unistd::Whence::SeekSet)
-                            .map_err(|e| DstError::Sys(calls::errno("lseek", 0, e as i32)))?;
-                    }
-                    file.into()
-                }
-                FileKind::Pipe { pipe, write_end } => {
-                    let ends = pipes.get_mut(pipe).ok_or_else(|| DstError::Inconsistent(format!("pipe {pipe} missing")))?;
-                    let slot = if *write_end { &mut ends.1 } else { &mut ends.0 };
-                    match slot.take() {
-                        Some(fd) => fd,
-                        // A second description of the same end: a new open of the pipe.
-                        None => reopen_pipe_end(&ends.0, &ends.1, *write_end)?,
-                    }
-                }
-                FileKind::Object { id } => {
-                    let m = self.objects.get(id).ok_or_else(|| DstError::Inconsistent(format!("object {id} missing")))?;
-                    let path = format!("/proc/self/fd/{}", m.as_raw_fd());
-                    let file = OpenOptions::new().read(true).write(true).open(&path)
-                        .map_err(|e| DstError::Sys(vkm_sys::SysError::Path { path: path.into(), source: e }))?;
-                    file.into()
-                }
-                FileKind::Console => {
-                    let c = console.ok_or_else(|| DstError::Inconsistent("the vkernel had a console but none was given".into()))?;
-                    c.try_clone().map_err(|e| DstError::Sys(vkm_sys::SysError::Syscall { op: "dup(console)", pid: 0, source: e }))?
-                }
-                FileKind::PidFd { pid: 0 } => dead_pidfd()?,
-                FileKind::PidFd { pid } => {
-                    let host = host_of
-                        .get(pid)
-                        .ok_or_else(|| DstError::Inconsistent(format!("pidfd of unknown process {pid}")))?;
-                    calls::pidfd_open(*host)?
-                }
-                FileKind::EventFd { count, semaphore } => {
-                    let mut flags = nix::sys::eventfd::EfdFlags::EFD_CLOEXEC;
-                    if *semaphore {
-                        flags |= nix::sys::eventfd::EfdFlags::EFD_SEMAPHORE;
-                    }
-                    let init = u32::try_from(*count).map_err(|_| DstError::Inconsistent("eventfd count too large".into()))?;
-                    nix::sys::eventfd::EventFd::from_value_and_flags(init, flags)
-                        .map_err(|e| DstError::Sys(calls::errno("eventfd", 0, e as i32)))?
-                        .into()
-                }
-            };
-            let fl = f.flags as i32 & (libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_DIRECT | libc::O_NOATIME);
-            nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::from_bits_truncate(fl)))
-                .map_err(|e| DstError::Sys(calls::errno("fcntl(F_SETFL)", 0, e as i32)))?;
-            if f.owner != 0 || f.sig != 0 {
-                let owner = host_of.get(&f.owner.abs()).copied().unwrap_or(0) * f.owner.signum();
-                calls::set_owner_sig(&fd, owner, f.sig)?;
-            }
-            out.insert(f.id, fd);
-        }
-        Ok(out)
+    fn prepare_files(
+        &mut self,
+        console: Option<&OwnedFd>,
+    ) -> Result<BTreeMap<u32, OwnedFd>, DstError> {
+        crate::files::prepare(self.vk, &self.objects, &self.hosts, console)
     }
 
-    fn install_fds(&mut self, rep: usize, table: &model::FdTable, agent: &BTreeMap<u32, OwnedFd>) -> Result<(), DstError> {
+    fn install_fds(
+        &mut self,
+        rep: usize,
+        table: &model::FdTable,
+        agent: &BTreeMap<u32, OwnedFd>,
+    ) -> Result<(), DstError> {
         let saved: Vec<i32> = table.fds.iter().map(|f| f.fd).collect();
         let f = (3..).find(|n| !saved.contains(n)).unwrap_or(3);
         let r = self.leader(rep)?;
         let fu = f as u64;
         if f != AGENT_PIDFD {
-            r.call("dup3(agent pidfd)", nr(libc::SYS_dup3), &[AGENT_PIDFD as u64, fu, libc::O_CLOEXEC as u64])?;
+            r.call(
+                "dup3(agent pidfd)",
+                nr(libc::SYS_dup3),
+                &[AGENT_PIDFD as u64, fu, libc::O_CLOEXEC as u64],
+            )?;
         }
         if f > 0 {
             r.call("close_range", nr(libc::SYS_close_range), &[0, fu - 1, 0])?;
         }
-        r.call("close_range", nr(libc::SYS_close_range), &[fu + 1, u64::from(u32::MAX), 0])?;
+        r.call(
+            "close_range",
+            nr(libc::SYS_close_range),
+            &[fu + 1, u64::from(u32::MAX), 0],
+        )?;
         for e in &table.fds {
-            let afd = agent.get(&e.file).ok_or_else(|| DstError::Inconsistent(format!("file {} missing", e.file)))?;
-            let tmp = r.call("pidfd_getfd", nr(libc::SYS_pidfd_getfd), &[fu, afd.as_raw_fd() as u64, 0])?;
+            let afd = agent
+                .get(&e.file)
+                .ok_or_else(|| DstError::Inconsistent(format!("file {} missing", e.file)))?;
+            let tmp = r.call(
+                "pidfd_getfd",
+                nr(libc::SYS_pidfd_getfd),
+                &[fu, afd.as_raw_fd() as u64, 0],
+            )?;
             let target = e.fd as u64;
             if tmp == target {
                 if !e.cloexec {
-                    r.call("fcntl(F_SETFD)", nr(libc::SYS_fcntl), &[target, libc::F_SETFD as u64, 0])?;
+                    r.call(
+                        "fcntl(F_SETFD)",
+                        nr(libc::SYS_fcntl),
+                        &[target, libc::F_SETFD as u64, 0],
+                    )?;
                 }
             } else {
                 let fl = if e.cloexec { libc::O_CLOEXEC as u64 } else { 0 };
@@ -551,8 +656,18 @@ impl Restorer<'_> {
                 }
                 let a = p.sigactions.iter().find(|a| a.signo == sig);
                 let words = a.map_or([0u64; 4], |a| [a.handler, a.flags, a.restorer, a.mask]);
-                r.write(args, &words.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>())?;
-                r.call("rt_sigaction", nr(libc::SYS_rt_sigaction), &[sig as u64, args, 0, 8])?;
+                r.write(
+                    args,
+                    &words
+                        .iter()
+                        .flat_map(|w| w.to_le_bytes())
+                        .collect::<Vec<u8>>(),
+                )?;
+                r.call(
+                    "rt_sigaction",
+                    nr(libc::SYS_rt_sigaction),
+                    &[sig as u64, args, 0, 8],
+                )?;
             }
             r.write(args, &cstr(&p.cwd))?;
             r.call("chdir", nr(libc::SYS_chdir), &[args])?;
@@ -568,35 +683,69 @@ impl Restorer<'_> {
                 let mut b = l.soft.to_le_bytes().to_vec();
                 b.extend_from_slice(&l.hard.to_le_bytes());
                 r.write(args, &b)?;
-                if let Err(e) = r.call("prlimit64", nr(libc::SYS_prlimit64), &[0, u64::from(l.resource), args, 0]) {
+                if let Err(e) = r.call(
+                    "prlimit64",
+                    nr(libc::SYS_prlimit64),
+                    &[0, u64::from(l.resource), args, 0],
+                ) {
                     // Raising a hard limit needs CAP_SYS_RESOURCE, which hosts may lack.
                     tracing::warn!(pid = p.pid, resource = l.resource, error = %e, "rlimit not restored");
                 }
             }
             for t in &p.itimers {
                 let value = if t.value_us == 0 { 1 } else { t.value_us };
-                let w = [t.interval_us / 1_000_000, t.interval_us % 1_000_000, value / 1_000_000, value % 1_000_000];
-                r.write(args, &w.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
-                r.call("setitimer", nr(libc::SYS_setitimer), &[u64::try_from(t.which).unwrap_or(0), args, 0])?;
+                let w = [
+                    t.interval_us / 1_000_000,
+                    t.interval_us % 1_000_000,
+                    value / 1_000_000,
+                    value % 1_000_000,
+                ];
+                r.write(
+                    args,
+                    &w.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+                )?;
+                r.call(
+                    "setitimer",
+                    nr(libc::SYS_setitimer),
+                    &[u64::try_from(t.which).unwrap_or(0), args, 0],
+                )?;
             }
         }
         // Threads, with their TIDs, created by the leader.
-        let flags = (libc::CLONE_VM | libc::CLONE_FS | libc::CLONE_FILES | libc::CLONE_SIGHAND | libc::CLONE_THREAD | libc::CLONE_SYSVSEM) as u64;
+        let flags = (libc::CLONE_VM
+            | libc::CLONE_FS
+            | libc::CLONE_FILES
+            | libc::CLONE_SIGHAND
+            | libc::CLONE_THREAD
+            | libc::CLONE_SYSVSEM) as u64;
         for t in p.threads.iter().skip(1) {
-            let host = self.clone_in(i, flags, 0, t.tid).map_err(|e| step("thread", t.tid, e))?;
+            let host = self
+                .clone_in(i, flags, 0, t.tid)
+                .map_err(|e| step("thread", t.tid, e))?;
             let scratch = self.scratch;
             let mut rt = self.adopt(host, scratch, true)?;
             rt.scratch = args;
             rt.stack = scratch + SCRATCH_LEN - 256;
-            self.procs.get_mut(&i).ok_or_else(|| DstError::Inconsistent("lost process".into()))?.threads.push(rt);
+            self.procs
+                .get_mut(&i)
+                .ok_or_else(|| DstError::Inconsistent("lost process".into()))?
+                .threads
+                .push(rt);
         }
-        let rp = self.procs.get_mut(&i).ok_or_else(|| DstError::Inconsistent("lost process".into()))?;
+        let rp = self
+            .procs
+            .get_mut(&i)
+            .ok_or_else(|| DstError::Inconsistent("lost process".into()))?;
         for (t, r) in p.threads.iter().zip(rp.threads.iter_mut()) {
             thread_state(r, t, args)?;
         }
         let r = &mut rp.threads[0];
         if !p.posix_timers.is_empty() {
-            r.call("prctl(PR_TIMER_CREATE_RESTORE_IDS)", nr(libc::SYS_prctl), &[PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0])?;
+            r.call(
+                "prctl(PR_TIMER_CREATE_RESTORE_IDS)",
+                nr(libc::SYS_prctl),
+                &[PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0],
+            )?;
             for t in &p.posix_timers {
                 let mut ev = vec![0u8; 64];
                 ev[0..8].copy_from_slice(&t.sigev_value.to_le_bytes());
@@ -605,13 +754,37 @@ impl Restorer<'_> {
                 ev[16..20].copy_from_slice(&t.notify_tid.to_le_bytes());
                 ev.extend_from_slice(&t.id.to_le_bytes());
                 r.write(args, &ev)?;
-                r.call("timer_create", nr(libc::SYS_timer_create), &[u64::try_from(t.clockid).unwrap_or(0), args, args + 64])?;
-                let value = if t.value_ns == 0 && t.interval_ns != 0 { 1 } else { t.value_ns };
-                let w = [t.interval_ns / 1_000_000_000, t.interval_ns % 1_000_000_000, value / 1_000_000_000, value % 1_000_000_000];
-                r.write(args + 128, &w.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
-                r.call("timer_settime", nr(libc::SYS_timer_settime), &[u64::try_from(t.id).unwrap_or(0), 0, args + 128, 0])?;
+                r.call(
+                    "timer_create",
+                    nr(libc::SYS_timer_create),
+                    &[u64::try_from(t.clockid).unwrap_or(0), args, args + 64],
+                )?;
+                let value = if t.value_ns == 0 && t.interval_ns != 0 {
+                    1
+                } else {
+                    t.value_ns
+                };
+                let w = [
+                    t.interval_ns / 1_000_000_000,
+                    t.interval_ns % 1_000_000_000,
+                    value / 1_000_000_000,
+                    value % 1_000_000_000,
+                ];
+                r.write(
+                    args + 128,
+                    &w.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+                )?;
+                r.call(
+                    "timer_settime",
+                    nr(libc::SYS_timer_settime),
+                    &[u64::try_from(t.id).unwrap_or(0), 0, args + 128, 0],
+                )?;
             }
-            r.call("prctl(PR_TIMER_CREATE_RESTORE_IDS)", nr(libc::SYS_prctl), &[PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0])?;
+            r.call(
+                "prctl(PR_TIMER_CREATE_RESTORE_IDS)",
+                nr(libc::SYS_prctl),
+                &[PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0],
+            )?;
         }
         // Pending signals last: every signal is blocked until resume, so none is delivered
         // into our injections.
@@ -638,18 +811,27 @@ impl Restorer<'_> {
             if p.zombie.is_some() {
                 continue;
             }
-            let rp = self.procs.get_mut(&i).ok_or_else(|| DstError::Inconsistent("lost process".into()))?;
+            let rp = self
+                .procs
+                .get_mut(&i)
+                .ok_or_else(|| DstError::Inconsistent("lost process".into()))?;
             if !unmapped.contains(&p.mm) {
                 // The last injected call removes the scratch area; the thread stops at the
                 // syscall's exit and never runs another instruction there.
-                rp.threads[0].call("munmap(scratch)", nr(libc::SYS_munmap), &[scratch, SCRATCH_LEN])?;
+                rp.threads[0].call(
+                    "munmap(scratch)",
+                    nr(libc::SYS_munmap),
+                    &[scratch, SCRATCH_LEN],
+                )?;
                 unmapped.push(p.mm);
             }
             for (t, r) in p.threads.iter().zip(rp.threads.iter()) {
-                let mut regs = ptrace::regs_from_bytes(&t.regs)
-                    .ok_or_else(|| DstError::Inconsistent(format!("thread {} has a bad register blob", t.tid)))?;
+                let mut regs = ptrace::regs_from_bytes(&t.regs).ok_or_else(|| {
+                    DstError::Inconsistent(format!("thread {} has a bad register blob", t.tid))
+                })?;
                 ptrace::fixup_restart(&mut regs);
-                ptrace::set_xstate(r.tid, &t.xstate).map_err(|e| step("xstate", t.tid, e.into()))?;
+                ptrace::set_xstate(r.tid, &t.xstate)
+                    .map_err(|e| step("xstate", t.tid, e.into()))?;
                 ptrace::setregs(r.tid, &regs)?;
                 ptrace::set_sigmask(r.tid, t.sigmask)?;
             }
@@ -666,33 +848,64 @@ impl Restorer<'_> {
 
 fn thread_state(r: &mut Remote, t: &model::Thread, args: u64) -> Result<(), DstError> {
     if let Some(rs) = t.rseq {
-        r.call("rseq", nr(libc::SYS_rseq), &[rs.addr, u64::from(rs.len), 0, u64::from(rs.sig)])?;
+        r.call(
+            "rseq",
+            nr(libc::SYS_rseq),
+            &[rs.addr, u64::from(rs.len), 0, u64::from(rs.sig)],
+        )?;
     }
     if t.robust_list != 0 {
-        r.call("set_robust_list", nr(libc::SYS_set_robust_list), &[t.robust_list, t.robust_list_len])?;
+        r.call(
+            "set_robust_list",
+            nr(libc::SYS_set_robust_list),
+            &[t.robust_list, t.robust_list_len],
+        )?;
     }
-    r.call("set_tid_address", nr(libc::SYS_set_tid_address), &[t.clear_child_tid])?;
+    r.call(
+        "set_tid_address",
+        nr(libc::SYS_set_tid_address),
+        &[t.clear_child_tid],
+    )?;
     let ss = t.sigaltstack;
     let disabled = ss.flags & libc::SS_DISABLE != 0;
     let w: [u64; 3] = if disabled {
         [0, libc::SS_DISABLE as u64, 0]
     } else {
         // SS_ONSTACK is a report, not a setting.
-        [ss.sp, u64::try_from(ss.flags & !libc::SS_ONSTACK).unwrap_or(0), ss.size]
+        [
+            ss.sp,
+            u64::try_from(ss.flags & !libc::SS_ONSTACK).unwrap_or(0),
+            ss.size,
+        ]
     };
-    r.write(args, &w.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
+    r.write(
+        args,
+        &w.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+    )?;
     r.call("sigaltstack", nr(libc::SYS_sigaltstack), &[args, 0])?;
     let mut name = t.comm.as_bytes().to_vec();
     name.truncate(15);
     name.push(0);
     r.write(args, &name)?;
-    r.call("prctl(PR_SET_NAME)", nr(libc::SYS_prctl), &[libc::PR_SET_NAME as u64, args, 0, 0, 0])?;
+    r.call(
+        "prctl(PR_SET_NAME)",
+        nr(libc::SYS_prctl),
+        &[libc::PR_SET_NAME as u64, args, 0, 0, 0],
+    )?;
     Ok(())
 }
 
-fn queue_signal(r: &mut Remote, args: u64, si: &[u8], tid: Option<u64>, tgid: u64) -> Result<(), DstError> {
+fn queue_signal(
+    r: &mut Remote,
+    args: u64,
+    si: &[u8],
+    tid: Option<u64>,
+    tgid: u64,
+) -> Result<(), DstError> {
     if si.len() != ptrace::SIGINFO_SIZE {
-        return Err(DstError::Inconsistent("a pending signal has a bad siginfo".into()));
+        return Err(DstError::Inconsistent(
+            "a pending signal has a bad siginfo".into(),
+        ));
     }
     let sig = u64::from(u32::from_le_bytes([si[0], si[1], si[2], si[3]]));
     if sig == libc::SIGKILL as u64 || sig == libc::SIGSTOP as u64 || sig == 0 || sig > 64 {
@@ -700,8 +913,16 @@ fn queue_signal(r: &mut Remote, args: u64, si: &[u8], tid: Option<u64>, tgid: u6
     }
     r.write(args, si)?;
     match tid {
-        Some(tid) => r.call("rt_tgsigqueueinfo", nr(libc::SYS_rt_tgsigqueueinfo), &[tgid, tid, sig, args])?,
-        None => r.call("rt_sigqueueinfo", nr(libc::SYS_rt_sigqueueinfo), &[tgid, sig, args])?,
+        Some(tid) => r.call(
+            "rt_tgsigqueueinfo",
+            nr(libc::SYS_rt_tgsigqueueinfo),
+            &[tgid, tid, sig, args],
+        )?,
+        None => r.call(
+            "rt_sigqueueinfo",
+            nr(libc::SYS_rt_sigqueueinfo),
+            &[tgid, sig, args],
+        )?,
     };
     Ok(())
 }
@@ -712,25 +933,15 @@ fn unregister_rseq(r: &mut Remote) -> Result<(), DstError> {
         r.call(
             "rseq(unregister)",
             nr(libc::SYS_rseq),
-            &[c.rseq_abi_pointer, u64::from(c.rseq_abi_size), RSEQ_FLAG_UNREGISTER, u64::from(c.signature)],
+            &[
+                c.rseq_abi_pointer,
+                u64::from(c.rseq_abi_size),
+                RSEQ_FLAG_UNREGISTER,
+                u64::from(c.signature),
+            ],
         )?;
     }
     Ok(())
-}
-
-fn reopen_pipe_end(rd: &Option<OwnedFd>, wr: &Option<OwnedFd>, write_end: bool) -> Result<OwnedFd, DstError> {
-    let any = rd.as_ref().or(wr.as_ref()).ok_or_else(|| DstError::Inconsistent("pipe has no end left".into()))?;
-    let path = format!("/proc/self/fd/{}", any.as_raw_fd());
-    let mut oo = OpenOptions::new();
-    if write_end {
-        oo.write(true);
-    } else {
-        oo.read(true);
-    }
-    use std::os::unix::fs::OpenOptionsExt;
-    oo.custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC);
-    let f: File = oo.open(&path).map_err(|e| DstError::Sys(vkm_sys::SysError::Path { path: path.into(), source: e }))?;
-    Ok(f.into())
 }
 
 fn wait_stopped(tid: i32) -> Result<(), DstError> {
@@ -738,8 +949,16 @@ fn wait_stopped(tid: i32) -> Result<(), DstError> {
         match ptrace::wait(tid)? {
             Stop::Event(_) | Stop::Syscall => return Ok(()),
             Stop::Signal(_) => ptrace::cont(tid, 0)?,
-            Stop::Exited(c) => return Err(DstError::Inconsistent(format!("task {tid} exited with {c} while being restored"))),
-            Stop::Killed(s) => return Err(DstError::Inconsistent(format!("task {tid} was killed by signal {s} while being restored"))),
+            Stop::Exited(c) => {
+                return Err(DstError::Inconsistent(format!(
+                    "task {tid} exited with {c} while being restored"
+                )))
+            }
+            Stop::Killed(s) => {
+                return Err(DstError::Inconsistent(format!(
+                    "task {tid} was killed by signal {s} while being restored"
+                )))
+            }
         }
     }
 }
@@ -772,30 +991,44 @@ fn process_order(vk: &Vkernel) -> Result<Vec<usize>, DstError> {
         }
     }
     if order.len() != vk.processes.len() || order.is_empty() {
-        return Err(DstError::Inconsistent("the process tree is not rooted at the sandbox's init".into()));
+        return Err(DstError::Inconsistent(
+            "the process tree is not rooted at the sandbox's init".into(),
+        ));
     }
     Ok(order)
 }
 
-fn rep_of(vk: &Vkernel, order: &[usize], pred: impl Fn(&model::Process) -> bool) -> Result<usize, DstError> {
+fn rep_of(
+    vk: &Vkernel,
+    order: &[usize],
+    pred: impl Fn(&model::Process) -> bool,
+) -> Result<usize, DstError> {
     order
         .iter()
         .copied()
         .find(|&i| pred(&vk.processes[i]))
-        .ok_or_else(|| DstError::Inconsistent("an address space or fd table no process uses".into()))
+        .ok_or_else(|| {
+            DstError::Inconsistent("an address space or fd table no process uses".into())
+        })
 }
 
 /// An address for the scratch area that no saved VMA of any address space uses.
 fn pick_scratch(vk: &Vkernel) -> Result<u64, DstError> {
     let mut cand: u64 = 0x1_0000_0000;
     while cand + SCRATCH_LEN < TASK_SIZE {
-        let clash = vk.mms.iter().flat_map(|m| m.vmas.iter()).any(|v| v.start < cand + SCRATCH_LEN && cand < v.end);
+        let clash = vk
+            .mms
+            .iter()
+            .flat_map(|m| m.vmas.iter())
+            .any(|v| v.start < cand + SCRATCH_LEN && cand < v.end);
         if !clash {
             return Ok(cand);
         }
         cand += 0x1000_0000;
     }
-    Err(DstError::Inconsistent("no free address for the scratch area".into()))
+    Err(DstError::Inconsistent(
+        "no free address for the scratch area".into(),
+    ))
 }
 
 /// Refuse images this host cannot run, before anything is created.
@@ -811,7 +1044,11 @@ fn check_image(vk: &Vkernel) -> Result<(), DstError> {
     for p in &vk.processes {
         for t in &p.threads {
             if t.regs.len() != model::USER_REGS_SIZE {
-                return Err(DstError::Inconsistent(format!("thread {} has a register blob of {} bytes", t.tid, t.regs.len())));
+                return Err(DstError::Inconsistent(format!(
+                    "thread {} has a register blob of {} bytes",
+                    t.tid,
+                    t.regs.len()
+                )));
             }
         }
     }
@@ -820,28 +1057,23 @@ fn check_image(vk: &Vkernel) -> Result<(), DstError> {
 
 fn own_vdso() -> Result<Vec<u8>, DstError> {
     let maps = proc::read("/proc/self/maps")?;
-    let entries = vkm_common::procfs::parse_maps(&maps).map_err(|e| proc::parse_error("/proc/self/maps", e))?;
+    let entries = vkm_common::procfs::parse_maps(&maps)
+        .map_err(|e| proc::parse_error("/proc/self/maps", e))?;
     let Some(v) = entries.iter().find(|e| e.path.as_deref() == Some("[vdso]")) else {
         return Ok(Vec::new());
     };
-    let mem = File::open("/proc/self/mem").map_err(|e| DstError::Sys(vkm_sys::SysError::Path { path: "/proc/self/mem".into(), source: e }))?;
+    let mem = File::open("/proc/self/mem").map_err(|e| {
+        DstError::Sys(vkm_sys::SysError::Path {
+            path: "/proc/self/mem".into(),
+            source: e,
+        })
+    })?;
     let mut buf = vec![0u8; usize::try_from(v.end - v.start).unwrap_or(0)];
-    mem.read_exact_at(&mut buf, v.start).map_err(|e| DstError::Sys(vkm_sys::SysError::Path { path: "/proc/self/mem".into(), source: e }))?;
+    mem.read_exact_at(&mut buf, v.start).map_err(|e| {
+        DstError::Sys(vkm_sys::SysError::Path {
+            path: "/proc/self/mem".into(),
+            source: e,
+        })
+    })?;
     Ok(buf)
-}
-
-/// A pidfd that refers to a process that has exited and been reaped, like the vkernel's pidfd
-/// of a child it already waited for: readable, and signals to it fail with ESRCH.
-fn dead_pidfd() -> Result<OwnedFd, DstError> {
-    let io = |e: std::io::Error| DstError::Sys(vkm_sys::SysError::Syscall { op: "spawn(true)", pid: 0, source: e });
-    let mut child = std::process::Command::new("true")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map_err(io)?;
-    let pid = i32::try_from(child.id()).unwrap_or(-1);
-    let fd = calls::pidfd_open(pid);
-    child.wait().map_err(io)?;
-    Ok(fd?)
 }

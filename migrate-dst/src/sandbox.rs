@@ -76,7 +76,11 @@ impl Sandbox {
         drop(ctl_r);
         drop(ack_w);
         drop(pidfd);
-        Ok(Sandbox { init_pid: pid, ctl: Some(File::from(ctl_w)), ack: Some(File::from(ack_r)) })
+        Ok(Sandbox {
+            init_pid: pid,
+            ctl: Some(File::from(ctl_w)),
+            ack: Some(File::from(ack_r)),
+        })
     }
 
     /// Ask init to create a process at namespace pid `ns_pid` that parks in `pause()`; returns
@@ -88,9 +92,11 @@ impl Sandbox {
         let mut msg = [0u8; 5];
         msg[0] = b'S';
         msg[1..].copy_from_slice(&ns_pid.to_le_bytes());
-        ctl.write_all(&msg).map_err(|e| DstError::Init(format!("cannot send a command: {e}")))?;
+        ctl.write_all(&msg)
+            .map_err(|e| DstError::Init(format!("cannot send a command: {e}")))?;
         let mut reply = [0u8; 4];
-        ack.read_exact(&mut reply).map_err(|e| DstError::Init(format!("no reply: {e}")))?;
+        ack.read_exact(&mut reply)
+            .map_err(|e| DstError::Init(format!("no reply: {e}")))?;
         let r = i32::from_le_bytes(reply);
         if r < 0 {
             return Err(DstError::Sys(calls::errno("clone3(set_tid)", ns_pid, -r)));
@@ -122,7 +128,10 @@ impl Sandbox {
 
     /// Kill everything in the sandbox (init's death kills the namespace) and reap init.
     pub fn kill(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.init_pid), nix::sys::signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.init_pid),
+            nix::sys::signal::SIGKILL,
+        );
         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.init_pid), None);
     }
 }
@@ -133,7 +142,13 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), DstError> {
 }
 
 /// pid 1 of the sandbox. Runs in a fork of the single-threaded shim; never returns.
-fn init_main(ctl: RawFd, ack: RawFd, console: Option<RawFd>, pidfd: Option<RawFd>, argv: Vec<String>) -> ! {
+fn init_main(
+    ctl: RawFd,
+    ack: RawFd,
+    console: Option<RawFd>,
+    pidfd: Option<RawFd>,
+    argv: Vec<String>,
+) -> ! {
     use vkm_sys::calls::raw;
     // Put what we keep at known numbers and drop everything else the shim had open.
     let keep = [(ctl, CTL_FD), (ack, ACK_FD)]
@@ -167,7 +182,10 @@ fn init_main(ctl: RawFd, ack: RawFd, console: Option<RawFd>, pidfd: Option<RawFd
             }
             raw::close_from(3);
             let err = raw::execvp(&argv);
-            let msg = format!("vkmigrate: cannot execute {}: {err}\n", argv.first().map_or("", String::as_str));
+            let msg = format!(
+                "vkmigrate: cannot execute {}: {err}\n",
+                argv.first().map_or("", String::as_str)
+            );
             raw::write_all(2, msg.as_bytes());
             raw::exit(127);
         }

@@ -36,7 +36,10 @@ pub struct CheckpointReport {
 /// Write the vkernel's state to `opts.output`. The image appears only when complete and
 /// fsynced (written under a temporary name, then renamed); on any failure the temporary file
 /// is removed and the vkernel keeps running.
-pub fn checkpoint(opts: &CheckpointOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<CheckpointReport, SrcError> {
+pub fn checkpoint(
+    opts: &CheckpointOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<CheckpointReport, SrcError> {
     let frozen = Frozen::freeze(opts.init_pid)?;
     let t0 = Instant::now();
     let captured = capture(&frozen, &opts.capture)?;
@@ -51,7 +54,11 @@ pub fn checkpoint(opts: &CheckpointOptions, progress: &mut dyn FnMut(u64, u64)) 
     };
     if let Err(e) = std::fs::rename(&tmp, &opts.output) {
         let _ = std::fs::remove_file(&tmp);
-        return Err(SrcError::Output { step: "rename the image to", path: opts.output.clone(), source: e });
+        return Err(SrcError::Output {
+            step: "rename the image to",
+            path: opts.output.clone(),
+            source: e,
+        });
     }
     sync_dir(&opts.output);
     let frozen_for = t0.elapsed();
@@ -90,14 +97,23 @@ fn write_image(
     compression: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<WriteStats, SrcError> {
-    let out_err = |step: &'static str| move |e: std::io::Error| SrcError::Output { step, path: tmp.to_path_buf(), source: e };
+    let out_err = |step: &'static str| {
+        move |e: std::io::Error| SrcError::Output {
+            step,
+            path: tmp.to_path_buf(),
+            source: e,
+        }
+    };
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(tmp)
         .map_err(out_err("create"))?;
-    let mut w = ImageWriter::new(BufWriter::with_capacity(1 << 20, file), features::XSTATE | features::TIME_NS)?;
+    let mut w = ImageWriter::new(
+        BufWriter::with_capacity(1 << 20, file),
+        features::XSTATE | features::TIME_NS,
+    )?;
     w.set_compression(compression);
     w.write_meta(&captured.vk)?;
     let total = captured.memory.total_bytes();
@@ -107,18 +123,28 @@ fn write_image(
         progress(done, total);
     })?;
     let (buf, stats) = w.finish()?;
-    let file: File = buf.into_inner().map_err(|e| SrcError::Output { step: "flush", path: tmp.to_path_buf(), source: e.into_error() })?;
+    let file: File = buf.into_inner().map_err(|e| SrcError::Output {
+        step: "flush",
+        path: tmp.to_path_buf(),
+        source: e.into_error(),
+    })?;
     file.sync_all().map_err(out_err("fsync"))?;
     Ok(stats)
 }
 
 fn tmp_path(out: &Path) -> PathBuf {
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     out.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
 fn sync_dir(path: &Path) {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }

@@ -6,8 +6,8 @@
 
 use std::collections::BTreeMap;
 
-use vkm_sys::ptrace::{self, Stop};
 use vkm_sys::proc;
+use vkm_sys::ptrace::{self, Stop};
 
 use crate::SrcError;
 
@@ -37,7 +37,10 @@ pub struct Frozen {
 impl Frozen {
     /// Stop every process below `init` (the pid-1 reaper of the vkernel's namespace).
     pub fn freeze(init: i32) -> Result<Frozen, SrcError> {
-        let mut frozen = Frozen { init, processes: Vec::new() };
+        let mut frozen = Frozen {
+            init,
+            processes: Vec::new(),
+        };
         if let Err(e) = frozen.freeze_all() {
             frozen.thaw();
             return Err(e);
@@ -106,7 +109,8 @@ impl Frozen {
                             if tids.len() > 1 {
                                 return Err(SrcError::Unsupported {
                                     pid: self.processes[idx].ns_pid,
-                                    what: "its main thread has exited while other threads run".into(),
+                                    what: "its main thread has exited while other threads run"
+                                        .into(),
                                 });
                             }
                             self.processes[idx].zombie = Some(status);
@@ -142,8 +146,14 @@ impl Frozen {
     /// only once its thread group is empty), or they stay zombies and init never exits.
     pub fn kill(mut self) -> Result<(), SrcError> {
         let processes = std::mem::take(&mut self.processes);
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.init), nix::sys::signal::SIGKILL)
-            .map_err(|e| SrcError::Kill { pid: self.init, source: e.into() })?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.init),
+            nix::sys::signal::SIGKILL,
+        )
+        .map_err(|e| SrcError::Kill {
+            pid: self.init,
+            source: e.into(),
+        })?;
         for p in &processes {
             for &t in p.threads.iter().rev() {
                 loop {
@@ -159,7 +169,10 @@ impl Frozen {
     }
 
     pub fn host_pid_of(&self, ns_pid: i32) -> Option<i32> {
-        self.processes.iter().find(|p| p.ns_pid == ns_pid).map(|p| p.host_pid)
+        self.processes
+            .iter()
+            .find(|p| p.ns_pid == ns_pid)
+            .map(|p| p.host_pid)
     }
 }
 
@@ -177,7 +190,10 @@ enum Stopped {
     Dead(i32),
 }
 
-fn stop_thread(tid: i32, stop_signals: &mut BTreeMap<i32, (i32, Vec<u8>)>) -> Result<Stopped, SrcError> {
+fn stop_thread(
+    tid: i32,
+    stop_signals: &mut BTreeMap<i32, (i32, Vec<u8>)>,
+) -> Result<Stopped, SrcError> {
     if let Err(e) = ptrace::seize(tid, ptrace::PTRACE_O_TRACESYSGOOD) {
         // Exited tasks cannot be seized: tell a zombie from a real refusal.
         return match e.raw_os_error() {
@@ -216,7 +232,9 @@ fn dead_status(tid: i32) -> Option<Option<i32>> {
     let rest = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     match fields.first() {
-        Some(&"Z") | Some(&"X") => Some(Some(fields.get(49).and_then(|f| f.parse().ok()).unwrap_or(0))),
+        Some(&"Z") | Some(&"X") => Some(Some(
+            fields.get(49).and_then(|f| f.parse().ok()).unwrap_or(0),
+        )),
         _ => Some(None),
     }
 }

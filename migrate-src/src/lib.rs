@@ -26,7 +26,12 @@ pub enum SrcError {
     #[error("Process {pid} holds fd {fd} of an unsupported kind ({kind}); checkpoint refused, the vkernel keeps running")]
     UnsupportedFd { pid: i32, fd: i32, kind: String },
     #[error("Process {pid} has an unsupported mapping {start:#x}-{end:#x} ({what}); checkpoint refused, the vkernel keeps running")]
-    UnsupportedVma { pid: i32, start: u64, end: u64, what: String },
+    UnsupportedVma {
+        pid: i32,
+        start: u64,
+        end: u64,
+        what: String,
+    },
     #[error("Process {pid} is unsupported: {what}; checkpoint refused, the vkernel keeps running")]
     Unsupported { pid: i32, what: String },
     #[error("Task {pid} vanished while the vkernel was being frozen")]

@@ -57,7 +57,11 @@ pub unsafe fn clone3_fork(flags: u64, set_tid: Option<i32>) -> Result<i32> {
     let args = CloneArgs {
         flags,
         exit_signal: libc::SIGCHLD as u64,
-        set_tid: if set_tid.is_some() { tid_arr.as_ptr() as u64 } else { 0 },
+        set_tid: if set_tid.is_some() {
+            tid_arr.as_ptr() as u64
+        } else {
+            0
+        },
         set_tid_size: u64::from(set_tid.is_some()),
         ..Default::default()
     };
@@ -65,7 +69,11 @@ pub unsafe fn clone3_fork(flags: u64, set_tid: Option<i32>) -> Result<i32> {
     // child runs on its own copy of our stack, like fork(); the caller guarantees there are no
     // other threads whose locks the child could inherit.
     let r = unsafe {
-        libc::syscall(libc::SYS_clone3, std::ptr::addr_of!(args), std::mem::size_of::<CloneArgs>())
+        libc::syscall(
+            libc::SYS_clone3,
+            std::ptr::addr_of!(args),
+            std::mem::size_of::<CloneArgs>(),
+        )
     };
     if r == -1 {
         return Err(SysError::last("clone3", set_tid.unwrap_or(0)));
@@ -133,7 +141,12 @@ pub fn get_robust_list(tid: i32) -> Result<(u64, u64)> {
 pub fn tee(fd_in: &impl AsRawFd, fd_out: &impl AsRawFd, len: usize) -> Result<usize> {
     // SAFETY: plain fd and integer arguments.
     let r = unsafe {
-        libc::tee(fd_in.as_raw_fd(), fd_out.as_raw_fd(), len, libc::SPLICE_F_NONBLOCK)
+        libc::tee(
+            fd_in.as_raw_fd(),
+            fd_out.as_raw_fd(),
+            len,
+            libc::SPLICE_F_NONBLOCK,
+        )
     };
     if r < 0 {
         return Err(SysError::last("tee", 0));
@@ -152,7 +165,10 @@ pub fn unshare(flags: i32) -> Result<()> {
 
 /// `clock_gettime(clock)` in nanoseconds.
 pub fn clock_ns(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid out pointer; clock_gettime cannot fail for the clocks we pass
     // (MONOTONIC, BOOTTIME, REALTIME exist on every Linux).
     unsafe { libc::clock_gettime(clock, &mut ts) };
@@ -162,7 +178,12 @@ pub fn clock_ns(clock: libc::clockid_t) -> i128 {
 /// `ioctl(fd, TCGETS)`: the kernel `struct termios` (60 bytes... glibc's is larger; we use
 /// glibc's `termios` through nix elsewhere). Window size through `TIOCGWINSZ`.
 pub fn get_winsize(fd: &impl AsRawFd) -> Result<(u16, u16)> {
-    let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCGWINSZ writes one `struct winsize` into `ws`.
     if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) } != 0 {
         return Err(SysError::last("ioctl(TIOCGWINSZ)", 0));
@@ -171,7 +192,12 @@ pub fn get_winsize(fd: &impl AsRawFd) -> Result<(u16, u16)> {
 }
 
 pub fn set_winsize(fd: &impl AsRawFd, rows: u16, cols: u16) -> Result<()> {
-    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCSWINSZ reads one `struct winsize` from `ws`.
     if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) } != 0 {
         return Err(SysError::last("ioctl(TIOCSWINSZ)", 0));
@@ -194,7 +220,10 @@ pub const KERNEL_TERMIOS_SIZE: usize = 36;
 
 pub fn tcsets(fd: &impl AsRawFd, termios: &[u8]) -> Result<()> {
     if termios.len() != KERNEL_TERMIOS_SIZE {
-        return Err(SysError::Unexpected { pid: 0, what: "termios blob has a wrong size".into() });
+        return Err(SysError::Unexpected {
+            pid: 0,
+            what: "termios blob has a wrong size".into(),
+        });
     }
     let mut buf = [0u8; 64];
     buf[..KERNEL_TERMIOS_SIZE].copy_from_slice(termios);
@@ -333,7 +362,9 @@ pub mod raw {
         // SAFETY: callers are single-threaded (init), so the child inherits no held locks.
         let r = unsafe { libc::fork() };
         if r < 0 {
-            -std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+            -std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO)
         } else {
             r
         }
@@ -362,7 +393,11 @@ pub mod raw {
 
     /// `execvp`; returns only on failure, with the error.
     pub fn execvp(argv: &[String]) -> std::io::Error {
-        let Ok(args) = argv.iter().map(|a| CString::new(a.as_bytes())).collect::<Result<Vec<_>, _>>() else {
+        let Ok(args) = argv
+            .iter()
+            .map(|a| CString::new(a.as_bytes()))
+            .collect::<Result<Vec<_>, _>>()
+        else {
             return std::io::Error::from_raw_os_error(libc::EINVAL);
         };
         let Some(file) = args.first() else {

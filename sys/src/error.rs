@@ -40,15 +40,26 @@ pub enum SysError {
 
 impl SysError {
     pub(crate) fn last(op: &'static str, pid: i32) -> Self {
-        SysError::Syscall { op, pid, source: std::io::Error::last_os_error() }
+        SysError::Syscall {
+            op,
+            pid,
+            source: std::io::Error::last_os_error(),
+        }
     }
 
     pub(crate) fn errno(op: &'static str, pid: i32, errno: i32) -> Self {
-        SysError::Syscall { op, pid, source: std::io::Error::from_raw_os_error(errno) }
+        SysError::Syscall {
+            op,
+            pid,
+            source: std::io::Error::from_raw_os_error(errno),
+        }
     }
 
     pub(crate) fn path(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        SysError::Path { path: path.into(), source }
+        SysError::Path {
+            path: path.into(),
+            source,
+        }
     }
 
     /// The raw errno when the error came from a failing syscall.

@@ -57,8 +57,13 @@ impl Remote {
         let mut r = self.saved;
         r.rax = nr as u64;
         r.orig_rax = u64::MAX;
-        let slots = [&mut r.rdi, &mut r.rsi, &mut r.rdx, &mut r.r10, &mut r.r8, &mut r.r9];
-        for (slot, a) in slots.into_iter().zip(args.iter().copied().chain(std::iter::repeat(0))) {
+        let slots = [
+            &mut r.rdi, &mut r.rsi, &mut r.rdx, &mut r.r10, &mut r.r8, &mut r.r9,
+        ];
+        for (slot, a) in slots
+            .into_iter()
+            .zip(args.iter().copied().chain(std::iter::repeat(0)))
+        {
             *slot = a;
         }
         r.rip = self.gadget;
@@ -124,14 +129,22 @@ impl Remote {
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
         self.mem
             .write_all_at(data, addr)
-            .map_err(|e| SysError::Syscall { op: "pwrite(/proc/PID/mem)", pid: self.tid, source: e })
+            .map_err(|e| SysError::Syscall {
+                op: "pwrite(/proc/PID/mem)",
+                pid: self.tid,
+                source: e,
+            })
     }
 
     pub fn read(&self, addr: u64, len: usize) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; len];
         self.mem
             .read_exact_at(&mut buf, addr)
-            .map_err(|e| SysError::Syscall { op: "pread(/proc/PID/mem)", pid: self.tid, source: e })?;
+            .map_err(|e| SysError::Syscall {
+                op: "pread(/proc/PID/mem)",
+                pid: self.tid,
+                source: e,
+            })?;
         Ok(buf)
     }
 
@@ -143,14 +156,19 @@ impl Remote {
 
 /// Find a `syscall` instruction (`0f 05`) in a code blob (the vDSO) mapped at `base`.
 pub fn find_syscall_insn(code: &[u8], base: u64) -> Option<u64> {
-    code.windows(2).position(|w| w == [0x0f, 0x05]).map(|i| base + i as u64)
+    code.windows(2)
+        .position(|w| w == [0x0f, 0x05])
+        .map(|i| base + i as u64)
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn finds_syscall_instruction() {
-        assert_eq!(super::find_syscall_insn(&[0x90, 0x0f, 0x05, 0xc3], 0x1000), Some(0x1001));
+        assert_eq!(
+            super::find_syscall_insn(&[0x90, 0x0f, 0x05, 0xc3], 0x1000),
+            Some(0x1001)
+        );
         assert_eq!(super::find_syscall_insn(&[0x0f, 0x90, 0x05], 0), None);
     }
 }

@@ -52,7 +52,10 @@ pub fn children(pid: i32) -> Result<Vec<i32>> {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
             Err(e) => return Err(e),
         };
-        out.extend(text.split_whitespace().filter_map(|s| s.parse::<i32>().ok()));
+        out.extend(
+            text.split_whitespace()
+                .filter_map(|s| s.parse::<i32>().ok()),
+        );
     }
     out.sort_unstable();
     out.dedup();
@@ -66,9 +69,15 @@ pub fn ns_pid(pid: i32) -> Result<i32> {
         .lines()
         .find_map(|l| l.strip_prefix("NSpid:"))
         .and_then(|v| v.split_whitespace().last()?.parse().ok())
-        .ok_or_else(|| SysError::Unexpected { pid, what: "has no NSpid line in its status".into() })
+        .ok_or_else(|| SysError::Unexpected {
+            pid,
+            what: "has no NSpid line in its status".into(),
+        })
 }
 
 pub fn parse_error(path: impl Into<PathBuf>, source: vkm_common::error::CommonError) -> SysError {
-    SysError::Parse { path: path.into(), source }
+    SysError::Parse {
+        path: path.into(),
+        source,
+    }
 }

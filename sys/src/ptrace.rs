@@ -98,14 +98,23 @@ pub fn getregs(pid: i32) -> Result<Regs> {
 }
 
 pub fn setregs(pid: i32, regs: &Regs) -> Result<()> {
-    ptrace(libc::PTRACE_SETREGS, pid, 0, std::ptr::from_ref(regs) as usize, "PTRACE_SETREGS")
-        .map(drop)
+    ptrace(
+        libc::PTRACE_SETREGS,
+        pid,
+        0,
+        std::ptr::from_ref(regs) as usize,
+        "PTRACE_SETREGS",
+    )
+    .map(drop)
 }
 
 /// The thread's `NT_X86_XSTATE` area, as long as the kernel says it is.
 pub fn get_xstate(pid: i32) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; XSTATE_MAX];
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
     // `iov` points at `buf`, which outlives the call; the kernel shrinks iov_len to what it wrote.
     ptrace(
         PTRACE_GETREGSET,
@@ -121,7 +130,10 @@ pub fn get_xstate(pid: i32) -> Result<Vec<u8>> {
 
 pub fn set_xstate(pid: i32, xstate: &[u8]) -> Result<()> {
     let mut copy = xstate.to_vec();
-    let mut iov = libc::iovec { iov_base: copy.as_mut_ptr().cast(), iov_len: copy.len() };
+    let mut iov = libc::iovec {
+        iov_base: copy.as_mut_ptr().cast(),
+        iov_len: copy.len(),
+    };
     ptrace(
         PTRACE_SETREGSET,
         pid,
@@ -134,13 +146,25 @@ pub fn set_xstate(pid: i32, xstate: &[u8]) -> Result<()> {
 
 pub fn get_sigmask(pid: i32) -> Result<u64> {
     let mut mask: u64 = 0;
-    ptrace(PTRACE_GETSIGMASK, pid, 8, std::ptr::addr_of_mut!(mask) as usize, "PTRACE_GETSIGMASK")?;
+    ptrace(
+        PTRACE_GETSIGMASK,
+        pid,
+        8,
+        std::ptr::addr_of_mut!(mask) as usize,
+        "PTRACE_GETSIGMASK",
+    )?;
     Ok(mask)
 }
 
 pub fn set_sigmask(pid: i32, mask: u64) -> Result<()> {
-    ptrace(PTRACE_SETSIGMASK, pid, 8, std::ptr::addr_of!(mask) as usize, "PTRACE_SETSIGMASK")
-        .map(drop)
+    ptrace(
+        PTRACE_SETSIGMASK,
+        pid,
+        8,
+        std::ptr::addr_of!(mask) as usize,
+        "PTRACE_SETSIGMASK",
+    )
+    .map(drop)
 }
 
 /// `struct ptrace_rseq_configuration`.
@@ -206,7 +230,13 @@ pub fn peek_siginfo(pid: i32, shared: bool) -> Result<Vec<Vec<u8>>> {
 /// `PTRACE_GETSIGINFO`: the siginfo of the signal a thread is stopped for.
 pub fn getsiginfo(pid: i32) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; SIGINFO_SIZE];
-    ptrace(libc::PTRACE_GETSIGINFO, pid, 0, buf.as_mut_ptr() as usize, "PTRACE_GETSIGINFO")?;
+    ptrace(
+        libc::PTRACE_GETSIGINFO,
+        pid,
+        0,
+        buf.as_mut_ptr() as usize,
+        "PTRACE_GETSIGINFO",
+    )?;
     Ok(buf)
 }
 
@@ -234,7 +264,11 @@ pub fn wait(pid: i32) -> Result<Stop> {
             if e.raw_os_error() == Some(libc::EINTR) {
                 continue;
             }
-            return Err(SysError::Syscall { op: "waitpid", pid, source: e });
+            return Err(SysError::Syscall {
+                op: "waitpid",
+                pid,
+                source: e,
+            });
         }
         break;
     }
@@ -262,7 +296,10 @@ fn decode_status(status: i32) -> Stop {
 /// Registers as the fixed byte layout of `struct user_regs_struct` (27 little-endian u64s in
 /// kernel order), so that images do not depend on a Rust struct layout.
 pub fn regs_to_bytes(r: &Regs) -> Vec<u8> {
-    regs_fields(r).iter().flat_map(|v| v.to_le_bytes()).collect()
+    regs_fields(r)
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect()
 }
 
 pub fn regs_from_bytes(b: &[u8]) -> Option<Regs> {

@@ -17,7 +17,11 @@ pub fn vkmigrate_bin() -> PathBuf {
 pub fn vkload_bin() -> PathBuf {
     let bin = vkmigrate_bin();
     let p = bin.with_file_name("vkload");
-    assert!(p.exists(), "{} is missing: build the workspace first (cargo build --workspace)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        p.display()
+    );
     p
 }
 
@@ -28,8 +32,14 @@ pub struct Lab {
 
 impl Lab {
     pub fn new() -> Lab {
-        let dir = tempfile::Builder::new().prefix("vkm-test-").tempdir().expect("temp dir");
-        Lab { dir, names: Vec::new() }
+        let dir = tempfile::Builder::new()
+            .prefix("vkm-test-")
+            .tempdir()
+            .expect("temp dir");
+        Lab {
+            dir,
+            names: Vec::new(),
+        }
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -71,7 +81,12 @@ impl Lab {
     }
 
     pub fn restore(&mut self, image: &Path, name: &str) {
-        self.ok(&["restore", image.to_str().expect("utf-8 path"), "--name", name]);
+        self.ok(&[
+            "restore",
+            image.to_str().expect("utf-8 path"),
+            "--name",
+            name,
+        ]);
         self.names.push(name.to_string());
     }
 
@@ -84,13 +99,19 @@ impl Lab {
         let t0 = Instant::now();
         loop {
             let log = self.console_log(name);
-            assert!(!log.contains("vkload FAIL"), "vkload failed a self-check:\n{log}");
+            assert!(
+                !log.contains("vkload FAIL"),
+                "vkload failed a self-check:\n{log}"
+            );
             if let Some(l) = last_tick_line(&log) {
                 if field_u64(&l, "tick") >= tick {
                     return l;
                 }
             }
-            assert!(t0.elapsed() < timeout, "no tick {tick} on {name} within {timeout:?}; console:\n{log}");
+            assert!(
+                t0.elapsed() < timeout,
+                "no tick {tick} on {name} within {timeout:?}; console:\n{log}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -126,7 +147,9 @@ pub fn last_tick_line(log: &str) -> Option<BTreeMap<String, String>> {
 }
 
 pub fn field_u64(line: &BTreeMap<String, String>, key: &str) -> u64 {
-    line.get(key).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no numeric {key} in {line:?}"))
+    line.get(key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric {key} in {line:?}"))
 }
 
 /// Keeps re-reading a vkernel's console log in the background, so that its last lines are
@@ -153,13 +176,19 @@ impl ConsoleTail {
             }
             last
         });
-        ConsoleTail { stop, handle: Some(handle) }
+        ConsoleTail {
+            stop,
+            handle: Some(handle),
+        }
     }
 
     /// Stop tailing; the last content seen.
     pub fn finish(mut self) -> String {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.handle.take().and_then(|h| h.join().ok()).unwrap_or_default()
+        self.handle
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default()
     }
 }
 

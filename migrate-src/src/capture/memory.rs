@@ -41,7 +41,12 @@ pub struct ObjectPlan {
 impl MemoryPlan {
     /// Bytes the plan will read (before zero-page elision), for progress display.
     pub fn total_bytes(&self) -> u64 {
-        let mm: u64 = self.mms.iter().flat_map(|m| m.runs.iter()).map(|(s, e)| e - s).sum();
+        let mm: u64 = self
+            .mms
+            .iter()
+            .flat_map(|m| m.runs.iter())
+            .map(|(s, e)| e - s)
+            .sum();
         mm + self.objects.iter().map(|o| o.size).sum::<u64>()
     }
 
@@ -60,7 +65,11 @@ impl MemoryPlan {
                 while a < end {
                     let n = usize::try_from((end - a).min(CHUNK as u64)).unwrap_or(CHUNK);
                     mem.read_exact_at(&mut buf[..n], a).map_err(|e| {
-                        vkm_sys::SysError::Syscall { op: "pread(/proc/PID/mem)", pid: m.pid, source: e }
+                        vkm_sys::SysError::Syscall {
+                            op: "pread(/proc/PID/mem)",
+                            pid: m.pid,
+                            source: e,
+                        }
                     })?;
                     w.write_pages(Space::Mm(m.id), a, &buf[..n])?;
                     progress(n as u64);
@@ -77,7 +86,11 @@ impl MemoryPlan {
                     let want = n.min(usize::try_from(o.size - a).unwrap_or(n));
                     buf[..n].fill(0);
                     o.file.read_exact_at(&mut buf[..want], a).map_err(|e| {
-                        vkm_sys::SysError::Syscall { op: "pread(memory object)", pid: 0, source: e }
+                        vkm_sys::SysError::Syscall {
+                            op: "pread(memory object)",
+                            pid: 0,
+                            source: e,
+                        }
                     })?;
                     w.write_pages(Space::Object(o.id), a, &buf[..n])?;
                     progress(n as u64);
@@ -103,7 +116,12 @@ fn data_extents(file: &File, size: u64) -> Result<Vec<(u64, u64)>, SrcError> {
             Ok(d) => d,
             Err(nix::errno::Errno::ENXIO) => break,
             Err(e) => {
-                return Err(vkm_sys::SysError::Syscall { op: "lseek(SEEK_DATA)", pid: 0, source: e.into() }.into())
+                return Err(vkm_sys::SysError::Syscall {
+                    op: "lseek(SEEK_DATA)",
+                    pid: 0,
+                    source: e.into(),
+                }
+                .into())
             }
         };
         let hole = lseek(file.as_raw_fd(), data, Whence::SeekHole).unwrap_or(size_i);
@@ -132,12 +150,16 @@ pub struct MemoryCapture {
 impl MemoryCapture {
     pub fn capture_mm(&mut self, id: u32, pid: i32) -> Result<(), SrcError> {
         let smaps_text = proc::read(proc::pid_path(pid, "smaps"))?;
-        let entries = procfs::parse_smaps(&smaps_text)
-            .map_err(|source| SrcError::Parse { what: "smaps", pid, source })?;
-        let pagemap = File::open(proc::pid_path(pid, "pagemap")).map_err(|e| vkm_sys::SysError::Path {
-            path: proc::pid_path(pid, "pagemap"),
-            source: e,
+        let entries = procfs::parse_smaps(&smaps_text).map_err(|source| SrcError::Parse {
+            what: "smaps",
+            pid,
+            source,
         })?;
+        let pagemap =
+            File::open(proc::pid_path(pid, "pagemap")).map_err(|e| vkm_sys::SysError::Path {
+                path: proc::pid_path(pid, "pagemap"),
+                source: e,
+            })?;
         let mut vmas = Vec::new();
         let mut runs = Vec::new();
         let mut vdso = Vec::new();
@@ -172,7 +194,10 @@ impl MemoryCapture {
                 _ if e.shared => {
                     if is_object_path(&path) {
                         let oid = self.object(pid, e, &path)?;
-                        Backing::Object { id: oid, offset: e.offset }
+                        Backing::Object {
+                            id: oid,
+                            offset: e.offset,
+                        }
                     } else if path.starts_with('/') {
                         file_backing(pid, e, &path)?
                     } else {
@@ -210,15 +235,28 @@ impl MemoryCapture {
         }
         let fields = mm_fields(pid)?;
         let exe = proc::readlink(proc::pid_path(pid, "exe")).unwrap_or_default();
-        self.mms.push(Mm { id, vmas, fields, exe, vdso });
-        self.plans.push(MmPlan { id, pid, runs: merge_runs(runs) });
+        self.mms.push(Mm {
+            id,
+            vmas,
+            fields,
+            exe,
+            vdso,
+        });
+        self.plans.push(MmPlan {
+            id,
+            pid,
+            runs: merge_runs(runs),
+        });
         self.vdso_base.push(vdso_base);
         Ok(())
     }
 
     pub fn vdso_of(&self, mm: u32) -> Option<(u64, Vec<u8>)> {
         let i = usize::try_from(mm).ok()?;
-        Some((self.vdso_base.get(i).copied()??, self.mms.get(i)?.vdso.clone()))
+        Some((
+            self.vdso_base.get(i).copied()??,
+            self.mms.get(i)?.vdso.clone(),
+        ))
     }
 
     /// The object id of a shared memory object, registering it on first sight. `path` is the
@@ -242,12 +280,29 @@ impl MemoryCapture {
             source: e,
         })?;
         let id = u32::try_from(self.objects.len()).unwrap_or(u32::MAX);
-        let kind = if name.starts_with("/memfd:") { ObjectKind::Memfd } else { ObjectKind::TmpFile };
+        let kind = if name.starts_with("/memfd:") {
+            ObjectKind::Memfd
+        } else {
+            ObjectKind::TmpFile
+        };
         // Seals are only visible through fcntl on the object itself.
-        let seals = nix::fcntl::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), nix::fcntl::FcntlArg::F_GET_SEALS)
-            .map_or(0, |s| u32::try_from(s).unwrap_or(0));
-        self.objects.push(MemObject { id, name: name.to_string(), kind, size: meta.size(), seals });
-        self.object_plans.push(ObjectPlan { id, file, size: meta.size() });
+        let seals = nix::fcntl::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            nix::fcntl::FcntlArg::F_GET_SEALS,
+        )
+        .map_or(0, |s| u32::try_from(s).unwrap_or(0));
+        self.objects.push(MemObject {
+            id,
+            name: name.to_string(),
+            kind,
+            size: meta.size(),
+            seals,
+        });
+        self.object_plans.push(ObjectPlan {
+            id,
+            file,
+            size: meta.size(),
+        });
         self.object_ids.insert((dev, ino), id);
         Ok(id)
     }
@@ -262,7 +317,14 @@ impl MemoryCapture {
     }
 
     pub fn finish(self) -> (Vec<Mm>, Vec<MemObject>, MemoryPlan) {
-        (self.mms, self.objects, MemoryPlan { mms: self.plans, objects: self.object_plans })
+        (
+            self.mms,
+            self.objects,
+            MemoryPlan {
+                mms: self.plans,
+                objects: self.object_plans,
+            },
+        )
     }
 }
 
@@ -274,8 +336,10 @@ fn is_object_path(path: &str) -> bool {
 
 fn file_backing(pid: i32, e: &procfs::Vma, path: &str) -> Result<Backing, SrcError> {
     let map_file = proc::pid_path(pid, &format!("map_files/{:x}-{:x}", e.start, e.end));
-    let meta = std::fs::metadata(&map_file)
-        .map_err(|err| vkm_sys::SysError::Path { path: map_file, source: err })?;
+    let meta = std::fs::metadata(&map_file).map_err(|err| vkm_sys::SysError::Path {
+        path: map_file,
+        source: err,
+    })?;
     Ok(Backing::File {
         path: path.to_string(),
         offset: e.offset,
@@ -286,15 +350,24 @@ fn file_backing(pid: i32, e: &procfs::Vma, path: &str) -> Result<Backing, SrcErr
 
 fn read_mem(pid: i32, start: u64, end: u64) -> Result<Vec<u8>, SrcError> {
     let path = proc::pid_path(pid, "mem");
-    let f = File::open(&path).map_err(|e| vkm_sys::SysError::Path { path: path.clone(), source: e })?;
+    let f = File::open(&path).map_err(|e| vkm_sys::SysError::Path {
+        path: path.clone(),
+        source: e,
+    })?;
     let mut buf = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
-    f.read_exact_at(&mut buf, start).map_err(|e| vkm_sys::SysError::Path { path, source: e })?;
+    f.read_exact_at(&mut buf, start)
+        .map_err(|e| vkm_sys::SysError::Path { path, source: e })?;
     Ok(buf)
 }
 
 /// Runs of pages of [start, end) that carry state: present or swapped anonymous pages; for a
 /// private file mapping only its copied-on-write pages (the rest is in the file).
-fn state_runs(pagemap: &File, start: u64, end: u64, file_backed: bool) -> Result<Vec<(u64, u64)>, SrcError> {
+fn state_runs(
+    pagemap: &File,
+    start: u64,
+    end: u64,
+    file_backed: bool,
+) -> Result<Vec<(u64, u64)>, SrcError> {
     let page = PAGE_SIZE as u64;
     let mut out = Vec::new();
     let mut a = start;
@@ -304,7 +377,11 @@ fn state_runs(pagemap: &File, start: u64, end: u64, file_backed: bool) -> Result
         let bytes = usize::try_from(n * 8).unwrap_or(0);
         pagemap
             .read_exact_at(&mut buf[..bytes], a / page * 8)
-            .map_err(|e| vkm_sys::SysError::Syscall { op: "pread(pagemap)", pid: 0, source: e })?;
+            .map_err(|e| vkm_sys::SysError::Syscall {
+                op: "pread(pagemap)",
+                pid: 0,
+                source: e,
+            })?;
         for (i, c) in buf[..bytes].chunks_exact(8).enumerate() {
             let mut b = [0u8; 8];
             b.copy_from_slice(c);
@@ -341,7 +418,11 @@ fn merge_runs(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
 
 fn mm_fields(pid: i32) -> Result<MmFields, SrcError> {
     let stat_text = proc::read(proc::pid_path(pid, "stat"))?;
-    let st = procfs::parse_stat(&stat_text).map_err(|source| SrcError::Parse { what: "stat", pid, source })?;
+    let st = procfs::parse_stat(&stat_text).map_err(|source| SrcError::Parse {
+        what: "stat",
+        pid,
+        source,
+    })?;
     let auxv_bytes = proc::read_bytes(proc::pid_path(pid, "auxv"))?;
     let auxv = auxv_bytes
         .chunks_exact(8)

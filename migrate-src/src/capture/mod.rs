@@ -95,12 +95,19 @@ pub fn capture(frozen: &Frozen, opts: &CaptureOptions) -> Result<Captured, SrcEr
         processes.push(proc);
     }
 
-    let first = frozen.processes.iter().find(|p| p.zombie.is_none()).ok_or(SrcError::Empty)?;
+    let first = frozen
+        .processes
+        .iter()
+        .find(|p| p.zombie.is_none())
+        .ok_or(SrcError::Empty)?;
     let clocks = read_clocks(first.host_pid)?;
     let cpu = processes
         .first()
         .and_then(|p: &model::Process| p.threads.first())
-        .map(|t| CpuInfo { xstate_size: t.xstate.len() as u32, xcr0: xcr0_of(&t.xstate) })
+        .map(|t| CpuInfo {
+            xstate_size: t.xstate.len() as u32,
+            xcr0: xcr0_of(&t.xstate),
+        })
         .unwrap_or_default();
 
     let (mut mms, objects, plan) = mem.finish();
@@ -127,7 +134,11 @@ pub fn capture(frozen: &Frozen, opts: &CaptureOptions) -> Result<Captured, SrcEr
         pipes,
         console,
     };
-    Ok(Captured { vk, memory: plan, held })
+    Ok(Captured {
+        vk,
+        memory: plan,
+        held,
+    })
 }
 
 /// Index of the group `pid` belongs to (by kcmp `kind`), adding a new group when none matches.
@@ -145,9 +156,15 @@ fn group(owners: &mut Vec<i32>, pid: i32, kind: i32) -> Result<u32, SrcError> {
 fn read_clocks(pid: i32) -> Result<Clocks, SrcError> {
     let path = vkm_sys::proc::pid_path(pid, "timens_offsets");
     let text = vkm_sys::proc::read(&path)?;
-    let off = vkm_common::procfs::parse_timens_offsets(&text)
-        .map_err(|source| SrcError::Parse { what: "timens_offsets", pid, source })?;
-    let ns = |o: vkm_common::procfs::TimeOffset| i128::from(o.secs) * 1_000_000_000 + i128::from(o.nsecs);
+    let off =
+        vkm_common::procfs::parse_timens_offsets(&text).map_err(|source| SrcError::Parse {
+            what: "timens_offsets",
+            pid,
+            source,
+        })?;
+    let ns = |o: vkm_common::procfs::TimeOffset| {
+        i128::from(o.secs) * 1_000_000_000 + i128::from(o.nsecs)
+    };
     Ok(Clocks {
         monotonic_ns: calls::clock_ns(libc::CLOCK_MONOTONIC) + ns(off.monotonic),
         boottime_ns: calls::clock_ns(libc::CLOCK_BOOTTIME) + ns(off.boottime),

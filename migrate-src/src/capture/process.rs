@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 
-use vkm_common::model::{ITimer, PosixTimer, Process, Rlimit, Rseq, SigAction, SigAltStack, Thread};
+use vkm_common::model::{
+    ITimer, PosixTimer, Process, Rlimit, Rseq, SigAction, SigAltStack, Thread,
+};
 use vkm_common::procfs;
 use vkm_sys::inject::{self, Remote};
 use vkm_sys::{proc, ptrace};
@@ -28,12 +30,22 @@ pub fn capture_process(
 ) -> Result<(Process, u64, Held), SrcError> {
     let pid = p.host_pid;
     let stat_text = proc::read(proc::pid_path(pid, "stat"))?;
-    let st = procfs::parse_stat(&stat_text).map_err(|source| SrcError::Parse { what: "stat", pid, source })?;
+    let st = procfs::parse_stat(&stat_text).map_err(|source| SrcError::Parse {
+        what: "stat",
+        pid,
+        source,
+    })?;
     let status_text = proc::read(proc::pid_path(pid, "status"))?;
-    let status =
-        procfs::parse_status(&status_text).map_err(|source| SrcError::Parse { what: "status", pid, source })?;
+    let status = procfs::parse_status(&status_text).map_err(|source| SrcError::Parse {
+        what: "status",
+        pid,
+        source,
+    })?;
     if status.seccomp != 0 {
-        return Err(SrcError::Unsupported { pid: p.ns_pid, what: "a seccomp filter is installed".into() });
+        return Err(SrcError::Unsupported {
+            pid: p.ns_pid,
+            what: "a seccomp filter is installed".into(),
+        });
     }
     let ns = |host: i32| host_to_ns.get(&host).copied();
     let ppid = ns(st.ppid).ok_or(SrcError::Unsupported {
@@ -42,16 +54,30 @@ pub fn capture_process(
     })?;
     let limits_text = proc::read(proc::pid_path(pid, "limits"))?;
     let rlimits = procfs::parse_limits(&limits_text)
-        .map_err(|source| SrcError::Parse { what: "limits", pid, source })?
+        .map_err(|source| SrcError::Parse {
+            what: "limits",
+            pid,
+            source,
+        })?
         .into_iter()
-        .map(|l| Rlimit { resource: l.resource, soft: l.soft, hard: l.hard })
+        .map(|l| Rlimit {
+            resource: l.resource,
+            soft: l.soft,
+            hard: l.hard,
+        })
         .collect();
     let timers_text = proc::read(proc::pid_path(pid, "timers")).unwrap_or_default();
-    let timers = procfs::parse_timers(&timers_text)
-        .map_err(|source| SrcError::Parse { what: "timers", pid, source })?;
+    let timers = procfs::parse_timers(&timers_text).map_err(|source| SrcError::Parse {
+        what: "timers",
+        pid,
+        source,
+    })?;
 
     let Some((vdso_base, vdso_code)) = vdso else {
-        return Err(SrcError::Unsupported { pid: p.ns_pid, what: "it has no [vdso] to borrow a syscall instruction from".into() });
+        return Err(SrcError::Unsupported {
+            pid: p.ns_pid,
+            what: "it has no [vdso] to borrow a syscall instruction from".into(),
+        });
     };
     let gadget = inject::find_syscall_insn(&vdso_code, vdso_base).ok_or(SrcError::Unsupported {
         pid: p.ns_pid,
@@ -69,7 +95,10 @@ pub fn capture_process(
         .read(true)
         .write(true)
         .open(&mem_path)
-        .map_err(|e| vkm_sys::SysError::Path { path: mem_path, source: e })?;
+        .map_err(|e| vkm_sys::SysError::Path {
+            path: mem_path,
+            source: e,
+        })?;
     let mut leader = Remote::new(pid, gadget, 0, 0, mem)?;
     leader.stack = leader.saved.rsp;
     // Block every signal while we inject: a vkernel whose timers fire faster than an injection
@@ -79,7 +108,14 @@ pub fn capture_process(
         ptrace::set_sigmask(tid, u64::MAX)?;
     }
     let mut thread_held: Held = Vec::new();
-    let result = inject_reads(&mut leader, p, &mut threads, &timers, host_to_ns, &mut thread_held);
+    let result = inject_reads(
+        &mut leader,
+        p,
+        &mut threads,
+        &timers,
+        host_to_ns,
+        &mut thread_held,
+    );
     // Registers and masks go back whatever happened; the scratch page is gone already on success.
     let restored = leader.restore_regs();
     for (t, &tid) in threads.iter().zip(&p.threads) {
@@ -134,7 +170,14 @@ fn inject_reads(
     let scratch = r.call(
         "mmap(scratch)",
         nr(libc::SYS_mmap),
-        &[0, SCRATCH_LEN, (libc::PROT_READ | libc::PROT_WRITE) as u64, (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64, u64::MAX, 0],
+        &[
+            0,
+            SCRATCH_LEN,
+            (libc::PROT_READ | libc::PROT_WRITE) as u64,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+            u64::MAX,
+            0,
+        ],
     )?;
     r.scratch = scratch;
     let out = (|| -> Result<Injected, SrcError> {
@@ -143,11 +186,21 @@ fn inject_reads(
             if sig == libc::SIGKILL || sig == libc::SIGSTOP {
                 continue;
             }
-            r.call("rt_sigaction", nr(libc::SYS_rt_sigaction), &[sig as u64, 0, scratch, 8])?;
+            r.call(
+                "rt_sigaction",
+                nr(libc::SYS_rt_sigaction),
+                &[sig as u64, 0, scratch, 8],
+            )?;
             let b = r.read(scratch, 32)?;
             let f = words(&b);
             if f[0] != 0 || f[1] != 0 {
-                sigactions.push(SigAction { signo: sig, handler: f[0], flags: f[1], restorer: f[2], mask: f[3] });
+                sigactions.push(SigAction {
+                    signo: sig,
+                    handler: f[0],
+                    flags: f[1],
+                    restorer: f[2],
+                    mask: f[3],
+                });
             }
         }
         let mut itimers = Vec::new();
@@ -155,14 +208,22 @@ fn inject_reads(
             r.call("getitimer", nr(libc::SYS_getitimer), &[which, scratch])?;
             let f = words(&r.read(scratch, 32)?);
             let us = |s: u64, u: u64| (s as i64) * 1_000_000 + u as i64;
-            let t = ITimer { which: which as i32, interval_us: us(f[0], f[1]), value_us: us(f[2], f[3]) };
+            let t = ITimer {
+                which: which as i32,
+                interval_us: us(f[0], f[1]),
+                value_us: us(f[2], f[3]),
+            };
             if t.interval_us != 0 || t.value_us != 0 {
                 itimers.push(t);
             }
         }
         let mut posix = Vec::new();
         for t in timers {
-            r.call("timer_gettime", nr(libc::SYS_timer_gettime), &[t.id as u64, scratch])?;
+            r.call(
+                "timer_gettime",
+                nr(libc::SYS_timer_gettime),
+                &[t.id as u64, scratch],
+            )?;
             let f = words(&r.read(scratch, 32)?);
             let ns = |s: u64, n: u64| (s as i64) * 1_000_000_000 + n as i64;
             let overrun = r.raw(nr(libc::SYS_timer_getoverrun), &[t.id as u64])?;
@@ -172,7 +233,11 @@ fn inject_reads(
                 notify: t.sigev_notify(),
                 signo: t.signal,
                 sigev_value: t.sigev_value,
-                notify_tid: if t.thread { host_to_ns_tid(host_to_ns, t.target) } else { 0 },
+                notify_tid: if t.thread {
+                    host_to_ns_tid(host_to_ns, t.target)
+                } else {
+                    0
+                },
                 interval_ns: ns(f[0], f[1]),
                 value_ns: ns(f[2], f[3]),
                 overrun: i32::try_from(overrun.max(0)).unwrap_or(0),
@@ -182,7 +247,11 @@ fn inject_reads(
         let personality = r.call("personality", nr(libc::SYS_personality), &[0xffff_ffff])?;
         // Per-thread values only readable from inside: each thread runs its own injection.
         for (i, &tid) in p.threads.iter().enumerate() {
-            let mem = r.mem.try_clone().map_err(|e| vkm_sys::SysError::Syscall { op: "dup(/proc/PID/mem)", pid: tid, source: e })?;
+            let mem = r.mem.try_clone().map_err(|e| vkm_sys::SysError::Syscall {
+                op: "dup(/proc/PID/mem)",
+                pid: tid,
+                source: e,
+            })?;
             let mut t = if tid == r.tid {
                 None
             } else {
@@ -206,7 +275,11 @@ fn inject_reads(
         }
         Ok((sigactions, itimers, posix, brk, personality))
     })();
-    let unmapped = r.call("munmap(scratch)", nr(libc::SYS_munmap), &[scratch, SCRATCH_LEN]);
+    let unmapped = r.call(
+        "munmap(scratch)",
+        nr(libc::SYS_munmap),
+        &[scratch, SCRATCH_LEN],
+    );
     let out = out?;
     unmapped?;
     Ok(out)
@@ -214,11 +287,19 @@ fn inject_reads(
 
 fn per_thread(r: &mut Remote, scratch: u64, t: &mut Thread) -> Result<(), SrcError> {
     let nr = |n: libc::c_long| n as i64;
-    r.call("prctl(PR_GET_TID_ADDRESS)", nr(libc::SYS_prctl), &[libc::PR_GET_TID_ADDRESS as u64, scratch])?;
+    r.call(
+        "prctl(PR_GET_TID_ADDRESS)",
+        nr(libc::SYS_prctl),
+        &[libc::PR_GET_TID_ADDRESS as u64, scratch],
+    )?;
     t.clear_child_tid = words(&r.read(scratch, 8)?)[0];
     r.call("sigaltstack", nr(libc::SYS_sigaltstack), &[0, scratch])?;
     let f = words(&r.read(scratch, 24)?);
-    t.sigaltstack = SigAltStack { sp: f[0], flags: (f[1] & 0xffff_ffff) as i32, size: f[2] };
+    t.sigaltstack = SigAltStack {
+        sp: f[0],
+        flags: (f[1] & 0xffff_ffff) as i32,
+        size: f[2],
+    };
     Ok(())
 }
 
@@ -232,7 +313,9 @@ fn capture_thread_outside(
     let sigmask = ptrace::get_sigmask(tid)?;
     let rseq = ptrace::rseq_config(tid)?;
     let (robust_list, robust_list_len) = vkm_sys::calls::get_robust_list(tid)?;
-    let comm = proc::read(format!("/proc/{}/task/{tid}/comm", p.host_pid))?.trim_end().to_string();
+    let comm = proc::read(format!("/proc/{}/task/{tid}/comm", p.host_pid))?
+        .trim_end()
+        .to_string();
     let ns_tid = proc::ns_pid(tid)?;
     let _ = host_to_ns;
     let mut pending = ptrace::peek_siginfo(tid, false)?;
@@ -269,19 +352,34 @@ fn words(b: &[u8]) -> Vec<u64> {
 }
 
 fn signo_of(siginfo: &[u8]) -> i32 {
-    siginfo.get(0..4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map_or(0, i32::from_le_bytes)
+    siginfo
+        .get(0..4)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map_or(0, i32::from_le_bytes)
 }
 
 /// Namespace TID of a host TID of the vkernel (threads are not in the pid map, ask /proc).
 fn host_to_ns_tid(host_to_ns: &BTreeMap<i32, i32>, host: i32) -> i32 {
-    host_to_ns.get(&host).copied().or_else(|| proc::ns_pid(host).ok()).unwrap_or(0)
+    host_to_ns
+        .get(&host)
+        .copied()
+        .or_else(|| proc::ns_pid(host).ok())
+        .unwrap_or(0)
 }
 
 /// A process that exited and waits for its parent to reap it.
-pub fn capture_zombie(p: &FrozenProcess, host_to_ns: &BTreeMap<i32, i32>, status: i32) -> Result<Process, SrcError> {
+pub fn capture_zombie(
+    p: &FrozenProcess,
+    host_to_ns: &BTreeMap<i32, i32>,
+    status: i32,
+) -> Result<Process, SrcError> {
     let pid = p.host_pid;
     let stat_text = proc::read(proc::pid_path(pid, "stat"))?;
-    let st = procfs::parse_stat(&stat_text).map_err(|source| SrcError::Parse { what: "stat", pid, source })?;
+    let st = procfs::parse_stat(&stat_text).map_err(|source| SrcError::Parse {
+        what: "stat",
+        pid,
+        source,
+    })?;
     let ns = |host: i32| host_to_ns.get(&host).copied();
     Ok(Process {
         pid: p.ns_pid,
