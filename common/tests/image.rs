@@ -733,24 +733,9 @@ fn golden_content() -> (Meta, Runs, Blobs) {
     (meta(), runs, vec![("pipe:0".into(), b"hello".to_vec())])
 }
 
-/// Regenerate with `cargo test -p vkm-common --test image -- --ignored write_golden` — only when
-/// a new format version is released (then add a new file; never overwrite an old one).
-#[test]
-#[ignore]
-fn write_golden() {
-    let (m, runs, blobs) = golden_content();
-    let mut w = ImageWriter::new(Vec::new(), 0).unwrap();
-    w.write_meta(&m).unwrap();
-    for (space, addr, data) in &runs {
-        w.write_pages(*space, *addr, data).unwrap();
-    }
-    for (name, data) in &blobs {
-        w.write_blob(name, data).unwrap();
-    }
-    let (bytes, _) = w.finish().unwrap();
-    std::fs::write(GOLDEN_1_0, bytes).unwrap();
-}
-
+/// The golden file is `golden_content()` written by the 1.0 writer (meta, the runs, the blobs,
+/// then `finish`). A new format version adds a new file next to it; an old one is never
+/// rewritten: it is what a released reader must keep loading.
 #[test]
 fn golden_image_1_0_still_reads() {
     let bytes = std::fs::read(GOLDEN_1_0).unwrap();

@@ -139,10 +139,6 @@ struct Restorer<'a> {
     pages: u64,
 }
 
-fn nr(n: libc::c_long) -> i64 {
-    n as i64
-}
-
 impl Restorer<'_> {
     fn args(&self) -> u64 {
         self.scratch + ARGS_OFF
@@ -215,7 +211,7 @@ impl Restorer<'_> {
                 unregister_rseq(r).map_err(|e| step("rseq", p.pid, e))?;
             }
             if p.sid == p.pid {
-                r.call("setsid", nr(libc::SYS_setsid), &[])
+                r.call("setsid", libc::SYS_setsid, &[])
                     .map_err(|e| step("setsid", p.pid, e.into()))?;
             }
             let _ = args;
@@ -229,7 +225,7 @@ impl Restorer<'_> {
                 }
                 let pgid = u64::try_from(p.pgid).unwrap_or(0);
                 self.leader(i)?
-                    .call("setpgid", nr(libc::SYS_setpgid), &[0, pgid])
+                    .call("setpgid", libc::SYS_setpgid, &[0, pgid])
                     .map_err(|e| step("setpgid", p.pid, e.into()))?;
             }
         }
@@ -259,7 +255,7 @@ impl Restorer<'_> {
                 r.write(args, &[0u8; 32])?;
                 r.call(
                     "rt_sigaction",
-                    nr(libc::SYS_rt_sigaction),
+                    libc::SYS_rt_sigaction,
                     &[u64::try_from(sig).unwrap_or(0), args, 0, 8],
                 )?;
                 ptrace::set_sigmask(r.tid, 0)?;
@@ -311,7 +307,7 @@ impl Restorer<'_> {
         let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
         let got = r.call(
             "mmap(scratch)",
-            nr(libc::SYS_mmap),
+            libc::SYS_mmap,
             &[self.scratch, SCRATCH_LEN, prot, flags, u64::MAX, 0],
         )?;
         if got != self.scratch {
@@ -348,7 +344,7 @@ impl Restorer<'_> {
         };
         r.write(args, &ca.to_bytes())?;
         r.write(tid_addr, &pid.to_le_bytes())?;
-        let got = r.call("clone3", nr(libc::SYS_clone3), &[args, 88])?;
+        let got = r.call("clone3", libc::SYS_clone3, &[args, 88])?;
         if got != u64::try_from(pid).unwrap_or(0) {
             return Err(DstError::Inconsistent(format!(
                 "clone3 gave pid {got}, wanted {pid}"
@@ -395,17 +391,17 @@ impl Restorer<'_> {
             .map(|(k, v)| (*k, v.as_raw_fd()))
             .collect();
         let r = self.leader(rep)?;
-        r.call("munmap(low)", nr(libc::SYS_munmap), &[0, scratch])?;
+        r.call("munmap(low)", libc::SYS_munmap, &[0, scratch])?;
         let top = scratch + SCRATCH_LEN;
         r.call(
             "munmap(high)",
-            nr(libc::SYS_munmap),
+            libc::SYS_munmap,
             &[top, TASK_SIZE - top],
         )?;
         if let Some(vvar) = mm.vmas.iter().find(|v| matches!(v.backing, Backing::Vvar)) {
             r.call(
                 "arch_prctl(ARCH_MAP_VDSO_64)",
-                nr(libc::SYS_arch_prctl),
+                libc::SYS_arch_prctl,
                 &[ARCH_MAP_VDSO_64, vvar.start],
             )?;
         }
@@ -427,7 +423,7 @@ impl Restorer<'_> {
                     }
                     r.call(
                         "mmap(anon)",
-                        nr(libc::SYS_mmap),
+                        libc::SYS_mmap,
                         &[v.start, len, p, flags, u64::MAX, 0],
                     )?;
                 }
@@ -440,7 +436,7 @@ impl Restorer<'_> {
                     r.write(args, &cstr(path))?;
                     let fd = r.call(
                         "openat(mapped file)",
-                        nr(libc::SYS_openat),
+                        libc::SYS_openat,
                         &[
                             libc::AT_FDCWD as u64,
                             args,
@@ -450,10 +446,10 @@ impl Restorer<'_> {
                     )?;
                     let res = r.call(
                         "mmap(file)",
-                        nr(libc::SYS_mmap),
+                        libc::SYS_mmap,
                         &[v.start, len, p, share | fixed, fd, *offset],
                     );
-                    r.call("close", nr(libc::SYS_close), &[fd])?;
+                    r.call("close", libc::SYS_close, &[fd])?;
                     res?;
                 }
                 Backing::Object { id, offset } => {
@@ -462,15 +458,15 @@ impl Restorer<'_> {
                         .ok_or_else(|| DstError::Inconsistent(format!("object {id} is missing")))?;
                     let fd = r.call(
                         "pidfd_getfd(object)",
-                        nr(libc::SYS_pidfd_getfd),
+                        libc::SYS_pidfd_getfd,
                         &[AGENT_PIDFD as u64, *afd as u64, 0],
                     )?;
                     let res = r.call(
                         "mmap(object)",
-                        nr(libc::SYS_mmap),
+                        libc::SYS_mmap,
                         &[v.start, len, p, share | fixed, fd, *offset],
                     );
-                    r.call("close", nr(libc::SYS_close), &[fd])?;
+                    r.call("close", libc::SYS_close, &[fd])?;
                     res?;
                 }
             }
@@ -485,7 +481,7 @@ impl Restorer<'_> {
                 };
                 r.call(
                     "madvise",
-                    nr(libc::SYS_madvise),
+                    libc::SYS_madvise,
                     &[v.start, len, advice as u64],
                 )?;
             }
@@ -501,7 +497,7 @@ impl Restorer<'_> {
         r.write(args + 3072, &cstr(&mm.exe))?;
         let exe_fd = r.call(
             "openat(exe)",
-            nr(libc::SYS_openat),
+            libc::SYS_openat,
             &[
                 libc::AT_FDCWD as u64,
                 args + 3072,
@@ -531,7 +527,7 @@ impl Restorer<'_> {
         r.write(args, &map)?;
         let res = r.call(
             "prctl(PR_SET_MM_MAP)",
-            nr(libc::SYS_prctl),
+            libc::SYS_prctl,
             &[
                 libc::PR_SET_MM as u64,
                 libc::PR_SET_MM_MAP as u64,
@@ -540,7 +536,7 @@ impl Restorer<'_> {
                 0,
             ],
         );
-        r.call("close", nr(libc::SYS_close), &[exe_fd])?;
+        r.call("close", libc::SYS_close, &[exe_fd])?;
         res?;
         Ok(())
     }
@@ -604,16 +600,16 @@ impl Restorer<'_> {
         if f != AGENT_PIDFD {
             r.call(
                 "dup3(agent pidfd)",
-                nr(libc::SYS_dup3),
+                libc::SYS_dup3,
                 &[AGENT_PIDFD as u64, fu, libc::O_CLOEXEC as u64],
             )?;
         }
         if f > 0 {
-            r.call("close_range", nr(libc::SYS_close_range), &[0, fu - 1, 0])?;
+            r.call("close_range", libc::SYS_close_range, &[0, fu - 1, 0])?;
         }
         r.call(
             "close_range",
-            nr(libc::SYS_close_range),
+            libc::SYS_close_range,
             &[fu + 1, u64::from(u32::MAX), 0],
         )?;
         for e in &table.fds {
@@ -622,7 +618,7 @@ impl Restorer<'_> {
                 .ok_or_else(|| DstError::Inconsistent(format!("file {} missing", e.file)))?;
             let tmp = r.call(
                 "pidfd_getfd",
-                nr(libc::SYS_pidfd_getfd),
+                libc::SYS_pidfd_getfd,
                 &[fu, afd.as_raw_fd() as u64, 0],
             )?;
             let target = e.fd as u64;
@@ -630,17 +626,17 @@ impl Restorer<'_> {
                 if !e.cloexec {
                     r.call(
                         "fcntl(F_SETFD)",
-                        nr(libc::SYS_fcntl),
+                        libc::SYS_fcntl,
                         &[target, libc::F_SETFD as u64, 0],
                     )?;
                 }
             } else {
                 let fl = if e.cloexec { libc::O_CLOEXEC as u64 } else { 0 };
-                r.call("dup3", nr(libc::SYS_dup3), &[tmp, target, fl])?;
-                r.call("close", nr(libc::SYS_close), &[tmp])?;
+                r.call("dup3", libc::SYS_dup3, &[tmp, target, fl])?;
+                r.call("close", libc::SYS_close, &[tmp])?;
             }
         }
-        r.call("close", nr(libc::SYS_close), &[fu])?;
+        r.call("close", libc::SYS_close, &[fu])?;
         Ok(())
     }
 
@@ -665,19 +661,19 @@ impl Restorer<'_> {
                 )?;
                 r.call(
                     "rt_sigaction",
-                    nr(libc::SYS_rt_sigaction),
+                    libc::SYS_rt_sigaction,
                     &[sig as u64, args, 0, 8],
                 )?;
             }
             r.write(args, &cstr(&p.cwd))?;
-            r.call("chdir", nr(libc::SYS_chdir), &[args])?;
+            r.call("chdir", libc::SYS_chdir, &[args])?;
             if p.root != "/" {
                 r.write(args, &cstr(&p.root))?;
-                r.call("chroot", nr(libc::SYS_chroot), &[args])?;
+                r.call("chroot", libc::SYS_chroot, &[args])?;
             }
-            r.call("umask", nr(libc::SYS_umask), &[u64::from(p.umask)])?;
+            r.call("umask", libc::SYS_umask, &[u64::from(p.umask)])?;
             if p.personality != 0 {
-                r.call("personality", nr(libc::SYS_personality), &[p.personality])?;
+                r.call("personality", libc::SYS_personality, &[p.personality])?;
             }
             for l in &p.rlimits {
                 let mut b = l.soft.to_le_bytes().to_vec();
@@ -685,7 +681,7 @@ impl Restorer<'_> {
                 r.write(args, &b)?;
                 if let Err(e) = r.call(
                     "prlimit64",
-                    nr(libc::SYS_prlimit64),
+                    libc::SYS_prlimit64,
                     &[0, u64::from(l.resource), args, 0],
                 ) {
                     // Raising a hard limit needs CAP_SYS_RESOURCE, which hosts may lack.
@@ -706,7 +702,7 @@ impl Restorer<'_> {
                 )?;
                 r.call(
                     "setitimer",
-                    nr(libc::SYS_setitimer),
+                    libc::SYS_setitimer,
                     &[u64::try_from(t.which).unwrap_or(0), args, 0],
                 )?;
             }
@@ -743,7 +739,7 @@ impl Restorer<'_> {
         if !p.posix_timers.is_empty() {
             r.call(
                 "prctl(PR_TIMER_CREATE_RESTORE_IDS)",
-                nr(libc::SYS_prctl),
+                libc::SYS_prctl,
                 &[PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0],
             )?;
             for t in &p.posix_timers {
@@ -756,7 +752,7 @@ impl Restorer<'_> {
                 r.write(args, &ev)?;
                 r.call(
                     "timer_create",
-                    nr(libc::SYS_timer_create),
+                    libc::SYS_timer_create,
                     &[u64::try_from(t.clockid).unwrap_or(0), args, args + 64],
                 )?;
                 let value = if t.value_ns == 0 && t.interval_ns != 0 {
@@ -776,13 +772,13 @@ impl Restorer<'_> {
                 )?;
                 r.call(
                     "timer_settime",
-                    nr(libc::SYS_timer_settime),
+                    libc::SYS_timer_settime,
                     &[u64::try_from(t.id).unwrap_or(0), 0, args + 128, 0],
                 )?;
             }
             r.call(
                 "prctl(PR_TIMER_CREATE_RESTORE_IDS)",
-                nr(libc::SYS_prctl),
+                libc::SYS_prctl,
                 &[PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0],
             )?;
         }
@@ -820,7 +816,7 @@ impl Restorer<'_> {
                 // syscall's exit and never runs another instruction there.
                 rp.threads[0].call(
                     "munmap(scratch)",
-                    nr(libc::SYS_munmap),
+                    libc::SYS_munmap,
                     &[scratch, SCRATCH_LEN],
                 )?;
                 unmapped.push(p.mm);
@@ -850,20 +846,20 @@ fn thread_state(r: &mut Remote, t: &model::Thread, args: u64) -> Result<(), DstE
     if let Some(rs) = t.rseq {
         r.call(
             "rseq",
-            nr(libc::SYS_rseq),
+            libc::SYS_rseq,
             &[rs.addr, u64::from(rs.len), 0, u64::from(rs.sig)],
         )?;
     }
     if t.robust_list != 0 {
         r.call(
             "set_robust_list",
-            nr(libc::SYS_set_robust_list),
+            libc::SYS_set_robust_list,
             &[t.robust_list, t.robust_list_len],
         )?;
     }
     r.call(
         "set_tid_address",
-        nr(libc::SYS_set_tid_address),
+        libc::SYS_set_tid_address,
         &[t.clear_child_tid],
     )?;
     let ss = t.sigaltstack;
@@ -882,14 +878,14 @@ fn thread_state(r: &mut Remote, t: &model::Thread, args: u64) -> Result<(), DstE
         args,
         &w.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
     )?;
-    r.call("sigaltstack", nr(libc::SYS_sigaltstack), &[args, 0])?;
+    r.call("sigaltstack", libc::SYS_sigaltstack, &[args, 0])?;
     let mut name = t.comm.as_bytes().to_vec();
     name.truncate(15);
     name.push(0);
     r.write(args, &name)?;
     r.call(
         "prctl(PR_SET_NAME)",
-        nr(libc::SYS_prctl),
+        libc::SYS_prctl,
         &[libc::PR_SET_NAME as u64, args, 0, 0, 0],
     )?;
     Ok(())
@@ -915,12 +911,12 @@ fn queue_signal(
     match tid {
         Some(tid) => r.call(
             "rt_tgsigqueueinfo",
-            nr(libc::SYS_rt_tgsigqueueinfo),
+            libc::SYS_rt_tgsigqueueinfo,
             &[tgid, tid, sig, args],
         )?,
         None => r.call(
             "rt_sigqueueinfo",
-            nr(libc::SYS_rt_sigqueueinfo),
+            libc::SYS_rt_sigqueueinfo,
             &[tgid, sig, args],
         )?,
     };
@@ -932,7 +928,7 @@ fn unregister_rseq(r: &mut Remote) -> Result<(), DstError> {
     if c.rseq_abi_pointer != 0 {
         r.call(
             "rseq(unregister)",
-            nr(libc::SYS_rseq),
+            libc::SYS_rseq,
             &[
                 c.rseq_abi_pointer,
                 u64::from(c.rseq_abi_size),

@@ -164,12 +164,11 @@ fn inject_reads(
     host_to_ns: &BTreeMap<i32, i32>,
     held: &mut Held,
 ) -> Result<Injected, SrcError> {
-    let nr = |n: libc::c_long| n as i64;
     // A private scratch page for out-parameters, so that nothing of the target's memory is
     // touched; it is unmapped again before we return.
     let scratch = r.call(
         "mmap(scratch)",
-        nr(libc::SYS_mmap),
+        libc::SYS_mmap,
         &[
             0,
             SCRATCH_LEN,
@@ -188,7 +187,7 @@ fn inject_reads(
             }
             r.call(
                 "rt_sigaction",
-                nr(libc::SYS_rt_sigaction),
+                libc::SYS_rt_sigaction,
                 &[sig as u64, 0, scratch, 8],
             )?;
             let b = r.read(scratch, 32)?;
@@ -205,7 +204,7 @@ fn inject_reads(
         }
         let mut itimers = Vec::new();
         for which in 0..3 {
-            r.call("getitimer", nr(libc::SYS_getitimer), &[which, scratch])?;
+            r.call("getitimer", libc::SYS_getitimer, &[which, scratch])?;
             let f = words(&r.read(scratch, 32)?);
             let us = |s: u64, u: u64| (s as i64) * 1_000_000 + u as i64;
             let t = ITimer {
@@ -221,12 +220,12 @@ fn inject_reads(
         for t in timers {
             r.call(
                 "timer_gettime",
-                nr(libc::SYS_timer_gettime),
+                libc::SYS_timer_gettime,
                 &[t.id as u64, scratch],
             )?;
             let f = words(&r.read(scratch, 32)?);
             let ns = |s: u64, n: u64| (s as i64) * 1_000_000_000 + n as i64;
-            let overrun = r.raw(nr(libc::SYS_timer_getoverrun), &[t.id as u64])?;
+            let overrun = r.raw(libc::SYS_timer_getoverrun, &[t.id as u64])?;
             posix.push(PosixTimer {
                 id: t.id,
                 clockid: t.clockid,
@@ -243,8 +242,8 @@ fn inject_reads(
                 overrun: i32::try_from(overrun.max(0)).unwrap_or(0),
             });
         }
-        let brk = r.call("brk", nr(libc::SYS_brk), &[0])?;
-        let personality = r.call("personality", nr(libc::SYS_personality), &[0xffff_ffff])?;
+        let brk = r.call("brk", libc::SYS_brk, &[0])?;
+        let personality = r.call("personality", libc::SYS_personality, &[0xffff_ffff])?;
         // Per-thread values only readable from inside: each thread runs its own injection.
         for (i, &tid) in p.threads.iter().enumerate() {
             let mem = r.mem.try_clone().map_err(|e| vkm_sys::SysError::Syscall {
@@ -277,7 +276,7 @@ fn inject_reads(
     })();
     let unmapped = r.call(
         "munmap(scratch)",
-        nr(libc::SYS_munmap),
+        libc::SYS_munmap,
         &[scratch, SCRATCH_LEN],
     );
     let out = out?;
@@ -286,14 +285,13 @@ fn inject_reads(
 }
 
 fn per_thread(r: &mut Remote, scratch: u64, t: &mut Thread) -> Result<(), SrcError> {
-    let nr = |n: libc::c_long| n as i64;
     r.call(
         "prctl(PR_GET_TID_ADDRESS)",
-        nr(libc::SYS_prctl),
+        libc::SYS_prctl,
         &[libc::PR_GET_TID_ADDRESS as u64, scratch],
     )?;
     t.clear_child_tid = words(&r.read(scratch, 8)?)[0];
-    r.call("sigaltstack", nr(libc::SYS_sigaltstack), &[0, scratch])?;
+    r.call("sigaltstack", libc::SYS_sigaltstack, &[0, scratch])?;
     let f = words(&r.read(scratch, 24)?);
     t.sigaltstack = SigAltStack {
         sp: f[0],
