@@ -288,6 +288,97 @@ pub struct OpenFile {
     pub owner: i32,
     pub sig: i32,
     pub kind: FileKind,
+    /// Locks held on the file's inode through this description: its flock and OFD locks,
+    /// and the POSIX (fcntl) locks of processes that set them through it.
+    #[serde(default)]
+    pub locks: Vec<FileLock>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum LockKind {
+    /// `fcntl(F_SETLK)`: owned by a process (its fd table), released by any close.
+    Posix,
+    /// `flock()`: owned by the open file description.
+    Flock,
+    /// `fcntl(F_OFD_SETLK)`: a byte range owned by the open file description.
+    Ofd,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileLock {
+    pub kind: LockKind,
+    pub write: bool,
+    /// Byte range `start..=end`; `end` is `u64::MAX` for "to EOF" (and for flock).
+    pub start: u64,
+    pub end: u64,
+    /// For [`LockKind::Posix`], the owning process (namespace pid); 0 otherwise.
+    pub pid: i32,
+}
+
+impl FileLock {
+    /// `(l_start, l_len)` of a `struct flock` for the range (`l_len` 0 = to EOF).
+    pub fn range(&self) -> (i64, i64) {
+        let start = i64::try_from(self.start).unwrap_or(i64::MAX);
+        if self.end == u64::MAX || self.end == i64::MAX as u64 {
+            return (start, 0);
+        }
+        let len = self.end.saturating_sub(self.start).saturating_add(1);
+        (start, i64::try_from(len).unwrap_or(0))
+    }
+}
+
+/// An AF_UNIX socket without a name.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UnixSocket {
+    /// The socket's inode number on the source, which pairs it with its peer in the image.
+    pub ino: u64,
+    /// The peer's inode: both ends of a socketpair are in the vkernel. 0 when there is none.
+    pub peer: u64,
+    /// Connected once, but the peer has been closed since (`peer` is 0): recreated as a
+    /// socketpair whose other end is closed after its data is queued.
+    pub peer_closed: bool,
+    /// `SOCK_STREAM`, `SOCK_DGRAM` or `SOCK_SEQPACKET`.
+    pub sock_type: i32,
+    /// Unread data queued for this end, oldest first: one entry per message for datagrams
+    /// and seqpackets, the whole byte stream in one entry for a stream.
+    pub queue: Vec<Vec<u8>>,
+    /// `SO_SNDBUF`/`SO_RCVBUF` as getsockopt reports them (twice what setsockopt takes).
+    pub sndbuf: u32,
+    pub rcvbuf: u32,
+    /// `SO_PEEK_OFF` (-1: off).
+    pub peek_off: i32,
+    /// `sk_shutdown`: 1 = no more receiving, 2 = no more sending.
+    pub shutdown: u8,
+}
+
+/// One registration of an epoll instance.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EpollItem {
+    /// The fd number the item was added with: the kernel keys items by (file, fd number), so
+    /// later `EPOLL_CTL_MOD`/`DEL` calls find them only under the same number.
+    pub tfd: i32,
+    /// Index into [`Vkernel::files`] of the target.
+    pub file: u32,
+    /// `EPOLL*` mask including `EPOLLET`, `EPOLLONESHOT`, `EPOLLEXCLUSIVE`, `EPOLLWAKEUP`.
+    pub events: u32,
+    /// `epoll_data`, bit-exact.
+    pub data: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TimerFd {
+    pub clockid: i32,
+    /// `TFD_TIMER_ABSTIME` (1), `TFD_TIMER_CANCEL_ON_SET` (2) as last set.
+    pub settime_flags: u32,
+    /// Time left to the next expiry (0 = disarmed) and the interval, in nanoseconds.
+    pub value_ns: u64,
+    pub interval_ns: u64,
+    /// The next expiry on the timer's clock as the vkernel reads it (inside its time
+    /// namespace); 0 = disarmed. Restore re-arms at this deadline, so that the time a restore
+    /// takes (which the vkernel's clocks see pass) counts as it does for every other timer.
+    pub deadline_ns: i128,
+    /// Expirations not yet read.
+    pub ticks: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -323,6 +414,16 @@ pub enum FileKind {
     PidFd {
         pid: i32,
     },
+    UnixSocket(UnixSocket),
+    /// An epoll instance and its registrations (in the kernel's order).
+    Epoll {
+        items: Vec<EpollItem>,
+    },
+    /// A signalfd: the signals it reads (bit `n-1` = signal `n`).
+    SignalFd {
+        mask: u64,
+    },
+    TimerFd(TimerFd),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

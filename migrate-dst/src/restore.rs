@@ -637,6 +637,51 @@ impl Restorer<'_> {
             }
         }
         r.call("close", libc::SYS_close, &[fu])?;
+        self.posix_locks(table)
+    }
+
+    /// POSIX (fcntl) locks belong to a process, not to a file: each owner sets its own again
+    /// once its fds are in place (any close of the file by the owner would drop them).
+    fn posix_locks(&mut self, table: &model::FdTable) -> Result<(), DstError> {
+        let vk = self.vk;
+        let args = self.args();
+        for (i, p) in vk.processes.iter().enumerate() {
+            if p.fd_table != table.id || p.zombie.is_some() {
+                continue;
+            }
+            for (k, e) in table.fds.iter().enumerate() {
+                // Once per open file, through its first fd.
+                if table.fds[..k].iter().any(|o| o.file == e.file) {
+                    continue;
+                }
+                let Some(f) = vk.files.iter().find(|f| f.id == e.file) else {
+                    continue;
+                };
+                for l in f.locks.iter() {
+                    if l.kind != model::LockKind::Posix || l.pid != p.pid {
+                        continue;
+                    }
+                    let (start, len) = l.range();
+                    let ty = if l.write {
+                        libc::F_WRLCK
+                    } else {
+                        libc::F_RDLCK
+                    } as i16;
+                    let mut fl = [0u8; 32]; // struct flock
+                    fl[0..2].copy_from_slice(&ty.to_le_bytes());
+                    fl[2..4].copy_from_slice(&(libc::SEEK_SET as i16).to_le_bytes());
+                    fl[8..16].copy_from_slice(&start.to_le_bytes());
+                    fl[16..24].copy_from_slice(&len.to_le_bytes());
+                    let r = self.leader(i)?;
+                    r.write(args, &fl)?;
+                    r.call(
+                        "fcntl(F_SETLK)",
+                        libc::SYS_fcntl,
+                        &[e.fd as u64, libc::F_SETLK as u64, args],
+                    )?;
+                }
+            }
+        }
         Ok(())
     }
 

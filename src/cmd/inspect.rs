@@ -223,6 +223,19 @@ fn file_kind(k: &FileKind) -> String {
         }
         FileKind::PidFd { pid: 0 } => "pidfd of a reaped process".into(),
         FileKind::PidFd { pid } => format!("pidfd of process {pid}"),
+        FileKind::UnixSocket(u) => format!(
+            "unix socket type {} (peer {}, {} bytes queued in {} messages)",
+            u.sock_type,
+            u.peer,
+            u.queue.iter().map(Vec::len).sum::<usize>(),
+            u.queue.len()
+        ),
+        FileKind::Epoll { items } => format!("epoll ({} registrations)", items.len()),
+        FileKind::SignalFd { mask } => format!("signalfd mask {mask:#x}"),
+        FileKind::TimerFd(t) => format!(
+            "timerfd clock {} (next in {} ns, interval {} ns, {} unread)",
+            t.clockid, t.value_ns, t.interval_ns, t.ticks
+        ),
     }
 }
 

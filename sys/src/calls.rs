@@ -305,6 +305,204 @@ pub fn tgkill(tgid: i32, tid: i32, sig: i32) -> Result<()> {
     Ok(())
 }
 
+/// `getsockopt(fd, level, name)` for an `int` option.
+pub fn getsockopt_int(fd: &impl AsRawFd, level: i32, name: i32, op: &'static str) -> Result<i32> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `v` and `len` are valid out pointers; the kernel writes at most `len` bytes.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            std::ptr::addr_of_mut!(v).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(SysError::last(op, 0));
+    }
+    Ok(v)
+}
+
+/// `setsockopt(fd, level, name)` for an `int` option.
+pub fn setsockopt_int(
+    fd: &impl AsRawFd,
+    level: i32,
+    name: i32,
+    value: i32,
+    op: &'static str,
+) -> Result<()> {
+    // SAFETY: the kernel reads one `int` from `value`.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            std::ptr::addr_of!(value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(SysError::last(op, 0));
+    }
+    Ok(())
+}
+
+pub const KCMP_EPOLL_TFD: i32 = 7;
+
+/// `kcmp(pid1, pid2, KCMP_EPOLL_TFD, fd, {epfd, tfd, toff})`: is the file at `fd` of `pid1`
+/// the target registered as (`tfd`, `toff`-th such item) in epoll `epfd` of `pid2`?
+pub fn kcmp_epoll_tfd(
+    pid1: i32,
+    fd: i32,
+    pid2: i32,
+    epfd: i32,
+    tfd: i32,
+    toff: u32,
+) -> Result<bool> {
+    let slot: [u32; 3] = [epfd as u32, tfd as u32, toff];
+    // SAFETY: `slot` is a `struct kcmp_epoll_slot` that outlives the call; the rest are integers.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid1,
+            pid2,
+            KCMP_EPOLL_TFD,
+            fd as libc::c_ulong,
+            slot.as_ptr(),
+        )
+    };
+    if r < 0 {
+        return Err(SysError::last("kcmp(KCMP_EPOLL_TFD)", pid2));
+    }
+    Ok(r == 0)
+}
+
+/// `epoll_ctl(epfd, EPOLL_CTL_ADD, fd, {events, data})` with `fd` a plain number, because an
+/// epoll item is keyed by its fd number, which restore must reproduce.
+pub fn epoll_add_raw(epfd: &impl AsRawFd, fd: RawFd, events: u32, data: u64) -> Result<()> {
+    let mut ev = libc::epoll_event { events, u64: data };
+    // SAFETY: `ev` is a valid `struct epoll_event` for the duration of the call; a bad `fd`
+    // only makes the call fail.
+    let r = unsafe { libc::epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+    if r != 0 {
+        return Err(SysError::last("epoll_ctl(ADD)", 0));
+    }
+    Ok(())
+}
+
+/// `signalfd4(-1, mask, flags)` with the kernel's 64-bit signal set (bit `n-1` = signal `n`),
+/// which covers the real-time signals too.
+pub fn signalfd(mask: u64, flags: i32) -> Result<OwnedFd> {
+    // SAFETY: the kernel reads an 8-byte sigset from `mask`; the result is a new fd.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_signalfd4,
+            -1,
+            std::ptr::addr_of!(mask),
+            std::mem::size_of::<u64>(),
+            flags,
+        )
+    };
+    if r < 0 {
+        return Err(SysError::last("signalfd4", 0));
+    }
+    // SAFETY: `r` is a freshly created fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+/// `timerfd_create(clockid, flags)`.
+pub fn timerfd_create(clockid: i32, flags: i32) -> Result<OwnedFd> {
+    // SAFETY: plain integer arguments; the result is a new fd.
+    let r = unsafe { libc::timerfd_create(clockid, flags) };
+    if r < 0 {
+        return Err(SysError::last("timerfd_create", 0));
+    }
+    // SAFETY: `r` is a freshly created fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(r) })
+}
+
+fn timespec_ns(ns: i128) -> libc::timespec {
+    libc::timespec {
+        tv_sec: i64::try_from(ns.div_euclid(1_000_000_000)).unwrap_or(i64::MAX),
+        tv_nsec: ns.rem_euclid(1_000_000_000) as i64,
+    }
+}
+
+/// `timerfd_settime(fd, flags, {interval, value})`, times in nanoseconds.
+pub fn timerfd_settime(
+    fd: &impl AsRawFd,
+    flags: i32,
+    value_ns: i128,
+    interval_ns: i128,
+) -> Result<()> {
+    let its = libc::itimerspec {
+        it_interval: timespec_ns(interval_ns),
+        it_value: timespec_ns(value_ns),
+    };
+    // SAFETY: `its` is a valid itimerspec; no old value is asked for.
+    let r = unsafe { libc::timerfd_settime(fd.as_raw_fd(), flags, &its, std::ptr::null_mut()) };
+    if r != 0 {
+        return Err(SysError::last("timerfd_settime", 0));
+    }
+    Ok(())
+}
+
+/// `timerfd_gettime(fd)`: (time to the next expiry, interval) in nanoseconds. For a periodic
+/// timer that has expired this also moves the timer to its next period and adds the missed
+/// periods to the unread expiration count, as a read would, without consuming anything.
+pub fn timerfd_gettime(fd: &impl AsRawFd) -> Result<(u64, u64)> {
+    // SAFETY: `struct itimerspec` is plain data; all-zero is valid.
+    let mut its: libc::itimerspec = unsafe { std::mem::zeroed() };
+    // SAFETY: the kernel writes one itimerspec into `its`.
+    if unsafe { libc::timerfd_gettime(fd.as_raw_fd(), &mut its) } != 0 {
+        return Err(SysError::last("timerfd_gettime", 0));
+    }
+    let ns = |t: libc::timespec| {
+        u64::try_from(t.tv_sec)
+            .unwrap_or(0)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::try_from(t.tv_nsec).unwrap_or(0))
+    };
+    Ok((ns(its.it_value), ns(its.it_interval)))
+}
+
+/// `ioctl(TFD_IOC_SET_TICKS)`: expirations that a timerfd reports as not yet read.
+pub fn timerfd_set_ticks(fd: &impl AsRawFd, ticks: u64) -> Result<()> {
+    const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400; // _IOW('T', 0, __u64)
+                                                          // SAFETY: the ioctl reads one u64 from the pointer.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), TFD_IOC_SET_TICKS, std::ptr::addr_of!(ticks)) };
+    if r != 0 {
+        return Err(SysError::last("ioctl(TFD_IOC_SET_TICKS)", 0));
+    }
+    Ok(())
+}
+
+/// `flock(fd, op)` (`LOCK_SH`/`LOCK_EX`, with `LOCK_NB`).
+pub fn flock(fd: &impl AsRawFd, op: i32) -> Result<()> {
+    // SAFETY: plain integer arguments.
+    if unsafe { libc::flock(fd.as_raw_fd(), op) } != 0 {
+        return Err(SysError::last("flock", 0));
+    }
+    Ok(())
+}
+
+/// `fcntl(fd, F_OFD_SETLK, {type, SEEK_SET, start, len})`: an open-file-description lock.
+pub fn ofd_setlk(fd: &impl AsRawFd, write: bool, start: i64, len: i64) -> Result<()> {
+    // SAFETY: `struct flock` is plain data; all-zero is valid before the fields are set.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = if write { libc::F_WRLCK } else { libc::F_RDLCK } as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = start;
+    fl.l_len = len;
+    // SAFETY: F_OFD_SETLK reads one `struct flock`.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &fl) } != 0 {
+        return Err(SysError::last("fcntl(F_OFD_SETLK)", 0));
+    }
+    Ok(())
+}
+
 /// Linux's `F_SETSIG`/`F_GETSIG` (not exported by the libc crate).
 const F_SETSIG: i32 = 10;
 const F_GETSIG: i32 = 11;

@@ -8,6 +8,7 @@ pub mod calls;
 pub mod inject;
 pub mod proc;
 pub mod ptrace;
+pub mod sockdiag;
 
 mod error;
 pub use error::SysError;

@@ -25,6 +25,28 @@ pub fn vkload_bin() -> PathBuf {
     p
 }
 
+/// The real interpreter behind `python3` on PATH (not a wrapper script such as pyenv's shim,
+/// which would run as a process of its own), so that a vkernel is just the Python process.
+pub fn python3() -> String {
+    let out = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3 on PATH");
+    assert!(out.status.success(), "python3 does not run");
+    let exe = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(!exe.is_empty(), "python3 does not know its executable");
+    exe
+}
+
+/// `ok N ...` lines (the convention of the small test programs): N.
+pub fn ok_counter(line: &str) -> Option<u64> {
+    line.strip_prefix("ok ")?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 pub struct Lab {
     pub dir: tempfile::TempDir,
     names: Vec<String>,
@@ -111,6 +133,32 @@ impl Lab {
             assert!(
                 t0.elapsed() < timeout,
                 "no tick {tick} on {name} within {timeout:?}; console:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Wait until some console line of `name` makes `pick` return a value, and return the
+    /// value of the last such line. Fails on a line that says `FAIL`, or at the timeout.
+    pub fn wait_line<T>(
+        &self,
+        name: &str,
+        timeout: Duration,
+        mut pick: impl FnMut(&str) -> Option<T>,
+    ) -> T {
+        let t0 = Instant::now();
+        loop {
+            let log = self.console_log(name);
+            assert!(
+                !log.lines().any(|l| l.contains("FAIL")),
+                "{name} failed a self-check:\n{log}"
+            );
+            if let Some(v) = log.lines().filter_map(&mut pick).last() {
+                return v;
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "no matching line on {name} within {timeout:?}; console:\n{log}"
             );
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -1,14 +1,18 @@
 //! File descriptors: the fd tables, the open file descriptions behind them (found shared with
 //! kcmp), pipe contents (read without consuming them), the console.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
-use std::io::Read;
+use std::io::{IoSliceMut, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 
-use vkm_common::model::{Console, Fd, FdTable, FileKind, OpenFile, Pipe};
+use vkm_common::model::{
+    Console, EpollItem, Fd, FdTable, FileKind, FileLock, LockKind, OpenFile, Pipe, TimerFd,
+    UnixSocket,
+};
 use vkm_common::procfs;
+use vkm_sys::sockdiag::{self, SockDiag};
 use vkm_sys::{calls, proc};
 
 use super::memory::MemoryCapture;
@@ -34,6 +38,13 @@ pub struct FileCapture<'a> {
     pipes: Vec<Pipe>,
     /// Where the console can be opened to read its settings.
     console_path: Option<std::path::PathBuf>,
+    /// sock_diag socket in the vkernel's network namespace, made for the first socket.
+    diag: Option<SockDiag>,
+    /// Inodes of every socket some task of the vkernel holds, gathered for the first socket.
+    vk_sockets: Option<BTreeSet<u64>>,
+    /// Epoll instances of the table being captured whose targets are resolved once all of
+    /// the table's fds are known: (file id, epoll fd, the fdinfo's `tfd` lines).
+    epolls: Vec<(u32, i32, Vec<procfs::EpollTarget>)>,
 }
 
 impl<'a> FileCapture<'a> {
@@ -46,6 +57,9 @@ impl<'a> FileCapture<'a> {
             pipe_ids: BTreeMap::new(),
             pipes: Vec::new(),
             console_path: None,
+            diag: None,
+            vk_sockets: None,
+            epolls: Vec::new(),
         }
     }
 
@@ -82,6 +96,9 @@ impl<'a> FileCapture<'a> {
                     let kind = self.classify(pid, ns_pid, fd, &link, &info, mem)?;
                     let (owner, sig) = owner_and_sig(pid, fd, self.host_to_ns)?;
                     let fid = u32::try_from(self.files.len()).unwrap_or(u32::MAX);
+                    if matches!(kind, FileKind::Epoll { .. }) {
+                        self.epolls.push((fid, fd, info.epoll.clone()));
+                    }
                     self.files.push(OpenFile {
                         id: fid,
                         flags: info.flags & !(libc::O_CLOEXEC as u32),
@@ -89,14 +106,92 @@ impl<'a> FileCapture<'a> {
                         owner,
                         sig,
                         kind,
+                        locks: Vec::new(),
                     });
                     self.holders.push((pid, fd, link));
                     fid
                 }
             };
+            self.add_locks(ns_pid, fd, file, &info)?;
             fds.push(Fd { fd, file, cloexec });
         }
+        self.resolve_epolls(pid, ns_pid, &fds)?;
         Ok(FdTable { id, fds })
+    }
+
+    /// The `lock:` lines of an fd's fdinfo, onto its open file description (each lock once,
+    /// however many fds show it).
+    fn add_locks(
+        &mut self,
+        ns_pid: i32,
+        fd: i32,
+        file: u32,
+        info: &procfs::FdInfo,
+    ) -> Result<(), SrcError> {
+        for (_, v) in info.other.iter().filter(|(k, _)| k == "lock") {
+            let Some(l) = parse_lock(v) else {
+                return Err(SrcError::UnsupportedFd {
+                    pid: ns_pid,
+                    fd,
+                    kind: format!("a file with a lock of an unsupported kind ({v})"),
+                });
+            };
+            let lock = FileLock {
+                pid: if l.kind == LockKind::Posix {
+                    self.host_to_ns.get(&l.pid).copied().unwrap_or(ns_pid)
+                } else {
+                    0
+                },
+                ..l
+            };
+            if let Some(f) = self.files.get_mut(file as usize) {
+                if !f.locks.contains(&lock) {
+                    f.locks.push(lock);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Map every registration of the table's new epoll instances to the open file it
+    /// watches: normally the file at fd `tfd` of the same process; kcmp says for sure.
+    fn resolve_epolls(&mut self, pid: i32, ns_pid: i32, fds: &[Fd]) -> Result<(), SrcError> {
+        for (fid, epfd, targets) in std::mem::take(&mut self.epolls) {
+            let mut items = Vec::with_capacity(targets.len());
+            for (i, t) in targets.iter().enumerate() {
+                // Items with the same fd number are told apart by their rank (`toff`).
+                let toff = targets[..i].iter().filter(|o| o.tfd == t.tfd).count();
+                let toff = u32::try_from(toff).unwrap_or(u32::MAX);
+                let same = |e: &&Fd| {
+                    calls::kcmp_epoll_tfd(pid, e.fd, pid, epfd, t.tfd, toff).unwrap_or(false)
+                };
+                let found = fds
+                    .iter()
+                    .filter(|e| e.fd == t.tfd)
+                    .find(same)
+                    .or_else(|| fds.iter().find(same));
+                let Some(e) = found else {
+                    return Err(SrcError::UnsupportedFd {
+                        pid: ns_pid,
+                        fd: epfd,
+                        kind: format!(
+                            "an epoll watching fd {}, whose file this process no longer holds",
+                            t.tfd
+                        ),
+                    });
+                };
+                items.push(EpollItem {
+                    tfd: t.tfd,
+                    file: e.file,
+                    events: t.events,
+                    data: t.data,
+                });
+            }
+            if let Some(f) = self.files.get_mut(fid as usize) {
+                f.kind = FileKind::Epoll { items };
+            }
+        }
+        Ok(())
     }
 
     fn classify(
@@ -141,6 +236,49 @@ impl<'a> FileCapture<'a> {
                 count: ev.count,
                 semaphore: ev.semaphore,
             });
+        }
+        if link == "anon_inode:[eventpoll]" {
+            // Registrations are filled in by `resolve_epolls` once the table is complete.
+            return Ok(FileKind::Epoll { items: Vec::new() });
+        }
+        if link == "anon_inode:[signalfd]" {
+            let mask = info
+                .signalfd_sigmask
+                .ok_or_else(|| unsupported("signalfd without a sigmask"))?;
+            return Ok(FileKind::SignalFd { mask });
+        }
+        if link == "anon_inode:[timerfd]" {
+            // fdinfo shows an expired periodic timer as 0 ns left with one tick: the missed
+            // periods are counted only when it is read or asked for its time. Ask (on a
+            // duplicate), then read fdinfo again for the updated count.
+            let dup = calls::pidfd_getfd(&calls::pidfd_open(pid)?, fd, pid)?;
+            let (value_ns, interval_ns) = calls::timerfd_gettime(&dup)?;
+            let text = proc::read(proc::pid_path(pid, &format!("fdinfo/{fd}")))?;
+            let again = procfs::parse_fdinfo(&text).map_err(|source| SrcError::Parse {
+                what: "fdinfo",
+                pid,
+                source,
+            })?;
+            let t = again
+                .timerfd
+                .as_ref()
+                .ok_or_else(|| unsupported("timerfd without its settings"))?;
+            let mut state = timerfd_state(t);
+            state.value_ns = value_ns;
+            state.interval_ns = interval_ns;
+            state.deadline_ns = if value_ns == 0 {
+                0
+            } else {
+                vk_clock_now(pid, t.clockid)? + i128::from(value_ns)
+            };
+            return Ok(FileKind::TimerFd(state));
+        }
+        if let Some(ino) = link
+            .strip_prefix("socket:[")
+            .and_then(|s| s.strip_suffix(']'))
+        {
+            let ino: u64 = ino.parse().map_err(|_| unsupported(link))?;
+            return self.unix_socket(pid, fd, ino, link, &unsupported);
         }
         if link == "anon_inode:[pidfd]" {
             let host: i32 = info
@@ -200,6 +338,111 @@ impl<'a> FileCapture<'a> {
         } else {
             Err(unsupported(&format!("{link} (a {})", describe(&ft))))
         }
+    }
+
+    /// An AF_UNIX socket without a name, whose peer (if any) the vkernel holds, with the data
+    /// queued for it read without consuming it.
+    fn unix_socket(
+        &mut self,
+        pid: i32,
+        fd: i32,
+        ino: u64,
+        link: &str,
+        unsupported: &dyn Fn(&str) -> SrcError,
+    ) -> Result<FileKind, SrcError> {
+        let sock = calls::pidfd_getfd(&calls::pidfd_open(pid)?, fd, pid)?;
+        let family =
+            nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(sock.as_raw_fd())
+                .ok()
+                .and_then(|a| nix::sys::socket::SockaddrLike::family(&a));
+        if family != Some(nix::sys::socket::AddressFamily::Unix) {
+            return Err(unsupported(&format!(
+                "{link}, {} socket",
+                family_name(family)
+            )));
+        }
+        if self.diag.is_none() {
+            self.diag = Some(SockDiag::for_pid(pid)?);
+        }
+        let d = match self.diag.as_mut() {
+            Some(diag) => diag.unix(u32::try_from(ino).unwrap_or(0))?,
+            None => return Err(unsupported(link)),
+        };
+        if let Some(name) = &d.name {
+            return Err(unsupported(&format!(
+                "{link}, a unix socket bound to {}",
+                unix_name(name)
+            )));
+        }
+        if d.state == sockdiag::STATE_LISTEN {
+            return Err(unsupported(&format!("{link}, a listening unix socket")));
+        }
+        let sock_type = i32::from(d.sock_type);
+        if ![libc::SOCK_STREAM, libc::SOCK_DGRAM, libc::SOCK_SEQPACKET].contains(&sock_type) {
+            return Err(unsupported(&format!(
+                "{link}, a unix socket of type {sock_type}"
+            )));
+        }
+        let peer = u64::from(d.peer);
+        if peer != 0 && !self.vkernel_sockets()?.contains(&peer) {
+            return Err(unsupported(&format!(
+                "{link}, a unix socket connected to socket:[{peer}] outside the vkernel"
+            )));
+        }
+        let sndbuf = nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::SndBuf)
+            .map_err(|e| calls::errno("getsockopt(SO_SNDBUF)", pid, e as i32))?;
+        let rcvbuf = nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::RcvBuf)
+            .map_err(|e| calls::errno("getsockopt(SO_RCVBUF)", pid, e as i32))?;
+        let peek_off = calls::getsockopt_int(
+            &sock,
+            libc::SOL_SOCKET,
+            libc::SO_PEEK_OFF,
+            "getsockopt(SO_PEEK_OFF)",
+        )?;
+        let queue = peek_queue(&sock, sock_type, d.shutdown, peek_off)?
+            .map_err(|why| unsupported(&format!("{link}, a unix socket with {why}")))?;
+        Ok(FileKind::UnixSocket(UnixSocket {
+            ino,
+            peer,
+            peer_closed: peer == 0 && d.state == sockdiag::STATE_ESTABLISHED,
+            sock_type,
+            queue,
+            sndbuf: u32::try_from(sndbuf).unwrap_or(u32::MAX),
+            rcvbuf: u32::try_from(rcvbuf).unwrap_or(u32::MAX),
+            peek_off,
+            shutdown: d.shutdown,
+        }))
+    }
+
+    /// Inodes of the sockets that any task of the vkernel holds.
+    fn vkernel_sockets(&mut self) -> Result<&BTreeSet<u64>, SrcError> {
+        if self.vk_sockets.is_none() {
+            let mut set = BTreeSet::new();
+            for &host in self.host_to_ns.keys() {
+                let Ok(tids) = proc::list_numeric(proc::pid_path(host, "task")) else {
+                    continue;
+                };
+                for tid in tids {
+                    let dir = proc::pid_path(host, &format!("task/{tid}/fd"));
+                    let Ok(fds) = proc::list_numeric(&dir) else {
+                        continue;
+                    };
+                    for fd in fds {
+                        if let Ok(l) = proc::readlink(dir.join(fd.to_string())) {
+                            if let Some(i) = l
+                                .strip_prefix("socket:[")
+                                .and_then(|s| s.strip_suffix(']'))
+                                .and_then(|s| s.parse().ok())
+                            {
+                                set.insert(i);
+                            }
+                        }
+                    }
+                }
+            }
+            self.vk_sockets = Some(set);
+        }
+        Ok(self.vk_sockets.get_or_insert_with(BTreeSet::new))
     }
 
     /// Settings of the console pty, when some process holds it.
@@ -316,4 +559,278 @@ fn owner_and_sig(
         }
     };
     Ok((ns_owner, sig))
+}
+
+fn family_name(f: Option<nix::sys::socket::AddressFamily>) -> String {
+    use nix::sys::socket::AddressFamily as F;
+    match f {
+        Some(F::Inet) => "an AF_INET".into(),
+        Some(F::Inet6) => "an AF_INET6".into(),
+        Some(F::Netlink) => "an AF_NETLINK".into(),
+        Some(F::Packet) => "an AF_PACKET".into(),
+        Some(F::Vsock) => "an AF_VSOCK".into(),
+        Some(other) => format!("an {other:?}"),
+        None => "an unnamed-family".into(),
+    }
+}
+
+/// A unix socket address for messages: abstract names get the usual leading `@`.
+fn unix_name(name: &[u8]) -> String {
+    match name.split_first() {
+        Some((0, rest)) => format!("@{}", String::from_utf8_lossy(rest)),
+        _ => String::from_utf8_lossy(name).into_owned(),
+    }
+}
+
+/// Upper bound on what one socket's queue may hold (the kernel's limits are far lower).
+const MAX_QUEUED: usize = 64 << 20;
+
+/// The data queued for reading on a unix socket, without consuming it: `MSG_PEEK` with
+/// `SO_PEEK_OFF` walking the queue (one message per call for datagrams and seqpackets, so
+/// boundaries are kept). `Ok(Err(why))` when the queue holds what cannot be recreated
+/// (passed fds or credentials). The socket's own peek offset is put back afterwards.
+fn peek_queue(
+    sock: &OwnedFd,
+    sock_type: i32,
+    shutdown: u8,
+    peek_off: i32,
+) -> Result<Result<Vec<Vec<u8>>, String>, SrcError> {
+    let set = |v: i32| {
+        calls::setsockopt_int(
+            sock,
+            libc::SOL_SOCKET,
+            libc::SO_PEEK_OFF,
+            v,
+            "setsockopt(SO_PEEK_OFF)",
+        )
+    };
+    set(0)?;
+    let r = peek_walk(sock, sock_type, shutdown);
+    set(peek_off)?;
+    r
+}
+
+fn peek_walk(
+    sock: &OwnedFd,
+    sock_type: i32,
+    shutdown: u8,
+) -> Result<Result<Vec<Vec<u8>>, String>, SrcError> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let stream = sock_type == libc::SOCK_STREAM;
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    let flags = MsgFlags::MSG_PEEK
+        | MsgFlags::MSG_DONTWAIT
+        | MsgFlags::MSG_CMSG_CLOEXEC
+        | MsgFlags::MSG_TRUNC;
+    loop {
+        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 253], libc::ucred);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let (n, truncated, cmsgs) =
+            match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), flags) {
+                Ok(m) => {
+                    let mut kinds = Vec::new();
+                    let ctrunc = m.flags.contains(MsgFlags::MSG_CTRUNC);
+                    if let Ok(it) = m.cmsgs() {
+                        for c in it {
+                            match c {
+                                ControlMessageOwned::ScmRights(fds) => {
+                                    for f in fds {
+                                        let _ = nix::unistd::close(f);
+                                    }
+                                    kinds.push("file descriptors in flight");
+                                }
+                                ControlMessageOwned::ScmCredentials(_) => {
+                                    kinds.push("credentials in flight")
+                                }
+                                _ => kinds.push("ancillary data in flight"),
+                            }
+                        }
+                    }
+                    if ctrunc {
+                        kinds.push("ancillary data in flight");
+                    }
+                    (m.bytes, m.flags.contains(MsgFlags::MSG_TRUNC), kinds)
+                }
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(e) => return Err(calls::errno("recvmsg(MSG_PEEK)", 0, e as i32).into()),
+            };
+        if let Some(k) = cmsgs.first() {
+            return Ok(Err((*k).to_string()));
+        }
+        if stream {
+            // A stream's recv returns 0 only at EOF with nothing left.
+            if n == 0 {
+                break;
+            }
+            let n = n.min(buf.len());
+            match out.first_mut() {
+                Some(v) => v.extend_from_slice(&buf[..n]),
+                None => out.push(buf[..n].to_vec()),
+            }
+            total += n;
+        } else {
+            if truncated || n > buf.len() {
+                if n > MAX_QUEUED {
+                    return Ok(Err(format!("a {n}-byte message queued")));
+                }
+                // MSG_TRUNC gave the message's real length: peek it again, whole.
+                buf.resize(n, 0);
+                continue;
+            }
+            if n == 0 && sock_type == libc::SOCK_SEQPACKET && shutdown & 1 != 0 {
+                // End of file, not an empty message.
+                break;
+            }
+            out.push(buf[..n].to_vec());
+            total += n;
+        }
+        if total > MAX_QUEUED || out.len() > 1 << 20 {
+            return Ok(Err("more than 64 MiB queued".into()));
+        }
+    }
+    Ok(Ok(out))
+}
+
+/// A timerfd's state from its fdinfo (the deadline is filled in by the caller).
+fn timerfd_state(t: &procfs::TimerFdInfo) -> TimerFd {
+    let ns = |(s, n): (u64, u64)| s.saturating_mul(1_000_000_000).saturating_add(n);
+    TimerFd {
+        clockid: t.clockid,
+        settime_flags: t.settime_flags,
+        value_ns: ns(t.it_value),
+        interval_ns: ns(t.it_interval),
+        deadline_ns: 0,
+        ticks: t.ticks,
+    }
+}
+
+/// Now on `clockid` as process `pid` reads it (CLOCK_MONOTONIC and CLOCK_BOOTTIME are offset
+/// by its time namespace; CLOCK_REALTIME is not namespaced).
+fn vk_clock_now(pid: i32, clockid: i32) -> Result<i128, SrcError> {
+    let path = proc::pid_path(pid, "timens_offsets");
+    let off =
+        procfs::parse_timens_offsets(&proc::read(&path)?).map_err(|source| SrcError::Parse {
+            what: "timens_offsets",
+            pid,
+            source,
+        })?;
+    let ns = |o: procfs::TimeOffset| i128::from(o.secs) * 1_000_000_000 + i128::from(o.nsecs);
+    Ok(match clockid {
+        libc::CLOCK_MONOTONIC => calls::clock_ns(libc::CLOCK_MONOTONIC) + ns(off.monotonic),
+        libc::CLOCK_BOOTTIME | libc::CLOCK_BOOTTIME_ALARM => {
+            calls::clock_ns(libc::CLOCK_BOOTTIME) + ns(off.boottime)
+        }
+        _ => calls::clock_ns(libc::CLOCK_REALTIME),
+    })
+}
+
+/// One `lock:` line of an fdinfo (`1: POSIX  ADVISORY  WRITE 1234 00:2a:5678 0 EOF`), with
+/// the pid as printed (the host's). None for leases, delegations and blocked waiters.
+pub(crate) fn parse_lock(v: &str) -> Option<FileLock> {
+    let mut t = v.split_whitespace();
+    t.next()?.strip_suffix(':')?;
+    let kind = match t.next()? {
+        "POSIX" => LockKind::Posix,
+        "FLOCK" => LockKind::Flock,
+        "OFDLCK" => LockKind::Ofd,
+        _ => return None,
+    };
+    if t.next()? != "ADVISORY" {
+        return None;
+    }
+    let write = match t.next()? {
+        "WRITE" => true,
+        "READ" => false,
+        _ => return None,
+    };
+    let pid: i32 = t.next()?.parse().ok()?;
+    let _dev_ino = t.next()?;
+    let start: u64 = t.next()?.parse().ok()?;
+    let end: u64 = match t.next()? {
+        "EOF" => u64::MAX,
+        e => e.parse().ok()?,
+    };
+    if t.next().is_some() {
+        return None;
+    }
+    Some(FileLock {
+        kind,
+        write,
+        start,
+        end,
+        pid,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_lines() {
+        assert_eq!(
+            parse_lock("1: POSIX  ADVISORY  WRITE 1234 00:2a:5678 0 EOF"),
+            Some(FileLock {
+                kind: LockKind::Posix,
+                write: true,
+                start: 0,
+                end: u64::MAX,
+                pid: 1234
+            })
+        );
+        assert_eq!(
+            parse_lock("2: POSIX  ADVISORY  READ 77 08:01:12 100 199"),
+            Some(FileLock {
+                kind: LockKind::Posix,
+                write: false,
+                start: 100,
+                end: 199,
+                pid: 77
+            })
+        );
+        assert_eq!(
+            parse_lock("1: FLOCK  ADVISORY  WRITE 9 00:2a:5678 0 EOF").map(|l| l.kind),
+            Some(LockKind::Flock)
+        );
+        assert_eq!(
+            parse_lock("3: OFDLCK ADVISORY  READ -1 00:2a:5678 5 9").map(|l| (l.kind, l.pid)),
+            Some((LockKind::Ofd, -1))
+        );
+        assert_eq!(
+            parse_lock("1: LEASE  ACTIVE    READ 9 00:2a:5678 0 EOF"),
+            None
+        );
+        assert_eq!(
+            parse_lock("1: -> POSIX  ADVISORY  WRITE 9 00:2a:1 0 EOF"),
+            None
+        );
+        assert_eq!(parse_lock("garbage"), None);
+    }
+
+    #[test]
+    fn timerfd_from_fdinfo() {
+        let t = timerfd_state(&procfs::TimerFdInfo {
+            clockid: libc::CLOCK_MONOTONIC,
+            ticks: 3,
+            settime_flags: 1,
+            it_value: (1, 500),
+            it_interval: (0, 250_000_000),
+        });
+        assert_eq!(t.value_ns, 1_000_000_500);
+        assert_eq!(t.interval_ns, 250_000_000);
+        assert_eq!(t.ticks, 3);
+        assert_eq!(t.settime_flags, 1);
+    }
+
+    #[test]
+    fn names_and_families() {
+        assert_eq!(unix_name(b"\0abc"), "@abc");
+        assert_eq!(unix_name(b"/run/x.sock"), "/run/x.sock");
+        assert_eq!(
+            family_name(Some(nix::sys::socket::AddressFamily::Inet)),
+            "an AF_INET"
+        );
+    }
 }
