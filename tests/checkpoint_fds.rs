@@ -144,7 +144,8 @@ fn socketpair_seqpacket_with_data_in_flight() {
 
 /// An epoll over a pipe (level-triggered, with a backlog), an eventfd (edge-triggered) and
 /// the pipe's write end (one-shot, re-armed with EPOLL_CTL_MOD every 10 rounds, which finds
-/// the item only under its original fd number); 64-bit `data` values are checked bit-exactly.
+/// the item only under its original fd number), and an idle eventfd added with EPOLLEXCLUSIVE;
+/// 64-bit `data` values are checked bit-exactly, in what epoll_wait returns and in fdinfo.
 const EPOLL: &str = r#"
 import ctypes, os, sys, time
 libc = ctypes.CDLL(None, use_errno=True)
@@ -167,6 +168,16 @@ ep = libc.epoll_create1(os.O_CLOEXEC)
 ctl(ep, ADD, r, EPOLLIN, DR)
 ctl(ep, ADD, efd, EPOLLIN | EPOLLET, DE)
 ctl(ep, ADD, w, EPOLLOUT | EPOLLONESHOT, DW)
+EPOLLEXCLUSIVE, DX = 1 << 28, 0x8000000000000003
+xfd = os.eventfd(0, os.EFD_NONBLOCK)
+ctl(ep, ADD, xfd, EPOLLIN | EPOLLEXCLUSIVE, DX)
+def items():
+    out = {}
+    for l in open("/proc/self/fdinfo/%d" % ep).read().splitlines():
+        if l.startswith("tfd:"):
+            f = l.split()
+            out[int(f[1])] = (int(f[3], 16), int(f[5], 16))
+    return out
 evs = (Ev * 8)()
 seq_w = seq_r = 0
 for _ in range(3):
@@ -191,6 +202,11 @@ while True:
     if (DW in got) != expect_w:
         fail("one-shot item: expected", expect_w, "got", got)
     expect_w = False
+    it = items()
+    if it.get(xfd) != (EPOLLIN | EPOLLEXCLUSIVE | 0x18, DX):
+        fail("exclusive item", it.get(xfd))
+    if it.get(r, (0, 0))[1] != DR or it.get(efd, (0, 0))[1] != DE or it.get(w, (0, 0))[1] != DW:
+        fail("items", it)
     b = os.read(r, 1)
     if b != bytes([seq_r & 0xff]):
         fail("pipe byte", b, "expected", seq_r & 0xff)
@@ -402,4 +418,64 @@ fn file_locks_are_held_again() {
         .expect("temp dir");
     let file = dir.path().join("locked.dat");
     checkpoint_and_restore("locks", LOCKS, &[file.to_str().expect("utf-8")], 8);
+}
+
+/// A socketpair with a file descriptor in flight (SCM_RIGHTS) cannot be recreated: checkpoint
+/// refuses, names the fd, and the vkernel keeps running with its queue intact (the message
+/// and its fd are received afterwards) and the socket's peek offset as it was.
+const FD_IN_FLIGHT: &str = r#"
+import array, os, socket, sys, time
+go = sys.argv[1]
+def fail(*a):
+    print("FAIL", *a, flush=True); sys.exit(1)
+a, b = socket.socketpair()
+r, w = os.pipe()
+os.write(w, b"through the passed fd")
+a.sendmsg([b"hello"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]))])
+os.close(r)
+SO_PEEK_OFF = 42
+n = 0
+while not os.path.exists(go):
+    n += 1
+    if b.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF) != -1:
+        fail("peek offset changed")
+    print("ok", n, flush=True)
+    time.sleep(0.05)
+fds = array.array("i")
+msg, anc, flags, _ = b.recvmsg(100, socket.CMSG_LEN(4 * fds.itemsize))
+for level, kind, data in anc:
+    fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+if msg != b"hello" or len(fds) != 1:
+    fail("message", msg, list(fds))
+if os.read(fds[0], 100) != b"through the passed fd":
+    fail("passed fd")
+print("got fd", flush=True)
+while True:
+    n += 1
+    print("ok", n, flush=True)
+    time.sleep(0.05)
+"#;
+
+#[test]
+fn fd_in_flight_is_refused_and_left_intact() {
+    let mut lab = Lab::new();
+    let py = common::python3();
+    let go = lab.path("go");
+    lab.run(
+        "inflight",
+        &[&py, "-c", FD_IN_FLIGHT, go.to_str().expect("utf-8")],
+    );
+    let n = lab.wait_line("inflight", LONG, |l| ok_counter(l).filter(|&n| n >= 5));
+    let img = lab.path("inflight.vkimg");
+    let out = lab.vkm(&["checkpoint", "inflight", "-o", img.to_str().expect("utf-8")]);
+    assert!(!out.status.success(), "checkpoint succeeded");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("file descriptors in flight") && err.contains("fd "),
+        "error does not say what is refused: {err}"
+    );
+    assert!(!img.exists(), "an image was left behind");
+    lab.wait_line("inflight", LONG, |l| ok_counter(l).filter(|&m| m >= n + 5));
+    std::fs::write(&go, b"").expect("go file");
+    lab.wait_line("inflight", LONG, |l| (l == "got fd").then_some(()));
 }
