@@ -455,3 +455,23 @@ impl Vkernel {
         vmas + self.objects.iter().map(|o| o.size).sum::<u64>()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_ranges_as_struct_flock() {
+        let l = |start, end| FileLock {
+            kind: LockKind::Posix,
+            write: true,
+            start,
+            end,
+            pid: 1,
+        };
+        assert_eq!(l(0, u64::MAX).range(), (0, 0));
+        assert_eq!(l(1000, i64::MAX as u64).range(), (1000, 0));
+        assert_eq!(l(0, 99).range(), (0, 100));
+        assert_eq!(l(200, 200).range(), (200, 1));
+    }
+}

@@ -619,11 +619,12 @@ fn peek_walk(
     let stream = sock_type == libc::SOCK_STREAM;
     let mut out: Vec<Vec<u8>> = Vec::new();
     let mut total = 0usize;
-    let mut buf = vec![0u8; 1 << 20];
-    let flags = MsgFlags::MSG_PEEK
-        | MsgFlags::MSG_DONTWAIT
-        | MsgFlags::MSG_CMSG_CLOEXEC
-        | MsgFlags::MSG_TRUNC;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
+    if !stream {
+        // Datagrams: recvmsg returns the message's real length, so a short buffer shows.
+        flags |= MsgFlags::MSG_TRUNC;
+    }
     loop {
         let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 253], libc::ucred);
         let mut iov = [IoSliceMut::new(&mut buf)];
@@ -675,8 +676,16 @@ fn peek_walk(
                 if n > MAX_QUEUED {
                     return Ok(Err(format!("a {n}-byte message queued")));
                 }
-                // MSG_TRUNC gave the message's real length: peek it again, whole.
+                // MSG_TRUNC gave the message's real length: peek it again, whole, from its
+                // start (the partial peek moved the peek offset into it).
                 buf.resize(n, 0);
+                calls::setsockopt_int(
+                    sock,
+                    libc::SOL_SOCKET,
+                    libc::SO_PEEK_OFF,
+                    i32::try_from(total).unwrap_or(i32::MAX),
+                    "setsockopt(SO_PEEK_OFF)",
+                )?;
                 continue;
             }
             if n == 0 && sock_type == libc::SOCK_SEQPACKET && shutdown & 1 != 0 {
