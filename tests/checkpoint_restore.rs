@@ -214,3 +214,48 @@ fn truncate_data_files(lab: &Lab, before: &std::collections::BTreeMap<String, St
         }
     }
 }
+
+/// The console stays the controlling terminal of the vkernel's session, with the same
+/// foreground process group: `/dev/tty` opens and the shell's job control keeps working.
+#[test]
+fn console_stays_the_controlling_terminal() {
+    let mut lab = Lab::new();
+    let script = r#"
+import os, time
+n = 0
+while True:
+    n += 1
+    try:
+        os.close(os.open('/dev/tty', os.O_RDWR))
+        ctty = 'yes'
+    except OSError:
+        ctty = 'no'
+    fg = 'yes' if os.tcgetpgrp(1) == os.getpgrp() else 'no'
+    print('tty', n, ctty, fg, flush=True)
+    time.sleep(0.1)
+"#;
+    let py = common::python3();
+    lab.run("tty", &[&py, "-c", script]);
+    let count = |l: &str| -> Option<u64> {
+        l.strip_prefix("tty ")?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    lab.wait_line("tty", LONG, |l| count(l).filter(|&n| n >= 5));
+    let img = lab.path("tty.vkimg");
+    lab.ok(&["checkpoint", "tty", "-o", img.to_str().expect("utf-8")]);
+    lab.forget("tty");
+    lab.restore(&img, "tty");
+    lab.wait_line("tty", LONG, |l| count(l).filter(|&n| n >= 12));
+    let log = lab.console_log("tty");
+    let lines: Vec<&str> = log.lines().filter(|l| l.starts_with("tty ")).collect();
+    assert!(!lines.is_empty());
+    for l in lines {
+        assert!(
+            l.ends_with(" yes yes"),
+            "lost the controlling terminal after restore: {l}\n{log}"
+        );
+    }
+}

@@ -95,6 +95,15 @@ pub struct Process {
     /// no threads, address space or fds (`mm` and `fd_table` are [`NONE`]).
     #[serde(default)]
     pub zombie: Option<i32>,
+    /// Signal the process gets when its parent dies (`PR_SET_PDEATHSIG`), 0 = none.
+    #[serde(default)]
+    pub pdeathsig: i32,
+    /// A session leader whose controlling terminal is the console.
+    #[serde(default)]
+    pub ctty: bool,
+    /// The console's foreground process group (namespace pgid), when `ctty`.
+    #[serde(default)]
+    pub tty_pgrp: i32,
 }
 
 /// Index value meaning "none" for [`Process::mm`] and [`Process::fd_table`].

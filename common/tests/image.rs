@@ -10,7 +10,7 @@ use vkm_common::error::CommonError;
 use vkm_common::image::{
     decode_meta, verify, Frame, ImageReader, ImageWriter, Space, Summary, WriteStats, FORMAT_MAJOR,
     FRAME_HEADER_LEN, HASH_LEN, HEADER_LEN, KNOWN_REQUIRED_FEATURES, MAGIC, MAX_META_LEN,
-    MAX_RUN_PAGES, PAGE_SIZE,
+    MAX_RUN_PAGES, PAGES_HEADER_LEN, PAGE_SIZE,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -330,14 +330,19 @@ fn every_truncation_is_an_error() {
 }
 
 #[test]
-fn every_single_byte_flip_is_an_error() {
+fn every_single_byte_flip_is_an_error_or_harmless() {
     let (img, body) = small_image();
+    let good = read_all(&img).unwrap();
     for i in offsets(img.len(), &body) {
         for mask in [0x01u8, 0x80, 0xFF] {
             let mut bad = img.clone();
             bad[i] ^= mask;
-            assert!(read_all(&bad).is_err(), "flip {mask:#x} at {i} read fine");
-            assert!(verify(&bad[..]).is_err(), "flip {mask:#x} at {i} verified");
+            // A flip inside lz4 data may yield another encoding of the very same pages (the
+            // run hash covers the pages, not their encoding): then nothing was lost.
+            match read_all(&bad) {
+                Err(_) => assert!(verify(&bad[..]).is_err(), "flip {mask:#x} at {i} verified"),
+                Ok(frames) => assert_eq!(frames, good, "flip {mask:#x} at {i} changed the content"),
+            }
         }
     }
 }
@@ -391,8 +396,26 @@ fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Appends a correct End frame.
+/// The end hash covers every byte but the page bytes of runs (their own hash covers those).
 fn seal(mut body: Vec<u8>) -> Vec<u8> {
-    let hash = blake3::hash(&body);
+    let mut h = blake3::Hasher::new();
+    h.update(&body[..HEADER_LEN]);
+    let mut at = HEADER_LEN;
+    while at + FRAME_HEADER_LEN <= body.len() {
+        let kind = body[at];
+        let len = u32::from_le_bytes(body[at + 4..at + 8].try_into().unwrap()) as usize;
+        let payload = at + FRAME_HEADER_LEN;
+        let end = (payload + len).min(body.len());
+        h.update(&body[at..payload]);
+        if kind == 2 && len >= PAGES_HEADER_LEN + HASH_LEN && end == payload + len {
+            h.update(&body[payload..payload + PAGES_HEADER_LEN]);
+            h.update(&body[end - HASH_LEN..end]);
+        } else {
+            h.update(&body[payload..end]);
+        }
+        at = end;
+    }
+    let hash = h.finalize();
     body.extend_from_slice(&[0xFF, 0, 0, 0]);
     body.extend_from_slice(&(HASH_LEN as u32).to_le_bytes());
     body.extend_from_slice(hash.as_bytes());

@@ -51,7 +51,7 @@ pub struct RestoreReport {
 /// reading its pages from `reader`, which is positioned just after the Meta frame. `console`
 /// is the pty slave that replaces the one the vkernel had. On success every process runs; on
 /// error the caller must [`Sandbox::kill`] the sandbox.
-pub fn restore<R: Read>(
+pub fn restore<R: Read + Send>(
     reader: &mut ImageReader<R>,
     vk: &Vkernel,
     sandbox: &mut Sandbox,
@@ -76,17 +76,7 @@ pub fn restore<R: Read>(
         r.layout(mm, rep)
             .map_err(|e| step("layout", vk.processes[rep].pid, e))?;
     }
-    while let Some(frame) = reader.next_frame()? {
-        match frame {
-            Frame::Pages { space, addr, data } => r.apply_pages(&order, space, addr, &data)?,
-            Frame::Meta(_) => {
-                return Err(DstError::Inconsistent(
-                    "a second vkernel description".into(),
-                ))
-            }
-            Frame::Blob { .. } => {}
-        }
-    }
+    r.receive_pages(reader, &order)?;
     let agent_files = r.prepare_files(console)?;
     for table in &vk.fd_tables {
         let rep = rep_of(vk, &order, |p| p.fd_table == table.id)?;
@@ -393,11 +383,7 @@ impl Restorer<'_> {
         let r = self.leader(rep)?;
         r.call("munmap(low)", libc::SYS_munmap, &[0, scratch])?;
         let top = scratch + SCRATCH_LEN;
-        r.call(
-            "munmap(high)",
-            libc::SYS_munmap,
-            &[top, TASK_SIZE - top],
-        )?;
+        r.call("munmap(high)", libc::SYS_munmap, &[top, TASK_SIZE - top])?;
         if let Some(vvar) = mm.vmas.iter().find(|v| matches!(v.backing, Backing::Vvar)) {
             r.call(
                 "arch_prctl(ARCH_MAP_VDSO_64)",
@@ -479,11 +465,7 @@ impl Restorer<'_> {
                     "nh" => libc::MADV_NOHUGEPAGE,
                     _ => continue,
                 };
-                r.call(
-                    "madvise",
-                    libc::SYS_madvise,
-                    &[v.start, len, advice as u64],
-                )?;
+                r.call("madvise", libc::SYS_madvise, &[v.start, len, advice as u64])?;
             }
         }
         // PR_SET_MM_MAP needs an fd of the executable in the target.
@@ -542,6 +524,49 @@ impl Restorer<'_> {
     }
 
     // ---- stage 3: pages ------------------------------------------------------------------
+
+    /// Apply every page frame of the image. A reader thread reads, decompresses and verifies
+    /// frames while this (the tracing) thread writes the previous ones into the targets.
+    fn receive_pages<R: Read + Send>(
+        &mut self,
+        reader: &mut ImageReader<R>,
+        order: &[usize],
+    ) -> Result<(), DstError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Frame>(4);
+        std::thread::scope(|scope| {
+            let producer = scope.spawn(move || -> Result<(), DstError> {
+                while let Some(frame) = reader.next_frame()? {
+                    if tx.send(frame).is_err() {
+                        break;
+                    }
+                }
+                Ok(())
+            });
+            let mut result = Ok(());
+            while let Ok(frame) = rx.recv() {
+                let applied = match frame {
+                    Frame::Pages { space, addr, data } => {
+                        self.apply_pages(order, space, addr, &data)
+                    }
+                    Frame::Meta(_) => Err(DstError::Inconsistent(
+                        "a second vkernel description".into(),
+                    )),
+                    Frame::Blob { .. } => Ok(()),
+                };
+                if let Err(e) = applied {
+                    result = Err(e);
+                    break;
+                }
+            }
+            drop(rx);
+            let read = producer.join().unwrap_or_else(|_| {
+                Err(DstError::Inconsistent(
+                    "the image reader thread panicked".into(),
+                ))
+            });
+            result.and(read)
+        })
+    }
 
     fn apply_pages(
         &mut self,
@@ -733,6 +758,52 @@ impl Restorer<'_> {
                     tracing::warn!(pid = p.pid, resource = l.resource, error = %e, "rlimit not restored");
                 }
             }
+            if p.pdeathsig != 0 {
+                let sig = u64::try_from(p.pdeathsig).unwrap_or(0);
+                r.call(
+                    "prctl(PR_SET_PDEATHSIG)",
+                    libc::SYS_prctl,
+                    &[libc::PR_SET_PDEATHSIG as u64, sig, 0, 0, 0],
+                )?;
+            }
+            if p.ctty {
+                // The console is the controlling terminal of this session again; any fd of the
+                // process that holds the console serves for the ioctls.
+                let console_fd = vk
+                    .fd_tables
+                    .iter()
+                    .find(|t| t.id == p.fd_table)
+                    .and_then(|t| {
+                        t.fds.iter().find(|f| {
+                            vk.files.iter().any(|o| {
+                                o.id == f.file && matches!(o.kind, model::FileKind::Console)
+                            })
+                        })
+                    })
+                    .map(|f| f.fd);
+                match console_fd {
+                    Some(fd) => {
+                        let fd = u64::try_from(fd).unwrap_or(0);
+                        r.call(
+                            "ioctl(TIOCSCTTY)",
+                            libc::SYS_ioctl,
+                            &[fd, libc::TIOCSCTTY, 0],
+                        )?;
+                        if p.tty_pgrp != 0 {
+                            r.write(args, &p.tty_pgrp.to_le_bytes())?;
+                            r.call(
+                                "ioctl(TIOCSPGRP)",
+                                libc::SYS_ioctl,
+                                &[fd, libc::TIOCSPGRP, args],
+                            )?;
+                        }
+                    }
+                    None => tracing::warn!(
+                        pid = p.pid,
+                        "the console was its controlling terminal, but it holds no fd of it"
+                    ),
+                }
+            }
             for t in &p.itimers {
                 let value = if t.value_us == 0 { 1 } else { t.value_us };
                 let w = [
@@ -859,11 +930,7 @@ impl Restorer<'_> {
             if !unmapped.contains(&p.mm) {
                 // The last injected call removes the scratch area; the thread stops at the
                 // syscall's exit and never runs another instruction there.
-                rp.threads[0].call(
-                    "munmap(scratch)",
-                    libc::SYS_munmap,
-                    &[scratch, SCRATCH_LEN],
-                )?;
+                rp.threads[0].call("munmap(scratch)", libc::SYS_munmap, &[scratch, SCRATCH_LEN])?;
                 unmapped.push(p.mm);
             }
             for (t, r) in p.threads.iter().zip(rp.threads.iter()) {

@@ -35,6 +35,8 @@ pub struct Sandbox {
     pub init_pid: i32,
     ctl: Option<File>,
     ack: Option<File>,
+    /// Init has been reaped: its pid may belong to someone else now.
+    reaped: bool,
 }
 
 impl Sandbox {
@@ -80,6 +82,7 @@ impl Sandbox {
             init_pid: pid,
             ctl: Some(File::from(ctl_w)),
             ack: Some(File::from(ack_r)),
+            reaped: false,
         })
     }
 
@@ -126,8 +129,13 @@ impl Sandbox {
         self.ack = None;
     }
 
-    /// Kill everything in the sandbox (init's death kills the namespace) and reap init.
+    /// Kill everything in the sandbox (init's death kills the namespace) and reap init. Safe to
+    /// call more than once.
     pub fn kill(&mut self) {
+        if self.reaped {
+            return;
+        }
+        self.reaped = true;
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.init_pid),
             nix::sys::signal::SIGKILL,

@@ -118,7 +118,7 @@ fn write_image(
     w.write_meta(&captured.vk)?;
     let total = captured.memory.total_bytes();
     let mut done = 0u64;
-    captured.memory.write_pages(&mut w, &mut |n| {
+    captured.memory.write_pages(&mut w, compression, &mut |n| {
         done += n;
         progress(done, total);
     })?;

@@ -5,6 +5,7 @@
 //! not change the vkernel: detaching without touching registers lets it continue exactly.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use vkm_sys::proc;
 use vkm_sys::ptrace::{self, Stop};
@@ -32,7 +33,14 @@ pub struct Frozen {
     pub init: i32,
     /// Parents before children.
     pub processes: Vec<FrozenProcess>,
+    /// Seized and interrupted threads that have not stopped yet.
+    stopping: Vec<i32>,
 }
+
+/// How often a freeze is tried when some task cannot stop at the moment.
+const FREEZE_ATTEMPTS: u32 = 12;
+/// How long a thread may take to stop after PTRACE_INTERRUPT before we call it stuck.
+const STOP_TIMEOUT: Duration = Duration::from_millis(200);
 
 impl Frozen {
     /// Stop every process below `init` (the pid-1 reaper of the vkernel's namespace).
@@ -40,12 +48,26 @@ impl Frozen {
         let mut frozen = Frozen {
             init,
             processes: Vec::new(),
+            stopping: Vec::new(),
         };
-        if let Err(e) = frozen.freeze_all() {
-            frozen.thaw();
-            return Err(e);
+        // A task that cannot stop now (a vfork parent waits, uninterruptibly, for its child,
+        // which we may have stopped already) makes us let go of everything and try again: the
+        // child runs on, execs or exits, and releases its parent.
+        for attempt in 0..FREEZE_ATTEMPTS {
+            match frozen.freeze_all() {
+                Ok(()) => return Ok(frozen),
+                Err(SrcError::NotStopping { pid }) if attempt + 1 < FREEZE_ATTEMPTS => {
+                    tracing::debug!(pid, attempt, "a task does not stop; thawing and retrying");
+                    frozen.thaw();
+                    std::thread::sleep(Duration::from_millis(5 << attempt.min(6)));
+                }
+                Err(e) => {
+                    frozen.thaw();
+                    return Err(e);
+                }
+            }
         }
-        Ok(frozen)
+        Err(SrcError::Vanished { pid: init })
     }
 
     fn freeze_all(&mut self) -> Result<(), SrcError> {
@@ -95,7 +117,11 @@ impl Frozen {
                         continue;
                     }
                     changed = true;
-                    match stop_thread(tid, &mut self.processes[idx].stop_signals)? {
+                    match stop_thread(
+                        tid,
+                        &mut self.processes[idx].stop_signals,
+                        &mut self.stopping,
+                    )? {
                         Stopped::Yes => {
                             let t = &mut self.processes[idx].threads;
                             if tid == pid {
@@ -136,6 +162,23 @@ impl Frozen {
                 if let Err(e) = ptrace::detach(t, sig) {
                     tracing::warn!(tid = t, error = %e, "detach failed");
                 }
+            }
+        }
+        // Seized but not yet stopped: it stops as soon as whatever held it lets go (the others
+        // run again now), and only a stopped tracee can be detached.
+        for t in std::mem::take(&mut self.stopping) {
+            match ptrace::wait_timeout(t, Duration::from_secs(5)) {
+                Ok(Some(Stop::Exited(_))) | Ok(Some(Stop::Killed(_))) => {}
+                Ok(Some(_)) => {
+                    if let Err(e) = ptrace::detach(t, 0) {
+                        tracing::warn!(tid = t, error = %e, "detach failed");
+                    }
+                }
+                // It stays attached until this process exits, which detaches it.
+                Ok(None) | Err(_) => tracing::warn!(
+                    tid = t,
+                    "a task never stopped; it is released when vkmigrate exits"
+                ),
             }
         }
     }
@@ -193,6 +236,7 @@ enum Stopped {
 fn stop_thread(
     tid: i32,
     stop_signals: &mut BTreeMap<i32, (i32, Vec<u8>)>,
+    stopping: &mut Vec<i32>,
 ) -> Result<Stopped, SrcError> {
     if let Err(e) = ptrace::seize(tid, ptrace::PTRACE_O_TRACESYSGOOD) {
         // Exited tasks cannot be seized: tell a zombie from a real refusal.
@@ -211,7 +255,11 @@ fn stop_thread(
     }
     ptrace::interrupt(tid)?;
     loop {
-        match ptrace::wait(tid)? {
+        let Some(stop) = ptrace::wait_timeout(tid, STOP_TIMEOUT)? else {
+            stopping.push(tid);
+            return Err(SrcError::NotStopping { pid: tid });
+        };
+        match stop {
             Stop::Event(_) | Stop::Syscall => return Ok(Stopped::Yes),
             // A signal was being delivered when we interrupted: keep it to re-deliver on thaw,
             // and wait for the interrupt's own stop.

@@ -36,6 +36,8 @@ pub enum SrcError {
     Unsupported { pid: i32, what: String },
     #[error("Task {pid} vanished while the vkernel was being frozen")]
     Vanished { pid: i32 },
+    #[error("Task {pid} does not stop (it may be waiting for a vfork child or for I/O); the vkernel keeps running, try again")]
+    NotStopping { pid: i32 },
     #[error("Cannot kill the vkernel's init {pid}")]
     Kill {
         pid: i32,

@@ -275,6 +275,35 @@ pub fn wait(pid: i32) -> Result<Stop> {
     Ok(decode_status(status))
 }
 
+/// `waitpid(pid, __WALL|WNOHANG)` polled until `timeout`: None when the task did not change
+/// state in time (e.g. it waits uninterruptibly for a vfork child).
+pub fn wait_timeout(pid: i32, timeout: std::time::Duration) -> Result<Option<Stop>> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: `status` is a valid out pointer for the duration of the call.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL | libc::WNOHANG) };
+        if r == -1 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(SysError::Syscall {
+                op: "waitpid",
+                pid,
+                source: e,
+            });
+        }
+        if r > 0 {
+            return Ok(Some(decode_status(status)));
+        }
+        if t0.elapsed() >= timeout {
+            return Ok(None);
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+}
+
 fn decode_status(status: i32) -> Stop {
     if libc::WIFEXITED(status) {
         Stop::Exited(libc::WEXITSTATUS(status))

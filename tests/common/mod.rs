@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+/// Longest any single vkmigrate command may take in a test.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
 pub fn vkmigrate_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vkmigrate"))
 }
@@ -72,14 +75,62 @@ impl Lab {
         self.dir.path().join(name)
     }
 
+    /// Run vkmigrate; a command that hangs is killed after [`COMMAND_TIMEOUT`] and fails the
+    /// test, so that a hang shows up as a failure, not as a CI job that never ends.
     pub fn vkm(&self, args: &[&str]) -> Output {
-        Command::new(vkmigrate_bin())
+        let mut child = Command::new(vkmigrate_bin())
             .arg("--state-dir")
             .arg(self.state_dir())
             .args(args)
             .env("VKLOAD_DIR", self.dir.path())
-            .output()
-            .expect("run vkmigrate")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run vkmigrate");
+        // Drained while it runs, so that a large output cannot block it.
+        let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut r) = r {
+                    let _ = r.read_to_end(&mut buf);
+                }
+                buf
+            })
+        };
+        let out_t = drain(
+            child
+                .stdout
+                .take()
+                .map(|r| Box::new(r) as Box<dyn std::io::Read + Send>),
+        );
+        let err_t = drain(
+            child
+                .stderr
+                .take()
+                .map(|r| Box::new(r) as Box<dyn std::io::Read + Send>),
+        );
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().expect("wait for vkmigrate") {
+                break st;
+            }
+            if t0.elapsed() > COMMAND_TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                let err = err_t.join().unwrap_or_default();
+                panic!(
+                    "vkmigrate {args:?} hung for {COMMAND_TIMEOUT:?}: {}",
+                    String::from_utf8_lossy(&err)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        Output {
+            status,
+            stdout: out_t.join().unwrap_or_default(),
+            stderr: err_t.join().unwrap_or_default(),
+        }
     }
 
     /// Run a command that must succeed; returns its stdout.

@@ -121,7 +121,7 @@ pub fn capture_process(
     for (t, &tid) in threads.iter().zip(&p.threads) {
         ptrace::set_sigmask(tid, t.sigmask)?;
     }
-    let (sigactions, itimers, posix_timers, brk, personality) = result?;
+    let inj = result?;
     restored?;
     let mut held: Held = Vec::new();
     for si in leader.swallowed.drain(..) {
@@ -142,19 +142,30 @@ pub fn capture_process(
         cwd: proc::readlink(proc::pid_path(pid, "cwd"))?,
         root: proc::readlink(proc::pid_path(pid, "root"))?,
         umask: status.umask.unwrap_or(0o022),
-        personality,
+        personality: inj.personality,
         rlimits,
-        sigactions,
-        itimers,
-        posix_timers,
+        sigactions: inj.sigactions,
+        itimers: inj.itimers,
+        posix_timers: inj.posix_timers,
         pending_shared: ptrace::peek_siginfo(pid, true)?,
         threads,
         zombie: None,
+        pdeathsig: inj.pdeathsig,
+        ctty: st.tty_nr != 0 && st.session == pid,
+        tty_pgrp: ns(st.tpgid).unwrap_or(0),
     };
-    Ok((proc, brk, held))
+    Ok((proc, inj.brk, held))
 }
 
-type Injected = (Vec<SigAction>, Vec<ITimer>, Vec<PosixTimer>, u64, u64);
+/// Process state only readable from inside the process.
+struct Injected {
+    sigactions: Vec<SigAction>,
+    itimers: Vec<ITimer>,
+    posix_timers: Vec<PosixTimer>,
+    brk: u64,
+    personality: u64,
+    pdeathsig: i32,
+}
 
 fn inject_reads(
     r: &mut Remote,
@@ -244,6 +255,12 @@ fn inject_reads(
         }
         let brk = r.call("brk", libc::SYS_brk, &[0])?;
         let personality = r.call("personality", libc::SYS_personality, &[0xffff_ffff])?;
+        r.call(
+            "prctl(PR_GET_PDEATHSIG)",
+            libc::SYS_prctl,
+            &[libc::PR_GET_PDEATHSIG as u64, scratch],
+        )?;
+        let pdeathsig = i32::try_from(words(&r.read(scratch, 8)?)[0] & 0xffff_ffff).unwrap_or(0);
         // Per-thread values only readable from inside: each thread runs its own injection.
         for (i, &tid) in p.threads.iter().enumerate() {
             let mem = r.mem.try_clone().map_err(|e| vkm_sys::SysError::Syscall {
@@ -272,13 +289,16 @@ fn inject_reads(
             }
             res?;
         }
-        Ok((sigactions, itimers, posix, brk, personality))
+        Ok(Injected {
+            sigactions,
+            itimers,
+            posix_timers: posix,
+            brk,
+            personality,
+            pdeathsig,
+        })
     })();
-    let unmapped = r.call(
-        "munmap(scratch)",
-        libc::SYS_munmap,
-        &[scratch, SCRATCH_LEN],
-    );
+    let unmapped = r.call("munmap(scratch)", libc::SYS_munmap, &[scratch, SCRATCH_LEN]);
     let out = out?;
     unmapped?;
     Ok(out)
@@ -399,5 +419,8 @@ pub fn capture_zombie(
         pending_shared: Vec::new(),
         threads: Vec::new(),
         zombie: Some(status),
+        pdeathsig: 0,
+        ctty: false,
+        tty_pgrp: 0,
     })
 }
