@@ -441,6 +441,9 @@ pub struct Pipe {
     /// Bytes that were buffered, unread, at the freeze.
     pub data: Vec<u8>,
     pub capacity: u32,
+    /// For a named pipe (FIFO): its path, which restore opens again.
+    #[serde(default)]
+    pub fifo: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]

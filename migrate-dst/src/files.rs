@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 
 use vkm_common::model::{EpollItem, FileKind, LockKind, OpenFile, TimerFd, UnixSocket, Vkernel};
 use vkm_sys::calls;
@@ -18,22 +19,32 @@ pub(crate) fn prepare(
     objects: &BTreeMap<u32, OwnedFd>,
     hosts: &BTreeMap<i32, i32>,
     console: Option<&OwnedFd>,
-) -> Result<BTreeMap<u32, OwnedFd>, DstError> {
+) -> Result<Prepared, DstError> {
     let mut pipes: BTreeMap<u32, (Option<OwnedFd>, Option<OwnedFd>)> = BTreeMap::new();
+    // Named pipes: one read-write open that neither blocks nor needs a peer holds the buffer
+    // while each description is opened from it; it lives until the vkernel holds its own.
+    let mut fifo_keepers: BTreeMap<u32, OwnedFd> = BTreeMap::new();
     for p in &vk.pipes {
+        if let Some(path) = &p.fifo {
+            let keeper: OwnedFd = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(path)
+                .map_err(|e| {
+                    DstError::Sys(vkm_sys::SysError::Path {
+                        path: path.into(),
+                        source: e,
+                    })
+                })?
+                .into();
+            fill_pipe(&keeper, p)?;
+            fifo_keepers.insert(p.id, keeper);
+            continue;
+        }
         let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| DstError::Sys(calls::errno("pipe2", 0, e as i32)))?;
-        if p.capacity > 0 {
-            let cap = i32::try_from(p.capacity).unwrap_or(65536);
-            nix::fcntl::fcntl(wr.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(cap))
-                .map_err(|e| DstError::Sys(calls::errno("fcntl(F_SETPIPE_SZ)", 0, e as i32)))?;
-        }
-        let mut off = 0;
-        while off < p.data.len() {
-            let n = nix::unistd::write(&wr, &p.data[off..])
-                .map_err(|e| DstError::Sys(calls::errno("write(pipe)", 0, e as i32)))?;
-            off += n;
-        }
+        fill_pipe(&wr, p)?;
         pipes.insert(p.id, (Some(rd), Some(wr)));
     }
     let host_of = hosts;
@@ -70,6 +81,12 @@ pub(crate) fn prepare(
                 let fd: OwnedFd = file.into();
                 take_locks(&fd, f, path)?;
                 fd
+            }
+            FileKind::Pipe { pipe, .. } if fifo_keepers.contains_key(pipe) => {
+                let keeper = fifo_keepers
+                    .get(pipe)
+                    .ok_or_else(|| DstError::Inconsistent(format!("fifo {pipe} missing")))?;
+                open_fifo_end(keeper, f.flags)?
             }
             FileKind::Pipe { pipe, write_end } => {
                 let ends = pipes
@@ -159,7 +176,18 @@ pub(crate) fn prepare(
         out.insert(f.id, fd);
     }
     register_epolls(&epolls, &out)?;
-    Ok(out)
+    Ok(Prepared {
+        files: out,
+        _keepers: fifo_keepers.into_values().collect(),
+    })
+}
+
+/// The agent's side of every open file of the image, ready to be pulled by the targets.
+pub(crate) struct Prepared {
+    /// By open file id.
+    pub files: BTreeMap<u32, OwnedFd>,
+    /// Opens that keep named pipes' buffers alive until the vkernel holds its own.
+    _keepers: Vec<OwnedFd>,
 }
 
 /// Every unix socket of the image, by source inode: socketpairs with the data that was queued
@@ -487,6 +515,41 @@ fn take_locks(fd: &OwnedFd, f: &OpenFile, path: &str) -> Result<(), DstError> {
         })?;
     }
     Ok(())
+}
+
+/// Put a pipe's saved bytes back into it, at its saved capacity.
+fn fill_pipe(wr: &OwnedFd, p: &vkm_common::model::Pipe) -> Result<(), DstError> {
+    if p.capacity > 0 {
+        let cap = i32::try_from(p.capacity).unwrap_or(65536);
+        nix::fcntl::fcntl(wr.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(cap))
+            .map_err(|e| DstError::Sys(calls::errno("fcntl(F_SETPIPE_SZ)", 0, e as i32)))?;
+    }
+    let mut off = 0;
+    while off < p.data.len() {
+        let n = nix::unistd::write(wr, &p.data[off..])
+            .map_err(|e| DstError::Sys(calls::errno("write(pipe)", 0, e as i32)))?;
+        off += n;
+    }
+    Ok(())
+}
+
+/// A new description of a named pipe with the access mode in `flags`, opened through the
+/// keeper so that it neither blocks nor fails for want of a peer.
+fn open_fifo_end(keeper: &OwnedFd, flags: u32) -> Result<OwnedFd, DstError> {
+    let path = format!("/proc/self/fd/{}", keeper.as_raw_fd());
+    let acc = flags & libc::O_ACCMODE as u32;
+    let f: File = OpenOptions::new()
+        .read(acc != libc::O_WRONLY as u32)
+        .write(acc != libc::O_RDONLY as u32)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|e| {
+            DstError::Sys(vkm_sys::SysError::Path {
+                path: path.into(),
+                source: e,
+            })
+        })?;
+    Ok(f.into())
 }
 
 fn reopen_pipe_end(

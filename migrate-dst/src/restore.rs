@@ -80,7 +80,7 @@ pub fn restore<R: Read + Send>(
     let agent_files = r.prepare_files(console)?;
     for table in &vk.fd_tables {
         let rep = rep_of(vk, &order, |p| p.fd_table == table.id)?;
-        r.install_fds(rep, table, &agent_files)
+        r.install_fds(rep, table, &agent_files.files)
             .map_err(|e| step("files", vk.processes[rep].pid, e))?;
     }
     drop(agent_files);
@@ -608,7 +608,7 @@ impl Restorer<'_> {
     fn prepare_files(
         &mut self,
         console: Option<&OwnedFd>,
-    ) -> Result<BTreeMap<u32, OwnedFd>, DstError> {
+    ) -> Result<crate::files::Prepared, DstError> {
         crate::files::prepare(self.vk, &self.objects, &self.hosts, console)
     }
 

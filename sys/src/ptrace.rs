@@ -253,12 +253,13 @@ pub enum Stop {
     Killed(i32),
 }
 
-/// `waitpid(pid, __WALL)`, retried on EINTR.
-pub fn wait(pid: i32) -> Result<Stop> {
-    let mut status: libc::c_int = 0;
+/// `waitpid(pid, __WALL | extra)`, retried on EINTR: the raw status, None with WNOHANG when
+/// nothing changed.
+fn waitpid(pid: i32, extra: i32) -> Result<Option<i32>> {
     loop {
+        let mut status: libc::c_int = 0;
         // SAFETY: `status` is a valid out pointer for the duration of the call.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL | extra) };
         if r == -1 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::EINTR) {
@@ -270,9 +271,17 @@ pub fn wait(pid: i32) -> Result<Stop> {
                 source: e,
             });
         }
-        break;
+        return Ok((r > 0).then_some(status));
     }
-    Ok(decode_status(status))
+}
+
+/// `waitpid(pid, __WALL)`: the next state change of a traced task.
+pub fn wait(pid: i32) -> Result<Stop> {
+    loop {
+        if let Some(status) = waitpid(pid, 0)? {
+            return Ok(decode_status(status));
+        }
+    }
 }
 
 /// `waitpid(pid, __WALL|WNOHANG)` polled until `timeout`: None when the task did not change
@@ -280,21 +289,7 @@ pub fn wait(pid: i32) -> Result<Stop> {
 pub fn wait_timeout(pid: i32, timeout: std::time::Duration) -> Result<Option<Stop>> {
     let t0 = std::time::Instant::now();
     loop {
-        let mut status: libc::c_int = 0;
-        // SAFETY: `status` is a valid out pointer for the duration of the call.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL | libc::WNOHANG) };
-        if r == -1 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return Err(SysError::Syscall {
-                op: "waitpid",
-                pid,
-                source: e,
-            });
-        }
-        if r > 0 {
+        if let Some(status) = waitpid(pid, libc::WNOHANG)? {
             return Ok(Some(decode_status(status)));
         }
         if t0.elapsed() >= timeout {

@@ -215,16 +215,7 @@ impl<'a> FileCapture<'a> {
         {
             let ino: u64 = ino.parse().map_err(|_| unsupported(link))?;
             let write_end = info.flags & (libc::O_ACCMODE as u32) == libc::O_WRONLY as u32;
-            let pipe = match self.pipe_ids.get(&ino) {
-                Some(&p) => p,
-                None => {
-                    let (data, capacity) = pipe_contents(&fd_path)?;
-                    let id = u32::try_from(self.pipes.len()).unwrap_or(u32::MAX);
-                    self.pipes.push(Pipe { id, data, capacity });
-                    self.pipe_ids.insert(ino, id);
-                    id
-                }
-            };
+            let pipe = self.pipe_id(ino, &fd_path, None)?;
             return Ok(FileKind::Pipe { pipe, write_end });
         }
         if link == "anon_inode:[eventfd]" {
@@ -322,6 +313,12 @@ impl<'a> FileCapture<'a> {
             source: e,
         })?;
         let ft = meta.file_type();
+        if ft.is_fifo() {
+            // A named pipe: its buffer is a pipe like any other, reached again by its path.
+            let write_end = info.flags & (libc::O_ACCMODE as u32) == libc::O_WRONLY as u32;
+            let pipe = self.pipe_id(meta.ino(), &fd_path, Some(link))?;
+            return Ok(FileKind::Pipe { pipe, write_end });
+        }
         if ft.is_file() {
             Ok(FileKind::Regular {
                 path: link.to_string(),
@@ -443,6 +440,28 @@ impl<'a> FileCapture<'a> {
             self.vk_sockets = Some(set);
         }
         Ok(self.vk_sockets.get_or_insert_with(BTreeSet::new))
+    }
+
+    /// The id of the pipe with inode `ino`, reading its buffered bytes on first sight.
+    fn pipe_id(
+        &mut self,
+        ino: u64,
+        fd_path: &std::path::Path,
+        fifo: Option<&str>,
+    ) -> Result<u32, SrcError> {
+        if let Some(&p) = self.pipe_ids.get(&ino) {
+            return Ok(p);
+        }
+        let (data, capacity) = pipe_contents(fd_path)?;
+        let id = u32::try_from(self.pipes.len()).unwrap_or(u32::MAX);
+        self.pipes.push(Pipe {
+            id,
+            data,
+            capacity,
+            fifo: fifo.map(str::to_string),
+        });
+        self.pipe_ids.insert(ino, id);
+        Ok(id)
     }
 
     /// Settings of the console pty, when some process holds it.

@@ -457,12 +457,7 @@ fn merge_runs(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
 }
 
 fn mm_fields(pid: i32) -> Result<MmFields, SrcError> {
-    let stat_text = proc::read(proc::pid_path(pid, "stat"))?;
-    let st = procfs::parse_stat(&stat_text).map_err(|source| SrcError::Parse {
-        what: "stat",
-        pid,
-        source,
-    })?;
+    let st = super::read_stat(pid)?;
     let auxv_bytes = proc::read_bytes(proc::pid_path(pid, "auxv"))?;
     let auxv = auxv_bytes
         .chunks_exact(8)

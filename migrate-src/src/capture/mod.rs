@@ -179,3 +179,23 @@ fn xcr0_of(xstate: &[u8]) -> u64 {
         .and_then(|b| <[u8; 8]>::try_from(b).ok())
         .map_or(0, u64::from_le_bytes)
 }
+
+/// `/proc/PID/stat`, parsed.
+pub(super) fn read_stat(pid: i32) -> Result<vkm_common::procfs::Stat, SrcError> {
+    let text = vkm_sys::proc::read(vkm_sys::proc::pid_path(pid, "stat"))?;
+    vkm_common::procfs::parse_stat(&text).map_err(|source| SrcError::Parse {
+        what: "stat",
+        pid,
+        source,
+    })
+}
+
+/// `/proc/PID/status`, parsed.
+pub(super) fn read_status(pid: i32) -> Result<vkm_common::procfs::Status, SrcError> {
+    let text = vkm_sys::proc::read(vkm_sys::proc::pid_path(pid, "status"))?;
+    vkm_common::procfs::parse_status(&text).map_err(|source| SrcError::Parse {
+        what: "status",
+        pid,
+        source,
+    })
+}

@@ -29,18 +29,8 @@ pub fn capture_process(
     vdso: Option<(u64, Vec<u8>)>,
 ) -> Result<(Process, u64, Held), SrcError> {
     let pid = p.host_pid;
-    let stat_text = proc::read(proc::pid_path(pid, "stat"))?;
-    let st = procfs::parse_stat(&stat_text).map_err(|source| SrcError::Parse {
-        what: "stat",
-        pid,
-        source,
-    })?;
-    let status_text = proc::read(proc::pid_path(pid, "status"))?;
-    let status = procfs::parse_status(&status_text).map_err(|source| SrcError::Parse {
-        what: "status",
-        pid,
-        source,
-    })?;
+    let st = super::read_stat(pid)?;
+    let status = super::read_status(pid)?;
     if status.seccomp != 0 {
         return Err(SrcError::Unsupported {
             pid: p.ns_pid,
@@ -392,12 +382,7 @@ pub fn capture_zombie(
     status: i32,
 ) -> Result<Process, SrcError> {
     let pid = p.host_pid;
-    let stat_text = proc::read(proc::pid_path(pid, "stat"))?;
-    let st = procfs::parse_stat(&stat_text).map_err(|source| SrcError::Parse {
-        what: "stat",
-        pid,
-        source,
-    })?;
+    let st = super::read_stat(pid)?;
     let ns = |host: i32| host_to_ns.get(&host).copied();
     Ok(Process {
         pid: p.ns_pid,
