@@ -1149,6 +1149,30 @@ fn check_image(vk: &Vkernel) -> Result<(), DstError> {
             ));
         }
     }
+    // Pages of a file mapping that the vkernel did not change are not in the image: they come
+    // from the file, which must therefore be the very same.
+    for v in vk.mms.iter().flat_map(|m| m.vmas.iter()) {
+        if let Backing::File {
+            path,
+            size,
+            mtime_ns,
+            ..
+        } = &v.backing
+        {
+            use std::os::unix::fs::MetadataExt;
+            let meta = std::fs::metadata(path).map_err(|e| {
+                DstError::Incompatible(format!(
+                    "{path}, which the vkernel maps, cannot be opened here ({e})"
+                ))
+            })?;
+            let mtime = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
+            if meta.size() != *size || mtime != *mtime_ns {
+                return Err(DstError::Incompatible(format!(
+                    "{path}, which the vkernel maps, changed since the checkpoint (size or modification time differ)"
+                )));
+            }
+        }
+    }
     for p in &vk.processes {
         for t in &p.threads {
             if t.regs.len() != model::USER_REGS_SIZE {
