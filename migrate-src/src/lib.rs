@@ -3,6 +3,7 @@
 
 mod capture;
 pub mod checkpoint;
+pub mod dirty;
 pub mod freeze;
 
 pub use capture::{capture, CaptureOptions, Captured};

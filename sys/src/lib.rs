@@ -9,6 +9,7 @@ pub mod inject;
 pub mod proc;
 pub mod ptrace;
 pub mod sockdiag;
+pub mod uffd;
 
 mod error;
 pub use error::SysError;

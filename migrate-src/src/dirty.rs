@@ -1,0 +1,228 @@
+//! Dirty-page tracking of a running process, for pre-copy: userfaultfd write-protection in
+//! async mode plus `PAGEMAP_SCAN`, set up from outside (DESIGN §4, research/dirty-tracking.md).
+//!
+//! The userfaultfd is created inside the target by one injected syscall (the target stops for
+//! well under a millisecond) and taken out with `pidfd_getfd`; everything else — registering,
+//! protecting, scanning — the tracker does from outside while the target runs. Only writes
+//! through this process's own mappings are seen: a shared object that other processes write
+//! needs another mechanism (content hashing), and the final round of a migration must stop
+//! the target before its last [`DirtyTracker::collect`].
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+use vkm_common::procfs;
+use vkm_sys::inject::{self, Remote};
+use vkm_sys::ptrace::{self, Stop};
+use vkm_sys::{calls, proc, uffd};
+
+use crate::SrcError;
+
+/// Tracks which pages of one process's address space are written.
+pub struct DirtyTracker {
+    pid: i32,
+    uffd: OwnedFd,
+    pagemap: File,
+    /// Registered and protected ranges, sorted.
+    tracked: Vec<(u64, u64)>,
+}
+
+impl DirtyTracker {
+    /// Start tracking every writable mapping of the running process `pid`.
+    pub fn attach(pid: i32) -> Result<DirtyTracker, SrcError> {
+        let uffd = create_uffd_in(pid)?;
+        let features = uffd::api(
+            uffd.as_fd(),
+            uffd::UFFD_FEATURE_WP_ASYNC | uffd::UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+        )?;
+        if features & uffd::UFFD_FEATURE_WP_ASYNC == 0 {
+            return Err(SrcError::Unsupported {
+                pid,
+                what: "this kernel has no asynchronous userfaultfd write-protection".into(),
+            });
+        }
+        let path = proc::pid_path(pid, "pagemap");
+        let pagemap = File::open(&path).map_err(|e| vkm_sys::SysError::Path { path, source: e })?;
+        let mut t = DirtyTracker {
+            pid,
+            uffd,
+            pagemap,
+            tracked: Vec::new(),
+        };
+        t.track_new_mappings()?;
+        Ok(t)
+    }
+
+    /// Page-aligned ranges written since the previous call (or since `attach`), merged. New
+    /// or grown mappings are reported whole, once, and tracked from then on.
+    pub fn collect(&mut self) -> Result<Vec<(u64, u64)>, SrcError> {
+        let mut dirty = Vec::new();
+        let mut stale = Vec::new();
+        for (i, &(s, e)) in self.tracked.iter().enumerate() {
+            match uffd::scan_written(self.pagemap.as_fd(), s, e) {
+                Ok(regions) => dirty.extend(regions.iter().map(|r| (r.start, r.end))),
+                // The range no longer is one registered VMA (unmapped, moved, replaced): keep
+                // what the scan saw and look at the layout again below.
+                Err((regions, err)) if err.raw_os_error() == Some(libc::EPERM) => {
+                    dirty.extend(regions.iter().map(|r| (r.start, r.end)));
+                    stale.push(i);
+                }
+                Err((_, err)) => return Err(err.into()),
+            }
+        }
+        for i in stale.into_iter().rev() {
+            self.tracked.remove(i);
+        }
+        dirty.extend(self.track_new_mappings()?);
+        Ok(merge(dirty))
+    }
+
+    /// Register and protect every eligible mapping not tracked yet; returns them (they count
+    /// as written: nothing is known about their contents).
+    fn track_new_mappings(&mut self) -> Result<Vec<(u64, u64)>, SrcError> {
+        let text = proc::read(proc::pid_path(self.pid, "smaps"))?;
+        let vmas = procfs::parse_smaps(&text).map_err(|source| SrcError::Parse {
+            what: "smaps",
+            pid: self.pid,
+            source,
+        })?;
+        // Ranges that vanished are no longer tracked.
+        self.tracked
+            .retain(|&(s, e)| vmas.iter().any(|v| v.start == s && v.end == e));
+        let mut new = Vec::new();
+        for v in &vmas {
+            let special = matches!(
+                v.path.as_deref(),
+                Some("[vdso]" | "[vvar]" | "[vvar_vclock]" | "[vsyscall]")
+            );
+            // Without VM_MAYWRITE the mapping can never be written (and cannot be registered).
+            if special || !v.has_flag("mw") || self.tracked.contains(&(v.start, v.end)) {
+                continue;
+            }
+            let len = v.end - v.start;
+            match uffd::register_wp(self.uffd.as_fd(), v.start, len) {
+                Ok(()) => {}
+                // Raced with an munmap, or a kind of mapping uffd does not take: not trackable.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINVAL | libc::ENOMEM | libc::EPERM)
+                    ) =>
+                {
+                    tracing::debug!(pid = self.pid, start = v.start, error = %e, "mapping not tracked");
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            uffd::protect(self.uffd.as_fd(), v.start, len)?;
+            self.tracked.push((v.start, v.end));
+            new.push((v.start, v.end));
+        }
+        self.tracked.sort_unstable();
+        Ok(new)
+    }
+
+    /// The ranges being tracked.
+    pub fn tracked(&self) -> &[(u64, u64)] {
+        &self.tracked
+    }
+}
+
+/// Create a userfaultfd inside `pid` (its mm is what a userfaultfd tracks) and take it out.
+fn create_uffd_in(pid: i32) -> Result<OwnedFd, SrcError> {
+    ptrace::seize(pid, ptrace::PTRACE_O_TRACESYSGOOD)?;
+    let result = (|| {
+        ptrace::interrupt(pid)?;
+        let mut pending_sig = 0;
+        loop {
+            match ptrace::wait_timeout(pid, Duration::from_secs(2))? {
+                Some(Stop::Event(_)) | Some(Stop::Syscall) => break,
+                Some(Stop::Signal(sig)) => {
+                    pending_sig = sig;
+                    ptrace::cont(pid, 0)?;
+                    ptrace::interrupt(pid)?;
+                }
+                Some(Stop::Exited(_)) | Some(Stop::Killed(_)) => {
+                    return Err(SrcError::Vanished { pid })
+                }
+                None => return Err(SrcError::NotStopping { pid }),
+            }
+        }
+        let r = inject_uffd(pid);
+        let detached = ptrace::detach(pid, pending_sig);
+        let fd = r?;
+        detached?;
+        Ok(fd)
+    })();
+    if result.is_err() {
+        // Best effort: a task that never stopped cannot be detached and is released when we exit.
+        let _ = ptrace::detach(pid, 0);
+    }
+    result
+}
+
+fn inject_uffd(pid: i32) -> Result<OwnedFd, SrcError> {
+    let text = proc::read(proc::pid_path(pid, "maps"))?;
+    let vmas = procfs::parse_maps(&text).map_err(|source| SrcError::Parse {
+        what: "maps",
+        pid,
+        source,
+    })?;
+    let vdso = vmas
+        .iter()
+        .find(|v| v.path.as_deref() == Some("[vdso]"))
+        .ok_or(SrcError::Unsupported {
+            pid,
+            what: "it has no [vdso]".into(),
+        })?;
+    let path = proc::pid_path(pid, "mem");
+    let mem = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| vkm_sys::SysError::Path { path, source: e })?;
+    let mut code = vec![0u8; usize::try_from(vdso.end - vdso.start).unwrap_or(0)];
+    mem.read_exact_at(&mut code, vdso.start)
+        .map_err(|e| vkm_sys::SysError::Syscall {
+            op: "pread(vdso)",
+            pid,
+            source: e,
+        })?;
+    let gadget = inject::find_syscall_insn(&code, vdso.start).ok_or(SrcError::Unsupported {
+        pid,
+        what: "its [vdso] has no syscall instruction".into(),
+    })?;
+    let mut r = Remote::new(pid, gadget, 0, 0, mem)?;
+    r.stack = r.saved.rsp;
+    let mask = ptrace::get_sigmask(pid)?;
+    ptrace::set_sigmask(pid, u64::MAX)?;
+    let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | uffd::UFFD_USER_MODE_ONLY;
+    let made = r.call("userfaultfd", libc::SYS_userfaultfd, &[flags]);
+    let taken = made.as_ref().ok().map(|&fd| {
+        let pidfd = calls::pidfd_open(pid)?;
+        let out = calls::pidfd_getfd(&pidfd, i32::try_from(fd).unwrap_or(-1), pid);
+        let _ = r.call("close", libc::SYS_close, &[fd]);
+        out
+    });
+    let restored = r
+        .restore_regs()
+        .and_then(|()| ptrace::set_sigmask(pid, mask));
+    made?;
+    let fd = taken.ok_or(SrcError::Vanished { pid })??;
+    restored?;
+    Ok(fd)
+}
+
+fn merge(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (s, e) in v {
+        match out.last_mut() {
+            Some((_, le)) if *le >= s => *le = (*le).max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
