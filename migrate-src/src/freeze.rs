@@ -53,13 +53,15 @@ impl Frozen {
         // A task that cannot stop now (a vfork parent waits, uninterruptibly, for its child,
         // which we may have stopped already) makes us let go of everything and try again: the
         // child runs on, execs or exits, and releases its parent.
-        for attempt in 0..FREEZE_ATTEMPTS {
+        let mut attempt = 0;
+        loop {
             match frozen.freeze_all() {
                 Ok(()) => return Ok(frozen),
                 Err(SrcError::NotStopping { pid }) if attempt + 1 < FREEZE_ATTEMPTS => {
                     tracing::debug!(pid, attempt, "a task does not stop; thawing and retrying");
                     frozen.thaw();
                     std::thread::sleep(Duration::from_millis(5 << attempt.min(6)));
+                    attempt += 1;
                 }
                 Err(e) => {
                     frozen.thaw();
@@ -67,7 +69,6 @@ impl Frozen {
                 }
             }
         }
-        Err(SrcError::Vanished { pid: init })
     }
 
     fn freeze_all(&mut self) -> Result<(), SrcError> {
