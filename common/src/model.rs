@@ -243,7 +243,7 @@ pub enum Backing {
         size: u64,
         mtime_ns: i128,
     },
-    /// A shared memory object (memfd, unlinked tmpfs file, /dev/shm file) by id.
+    /// A shared memory object (memfd, unlinked tmpfs file, /dev/shm file, SysV segment) by id.
     Object {
         id: u32,
         offset: u64,
@@ -254,7 +254,8 @@ pub enum Backing {
     Vsyscall,
 }
 
-/// A memory object whose contents travel (memfd, O_TMPFILE or unlinked tmpfs/shm file).
+/// A memory object whose contents travel (memfd, O_TMPFILE or unlinked tmpfs/shm file, SysV
+/// shared memory segment).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MemObject {
     pub id: u32,
@@ -265,11 +266,56 @@ pub struct MemObject {
     pub seals: u32,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum ObjectKind {
     Memfd,
     /// An unlinked file on tmpfs (`/dev/shm`, `$TMPDIR`): recreated as an O_TMPFILE there.
     TmpFile,
+    /// A System V shared memory segment (`shmget`), recreated with its key and id in the
+    /// vkernel's IPC namespace and attached with `shmat` where it was. [`MemObject::size`] is
+    /// the segment's size (`shm_segsz`), its pages travel as those of any object.
+    SysV(SysvShm),
+}
+
+/// A System V shared memory segment as `shmctl(IPC_STAT)` showed it inside the vkernel's IPC
+/// namespace.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct SysvShm {
+    /// The key (`IPC_PRIVATE`, 0, for a private segment and for one marked removed: the
+    /// kernel makes the key of a removed segment private).
+    pub key: i32,
+    /// The id `shmget` returned, which the vkernel keeps using: restored exactly.
+    pub shmid: i32,
+    /// Permission bits (`0o777` of `shm_perm.mode`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Creator's uid and gid.
+    #[serde(default)]
+    pub cuid: u32,
+    #[serde(default)]
+    pub cgid: u32,
+    /// Marked with `IPC_RMID` while still attached (`SHM_DEST`): removed again once every
+    /// restored process has attached it.
+    #[serde(default)]
+    pub removed: bool,
+    /// `SHM_LOCK`ed (`SHM_LOCKED`).
+    #[serde(default)]
+    pub locked: bool,
+    /// Where address spaces have it attached (none: a segment that exists unattached).
+    #[serde(default)]
+    pub attaches: Vec<SysvAttach>,
+}
+
+/// One `shmat` of a segment into an address space.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SysvAttach {
+    /// Index into [`Vkernel::mms`].
+    pub mm: u32,
+    /// The address `shmat` returned (the VMAs of the attachment start there plus their offset).
+    pub addr: u64,
+    /// Attached with `SHM_RDONLY` (the mapping may never become writable).
+    pub rdonly: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -5,9 +5,12 @@
 //!    skeleton is seized, has all signals blocked and a scratch area (a `syscall` gadget, room
 //!    for arguments) mapped at an address that no saved VMA uses.
 //! 2. **layout**: each address space is emptied (but for the scratch) and rebuilt VMA by VMA;
-//!    memory objects are memfds held by the agent and mapped into every user.
+//!    memory objects are memfds held by the agent and mapped into every user; SysV segments
+//!    are created with their keys and ids in the sandbox's IPC namespace and attached
+//!    (injected `shmat`) where they were.
 //! 3. **pages**: page frames from the image go straight into the target (`/proc/PID/mem`) or
-//!    the memfd; nothing is buffered.
+//!    the object's file (a memfd, or the shmem file of a SysV segment); nothing is buffered.
+//!    SysV segments that were marked removed are removed again.
 //! 4. **state**: fds, signal handlers, cwd, limits, timers; threads are created with their TIDs
 //!    and get rseq, robust list, tid address, altstack, name; pending signals are queued last.
 //! 5. **resume**: the scratch area is unmapped by a syscall whose exit stop is the place where
@@ -21,7 +24,7 @@ use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use vkm_common::image::{Frame, ImageReader, Space};
-use vkm_common::model::{self, prot, Backing, Vkernel};
+use vkm_common::model::{self, prot, Backing, MemObject, ObjectKind, SysvShm, Vkernel};
 use vkm_sys::calls::{self, CloneArgs};
 use vkm_sys::inject::Remote;
 use vkm_sys::proc;
@@ -77,6 +80,7 @@ pub fn restore<R: Read + Send>(
             .map_err(|e| step("layout", vk.processes[rep].pid, e))?;
     }
     r.receive_pages(reader, &order)?;
+    r.remove_sysv()?;
     let agent_files = r.prepare_files(console)?;
     for table in &vk.fd_tables {
         let rep = rep_of(vk, &order, |p| p.fd_table == table.id)?;
@@ -122,7 +126,7 @@ struct Restorer<'a> {
     scratch: u64,
     /// By index into `vk.processes`.
     procs: BTreeMap<usize, RProc>,
-    /// Object id → the agent's memfd.
+    /// Object id → the agent's memfd (for a SysV segment: its shmem file).
     objects: BTreeMap<u32, OwnedFd>,
     /// Namespace pid → host pid of every process created, zombies included.
     hosts: BTreeMap<i32, i32>,
@@ -351,7 +355,12 @@ impl Restorer<'_> {
     // ---- stage 2: layouts ----------------------------------------------------------------
 
     fn create_objects(&mut self) -> Result<(), DstError> {
+        let mut sysv = Vec::new();
         for o in &self.vk.objects {
+            if let ObjectKind::SysV(seg) = &o.kind {
+                sysv.push((o, seg));
+                continue;
+            }
             let name = o
                 .name
                 .trim_start_matches("/memfd:")
@@ -369,7 +378,51 @@ impl Restorer<'_> {
                 .map_err(|e| DstError::Sys(calls::errno("ftruncate(memfd)", 0, e as i32)))?;
             self.objects.insert(o.id, fd);
         }
+        if !sysv.is_empty() {
+            // Segments are created by a thread of ours that joins the sandbox's IPC namespace
+            // (that of any skeleton): shm_next_id and shmget act in the caller's namespace, and
+            // the segment's file comes back as an fd that pages are written to like a memfd's.
+            let pid = self.ipc_ns_pid()?;
+            let files = calls::in_ipc_namespace(pid, || {
+                sysv.iter()
+                    .map(|(o, seg)| Ok((o.id, create_segment(o, seg)?)))
+                    .collect::<Result<Vec<_>, DstError>>()
+            })?;
+            self.objects.extend(files);
+        }
         Ok(())
+    }
+
+    /// Host pid of a live skeleton, whose IPC namespace is the sandbox's.
+    fn ipc_ns_pid(&self) -> Result<i32, DstError> {
+        self.procs
+            .values()
+            .find_map(|p| p.threads.first())
+            .map(|r| r.tid)
+            .ok_or_else(|| DstError::Inconsistent("no process to restore SysV segments in".into()))
+    }
+
+    /// Segments that were marked removed while attached: removed again, now that every
+    /// process has attached them (the kernel destroys them when the last one detaches).
+    fn remove_sysv(&mut self) -> Result<(), DstError> {
+        let removed: Vec<i32> = self
+            .vk
+            .objects
+            .iter()
+            .filter_map(|o| match &o.kind {
+                ObjectKind::SysV(seg) if seg.removed => Some(seg.shmid),
+                _ => None,
+            })
+            .collect();
+        if removed.is_empty() {
+            return Ok(());
+        }
+        let pid = self.ipc_ns_pid()?;
+        calls::in_ipc_namespace(pid, || {
+            removed
+                .iter()
+                .try_for_each(|&id| calls::shm_rmid(id).map_err(DstError::from))
+        })
     }
 
     fn layout(&mut self, mm: &model::Mm, rep: usize) -> Result<(), DstError> {
@@ -379,6 +432,15 @@ impl Restorer<'_> {
             .objects
             .iter()
             .map(|(k, v)| (*k, v.as_raw_fd()))
+            .collect();
+        let vk = self.vk;
+        let sysv: BTreeMap<u32, (&MemObject, &SysvShm)> = vk
+            .objects
+            .iter()
+            .filter_map(|o| match &o.kind {
+                ObjectKind::SysV(seg) => Some((o.id, (o, seg))),
+                _ => None,
+            })
             .collect();
         let r = self.leader(rep)?;
         r.call("munmap(low)", libc::SYS_munmap, &[0, scratch])?;
@@ -437,6 +499,10 @@ impl Restorer<'_> {
                     );
                     r.call("close", libc::SYS_close, &[fd])?;
                     res?;
+                }
+                Backing::Object { id, offset } if sysv.contains_key(id) => {
+                    let (o, seg) = sysv[id];
+                    attach_sysv(r, mm, v, o.size, seg, *offset, scratch)?;
                 }
                 Backing::Object { id, offset } => {
                     let afd = objects
@@ -952,6 +1018,167 @@ impl Restorer<'_> {
         }
         Ok(())
     }
+}
+
+/// Create SysV segment `o` with its saved key and id. Runs on a thread that has joined the
+/// sandbox's IPC namespace. Returns the segment's shmem file, opened for writing its pages.
+fn create_segment(o: &MemObject, seg: &SysvShm) -> Result<OwnedFd, DstError> {
+    let what = || {
+        format!(
+            "SysV segment {} (key {:#010x}, {} bytes)",
+            seg.shmid, seg.key as u32, o.size
+        )
+    };
+    calls::set_shm_next_id(seg.shmid)?;
+    // A removed segment's key is private already (the kernel made it so); recreating it under
+    // its old key could clash with a segment created with that key since.
+    let key = if seg.removed {
+        libc::IPC_PRIVATE
+    } else {
+        seg.key
+    };
+    let flags = libc::IPC_CREAT | libc::IPC_EXCL | i32::try_from(seg.mode & 0o777).unwrap_or(0);
+    // The creator's ids (shm_perm.cuid/cgid) are those of the calling thread: become them for
+    // the shmget only (this thread only), then root again for what follows.
+    let as_creator = seg.cuid != 0 || seg.cgid != 0;
+    if as_creator {
+        calls::set_thread_effective_ids(seg.cuid, seg.cgid)?;
+    }
+    let got = calls::shmget(key, o.size, flags);
+    if as_creator {
+        calls::set_thread_effective_ids(0, 0)?;
+    }
+    let id = got.map_err(|e| {
+        DstError::Incompatible(format!(
+            "{}: shmget failed: {}",
+            what(),
+            std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string)
+        ))
+    })?;
+    if id != seg.shmid {
+        let _ = calls::shm_rmid(id);
+        return Err(DstError::Incompatible(format!(
+            "{}: shmget gave id {id}, the vkernel knows it as {}",
+            what(),
+            seg.shmid
+        )));
+    }
+    calls::shm_set(id, seg.uid, seg.gid, seg.mode)?;
+    if seg.locked {
+        if let Err(e) = calls::shm_lock(id) {
+            tracing::warn!(shmid = id, error = %e, "SysV segment not locked in memory again");
+        }
+    }
+    let at = calls::ShmAttachment::new(id, o.size, false)?;
+    let path = at.map_files_path();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| DstError::Sys(vkm_sys::SysError::Path { path, source: e }))?;
+    Ok(OwnedFd::from(file))
+}
+
+/// Attach SysV segment `seg` (of `size` bytes) for VMA `v` of `mm`, which starts `offset` bytes
+/// into the segment: injected `shmat` at the VMA's address, read-only if it was attached so.
+/// A VMA that is only a piece of an attachment (the rest was mprotected differently, which
+/// splits it, or unmapped) is cut out of a whole attachment made at a free address.
+fn attach_sysv(
+    r: &mut Remote,
+    mm: &model::Mm,
+    v: &model::Vma,
+    size: u64,
+    seg: &SysvShm,
+    offset: u64,
+    scratch: u64,
+) -> Result<(), DstError> {
+    let page = 4096;
+    let len = v.end - v.start;
+    let full = size.div_ceil(page) * page;
+    let base = v.start.wrapping_sub(offset);
+    let rdonly = seg
+        .attaches
+        .iter()
+        .find(|a| a.mm == mm.id && a.addr == base)
+        .map_or(v.prot & prot::WRITE == 0, |a| a.rdonly);
+    let exec = v.prot & prot::EXEC != 0;
+    let mut flags = 0;
+    if rdonly {
+        flags |= libc::SHM_RDONLY;
+    }
+    if exec {
+        flags |= calls::SHM_EXEC;
+    }
+    let flags = u64::try_from(flags).unwrap_or(0);
+    let shmid = u64::try_from(seg.shmid).unwrap_or(0);
+    if offset == 0 && len == full {
+        let got = r.call("shmat", libc::SYS_shmat, &[shmid, v.start, flags])?;
+        if got != v.start {
+            return Err(DstError::Inconsistent(format!(
+                "SysV segment {} attached at {got:#x}, not {:#x}",
+                seg.shmid, v.start
+            )));
+        }
+    } else {
+        if offset.checked_add(len).is_none_or(|e| e > full) {
+            return Err(DstError::Inconsistent(format!(
+                "a mapping of SysV segment {} reaches beyond its {size} bytes",
+                seg.shmid
+            )));
+        }
+        let tmp = free_range(mm, scratch, full).ok_or_else(|| {
+            DstError::Inconsistent(format!(
+                "no free address to attach SysV segment {}",
+                seg.shmid
+            ))
+        })?;
+        r.call("shmat(whole)", libc::SYS_shmat, &[shmid, tmp, flags])?;
+        let moved = r.call(
+            "mremap(SysV piece)",
+            libc::SYS_mremap,
+            &[
+                tmp + offset,
+                len,
+                len,
+                (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+                v.start,
+            ],
+        );
+        r.call("munmap(rest of attachment)", libc::SYS_munmap, &[tmp, full])?;
+        moved?;
+    }
+    let mut given = prot::READ;
+    if !rdonly {
+        given |= prot::WRITE;
+    }
+    if exec {
+        given |= prot::EXEC;
+    }
+    let want = v.prot & (prot::READ | prot::WRITE | prot::EXEC);
+    if want != given {
+        r.call(
+            "mprotect(SysV)",
+            libc::SYS_mprotect,
+            &[v.start, len, u64::from(want)],
+        )?;
+    }
+    Ok(())
+}
+
+/// An address range of `len` bytes that no saved VMA of `mm` and not the scratch area uses,
+/// hence free while the layout is rebuilt.
+fn free_range(mm: &model::Mm, scratch: u64, len: u64) -> Option<u64> {
+    let mut cand: u64 = 0x2_0000_0000;
+    while cand + len < TASK_SIZE {
+        let end = cand + len;
+        let clash = mm.vmas.iter().any(|v| v.start < end && cand < v.end)
+            || (scratch < end && cand < scratch + SCRATCH_LEN);
+        if !clash {
+            return Some(cand);
+        }
+        cand += 0x1000_0000;
+    }
+    None
 }
 
 fn thread_state(r: &mut Remote, t: &model::Thread, args: u64) -> Result<(), DstError> {

@@ -1,7 +1,8 @@
-//! The sandbox a vkernel lives in: a fresh time namespace and a fresh PID namespace whose pid 1
-//! is our own small reaper ("init"), not part of the vkernel. `vkmigrate run` has init start the
-//! command; a restore has init spawn parked skeleton processes at chosen PIDs, which the
-//! restorer then turns into the saved processes.
+//! The sandbox a vkernel lives in: a fresh time namespace, a fresh IPC namespace (SysV IPC,
+//! POSIX message queues) and a fresh PID namespace whose pid 1 is our own small reaper
+//! ("init"), not part of the vkernel. `vkmigrate run` has init start the command; a restore has
+//! init spawn parked skeleton processes at chosen PIDs, which the restorer then turns into the
+//! saved processes.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -59,8 +60,11 @@ impl Sandbox {
             InitMode::Restore => Some(calls::pidfd_open(std::process::id() as i32)?),
             InitMode::Run { .. } => None,
         };
+        // A fresh IPC namespace too: restored SysV segments get their old keys and ids without
+        // clashing with the host's or with those of a source left running on this host.
+        let flags = (libc::CLONE_NEWPID | libc::CLONE_NEWIPC) as u64;
         // SAFETY: the caller guarantees we are single-threaded (see above).
-        let pid = unsafe { calls::clone3_fork(libc::CLONE_NEWPID as u64, Some(1)) }?;
+        let pid = unsafe { calls::clone3_fork(flags, Some(1)) }?;
         if pid == 0 {
             // Child: init. Nothing here may return into the caller's code.
             let (console, argv) = match mode {

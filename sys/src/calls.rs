@@ -503,6 +503,271 @@ pub fn ofd_setlk(fd: &impl AsRawFd, write: bool, start: i64, len: i64) -> Result
     Ok(())
 }
 
+// ---- System V shared memory ------------------------------------------------------------------
+//
+// SysV IPC objects live in an IPC namespace, and every call below acts in the namespace of the
+// *calling thread*. Callers that work on a vkernel's segments run them through
+// [`in_ipc_namespace`], on a short-lived thread that has joined the vkernel's namespace.
+
+/// `shmctl` commands and mode bits the libc crate does not export.
+pub const SHM_STAT_ANY: i32 = 15;
+const SHM_INFO: i32 = 14;
+/// `shm_perm.mode`: marked with IPC_RMID while still attached.
+pub const SHM_DEST: u32 = 0o1000;
+/// `shm_perm.mode`: `SHM_LOCK`ed.
+pub const SHM_LOCKED: u32 = 0o2000;
+/// `shmat` flag: map the segment executable.
+pub const SHM_EXEC: i32 = 0o100000;
+const SEM_INFO: i32 = 19;
+const MSG_INFO: i32 = 12;
+
+/// What `shmctl(IPC_STAT)` / `SHM_STAT_ANY` reports about a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ShmStat {
+    pub shmid: i32,
+    /// `IPC_PRIVATE` (0) for a private segment and for one marked with IPC_RMID.
+    pub key: i32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cuid: u32,
+    pub cgid: u32,
+    /// Permission bits plus [`SHM_DEST`] and [`SHM_LOCKED`].
+    pub mode: u32,
+    pub size: u64,
+    pub nattch: u64,
+}
+
+fn shmctl_raw(shmid: i32, cmd: i32, buf: Option<&mut libc::shmid_ds>) -> i64 {
+    let buf = buf.map_or(std::ptr::null_mut(), std::ptr::from_mut);
+    // SAFETY: `buf` is null (for commands that take no buffer) or an exclusive borrow of a
+    // `struct shmid_ds` (the kernel's `shmid64_ds` on x86_64), which the kernel writes for
+    // IPC_STAT/SHM_STAT_ANY, reads for IPC_SET, and partly writes for SHM_INFO (`struct
+    // shm_info` is smaller).
+    unsafe { libc::syscall(libc::SYS_shmctl, shmid, cmd, buf) }
+}
+
+fn shm_stat_cmd(id: i32, cmd: i32, op: &'static str) -> Result<ShmStat> {
+    // SAFETY: `struct shmid_ds` is plain data; all-zero is valid.
+    let mut ds: libc::shmid_ds = unsafe { std::mem::zeroed() };
+    let r = shmctl_raw(id, cmd, Some(&mut ds));
+    if r < 0 {
+        return Err(SysError::last(op, 0));
+    }
+    Ok(ShmStat {
+        shmid: if cmd == SHM_STAT_ANY {
+            i32::try_from(r).unwrap_or(-1)
+        } else {
+            id
+        },
+        key: ds.shm_perm.__key,
+        uid: ds.shm_perm.uid,
+        gid: ds.shm_perm.gid,
+        cuid: ds.shm_perm.cuid,
+        cgid: ds.shm_perm.cgid,
+        mode: u32::from(ds.shm_perm.mode),
+        size: ds.shm_segsz as u64,
+        nattch: ds.shm_nattch,
+    })
+}
+
+/// `shmctl(shmid, IPC_STAT)`.
+pub fn shm_stat(shmid: i32) -> Result<ShmStat> {
+    shm_stat_cmd(shmid, libc::IPC_STAT, "shmctl(IPC_STAT)")
+}
+
+/// Every segment of the calling thread's IPC namespace (`SHM_INFO` for the highest index in
+/// use, then `SHM_STAT_ANY` on each index, which needs no permission on the segment).
+pub fn shm_list() -> Result<Vec<ShmStat>> {
+    // SAFETY: `struct shmid_ds` is plain data; all-zero is valid.
+    let mut info: libc::shmid_ds = unsafe { std::mem::zeroed() };
+    let max = shmctl_raw(0, SHM_INFO, Some(&mut info));
+    if max < 0 {
+        return Err(SysError::last("shmctl(SHM_INFO)", 0));
+    }
+    let mut out = Vec::new();
+    for idx in 0..=max {
+        match shm_stat_cmd(
+            i32::try_from(idx).unwrap_or(i32::MAX),
+            SHM_STAT_ANY,
+            "shmctl(SHM_STAT_ANY)",
+        ) {
+            Ok(s) => out.push(s),
+            // A free slot below the highest one in use.
+            Err(SysError::Syscall { source, .. })
+                if source.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// Number of SysV semaphore sets and message queues in the calling thread's IPC namespace
+/// (`SEM_INFO`'s `semusz`, `MSG_INFO`'s `msgpool`).
+pub fn sem_msg_counts() -> Result<(u32, u32)> {
+    let mut seminfo = [0i32; 10];
+    // SAFETY: SEM_INFO writes one `struct seminfo` (ten ints) through the fourth argument.
+    let r = unsafe { libc::syscall(libc::SYS_semctl, 0, 0, SEM_INFO, seminfo.as_mut_ptr()) };
+    if r < 0 {
+        return Err(SysError::last("semctl(SEM_INFO)", 0));
+    }
+    let mut msginfo = [0i32; 8];
+    // SAFETY: MSG_INFO writes one `struct msginfo` (seven ints and a short) into the buffer.
+    let r = unsafe { libc::syscall(libc::SYS_msgctl, 0, MSG_INFO, msginfo.as_mut_ptr()) };
+    if r < 0 {
+        return Err(SysError::last("msgctl(MSG_INFO)", 0));
+    }
+    Ok((
+        u32::try_from(seminfo[7]).unwrap_or(0),
+        u32::try_from(msginfo[0]).unwrap_or(0),
+    ))
+}
+
+/// `shmget(key, size, flags)`: the segment's id.
+pub fn shmget(key: i32, size: u64, flags: i32) -> Result<i32> {
+    let size = usize::try_from(size).map_err(|_| SysError::errno("shmget", 0, libc::EINVAL))?;
+    // SAFETY: plain integer arguments.
+    let r = unsafe { libc::shmget(key, size, flags) };
+    if r < 0 {
+        return Err(SysError::last("shmget", 0));
+    }
+    Ok(r)
+}
+
+/// `shmctl(shmid, IPC_SET)`: owner, group and permission bits.
+pub fn shm_set(shmid: i32, uid: u32, gid: u32, mode: u32) -> Result<()> {
+    // SAFETY: `struct shmid_ds` is plain data; all-zero is valid.
+    let mut ds: libc::shmid_ds = unsafe { std::mem::zeroed() };
+    ds.shm_perm.uid = uid;
+    ds.shm_perm.gid = gid;
+    ds.shm_perm.mode = u16::try_from(mode & 0o777).unwrap_or(0);
+    if shmctl_raw(shmid, libc::IPC_SET, Some(&mut ds)) < 0 {
+        return Err(SysError::last("shmctl(IPC_SET)", 0));
+    }
+    Ok(())
+}
+
+/// `shmctl(shmid, IPC_RMID)`: destroyed once the last attachment goes.
+pub fn shm_rmid(shmid: i32) -> Result<()> {
+    if shmctl_raw(shmid, libc::IPC_RMID, None) < 0 {
+        return Err(SysError::last("shmctl(IPC_RMID)", 0));
+    }
+    Ok(())
+}
+
+/// `shmctl(shmid, SHM_LOCK)`.
+pub fn shm_lock(shmid: i32) -> Result<()> {
+    if shmctl_raw(shmid, libc::SHM_LOCK, None) < 0 {
+        return Err(SysError::last("shmctl(SHM_LOCK)", 0));
+    }
+    Ok(())
+}
+
+/// A segment attached to our own address space at an address the kernel chose. Rust code
+/// never gets a reference into it: it is only seen as an address range (for
+/// `/proc/self/map_files/...`), and it is detached on drop.
+#[derive(Debug)]
+pub struct ShmAttachment {
+    addr: u64,
+    len: u64,
+}
+
+impl ShmAttachment {
+    /// `shmat(shmid, NULL, SHM_RDONLY or 0)` of a segment of `size` bytes.
+    pub fn new(shmid: i32, size: u64, rdonly: bool) -> Result<ShmAttachment> {
+        let flags = if rdonly { libc::SHM_RDONLY } else { 0 };
+        // SAFETY: with a null address the kernel picks an unused range, so no existing
+        // mapping (and no Rust object) is replaced.
+        let p = unsafe { libc::shmat(shmid, std::ptr::null(), flags) };
+        if p as isize == -1 {
+            return Err(SysError::last("shmat", 0));
+        }
+        Ok(ShmAttachment {
+            addr: p as u64,
+            len: size.div_ceil(4096) * 4096,
+        })
+    }
+
+    /// `/proc/self/map_files/` name of the attachment: opening it gives the segment's
+    /// shmem file, which can be read (with SEEK_DATA/SEEK_HOLE) and written like a memfd.
+    pub fn map_files_path(&self) -> std::path::PathBuf {
+        std::path::PathBuf::from(format!(
+            "/proc/self/map_files/{:x}-{:x}",
+            self.addr,
+            self.addr + self.len
+        ))
+    }
+}
+
+impl Drop for ShmAttachment {
+    fn drop(&mut self) {
+        // SAFETY: `addr` is an attachment made by `new` that nothing references (the struct
+        // hands out only its address as a number), so detaching it invalidates no Rust value.
+        unsafe { libc::shmdt(self.addr as *const libc::c_void) };
+    }
+}
+
+/// Run `f` on a short-lived thread that has joined the IPC namespace of `pid` (`setns`): SysV
+/// IPC calls and `/proc/sys/kernel/shm_next_id` then act in that namespace, while every other
+/// thread of this process stays where it was. Joining an IPC namespace is allowed for one
+/// thread of a multi-threaded process (unlike a mount or user namespace).
+pub fn in_ipc_namespace<T, E>(
+    pid: i32,
+    f: impl FnOnce() -> std::result::Result<T, E> + Send,
+) -> std::result::Result<T, E>
+where
+    T: Send,
+    E: From<SysError> + Send,
+{
+    let path = format!("/proc/{pid}/ns/ipc");
+    let ns = std::fs::File::open(&path).map_err(|e| SysError::path(&path, e))?;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWIPC)
+                .map_err(|e| SysError::errno("setns(CLONE_NEWIPC)", pid, e as i32))?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Err(SysError::Unexpected {
+                pid,
+                what: "its IPC namespace helper thread panicked".into(),
+            }
+            .into())
+        })
+    })
+}
+
+/// Write `/proc/sys/kernel/shm_next_id`: the id the next `shmget` that creates a segment gets,
+/// in the calling thread's IPC namespace (needs CAP_CHECKPOINT_RESTORE over it).
+pub fn set_shm_next_id(id: i32) -> Result<()> {
+    let path = "/proc/sys/kernel/shm_next_id";
+    std::fs::write(path, id.to_string()).map_err(|e| SysError::path(path, e))
+}
+
+/// Effective uid and gid of the calling *thread* only (raw `setresuid`/`setresgid`, not glibc's,
+/// which changes every thread of the process); real and saved ids stay, so that a thread that
+/// was root can become root again. Order: the gid is set first when leaving root and last when
+/// returning to it, because changing it needs CAP_SETGID, which a non-zero euid has not.
+pub fn set_thread_effective_ids(uid: u32, gid: u32) -> Result<()> {
+    let keep = u64::from(u32::MAX); // -1: unchanged
+    let set = |nr: libc::c_long, id: u32, op: &'static str| -> Result<()> {
+        // SAFETY: plain integer arguments; the call changes only this thread's credentials.
+        if unsafe { libc::syscall(nr, keep, u64::from(id), keep) } != 0 {
+            return Err(SysError::last(op, 0));
+        }
+        Ok(())
+    };
+    // SAFETY: geteuid takes no arguments and cannot fail; it reports this thread's euid.
+    let leaving_root = unsafe { libc::geteuid() } == 0 && uid != 0;
+    if leaving_root {
+        set(libc::SYS_setresgid, gid, "setresgid")?;
+        set(libc::SYS_setresuid, uid, "setresuid")
+    } else {
+        set(libc::SYS_setresuid, uid, "setresuid")?;
+        set(libc::SYS_setresgid, gid, "setresgid")
+    }
+}
+
 /// Linux's `F_SETSIG`/`F_GETSIG` (not exported by the libc crate).
 const F_SETSIG: i32 = 10;
 const F_GETSIG: i32 = 11;

@@ -6,8 +6,11 @@ use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
 use vkm_common::image::{encode_pages, EncodedPages, ImageWriter, Space, PAGE_SIZE};
-use vkm_common::model::{prot, Backing, MemObject, Mm, MmFields, ObjectKind, Vma};
+use vkm_common::model::{
+    prot, Backing, MemObject, Mm, MmFields, ObjectKind, SysvAttach, SysvShm, Vma,
+};
 use vkm_common::procfs;
+use vkm_sys::calls::{self, ShmStat};
 use vkm_sys::proc;
 
 use crate::SrcError;
@@ -185,10 +188,37 @@ pub struct MemoryCapture {
     object_plans: Vec<ObjectPlan>,
     /// Per mm: base address of [vdso].
     vdso_base: Vec<Option<u64>>,
+    /// The vkernel's SysV IPC namespace, looked at with the first address space.
+    sysv: Option<SysvNs>,
+}
+
+/// The SysV IPC namespace of the vkernel and the shared memory segments in it.
+///
+/// Segment attributes are read with `shmctl` on a short-lived thread of ours that joins the
+/// namespace (`setns`), not by injecting `shmctl` into a vkernel process: that reads the
+/// namespace without touching any process (no scratch page, no registers to put back), works
+/// whichever process maps a segment (also one we cannot inject into, such as a UML guest
+/// process ptraced by its kernel), and lets us list the segments that no process maps.
+struct SysvNs {
+    /// A host pid in the namespace, for `setns`.
+    pid: i32,
+    /// Inode of the namespace (`/proc/PID/ns/ipc`).
+    ino: u64,
+    /// The vkernel has a namespace of its own (as `vkmigrate run` makes): every segment in it
+    /// belongs to the vkernel and is listed in `segments` up front. Otherwise (a vkernel in our
+    /// own namespace) only the segments it maps are looked up, one by one.
+    own: bool,
+    /// Segments by shmid.
+    segments: BTreeMap<i32, ShmStat>,
+    /// shmid → object id of the segments registered so far.
+    objects: BTreeMap<i32, u32>,
 }
 
 impl MemoryCapture {
     pub fn capture_mm(&mut self, id: u32, pid: i32) -> Result<(), SrcError> {
+        if self.sysv.is_none() {
+            self.sysv = Some(self.open_sysv(pid)?);
+        }
         let smaps_text = proc::read(proc::pid_path(pid, "smaps"))?;
         let entries = procfs::parse_smaps(&smaps_text).map_err(|source| SrcError::Parse {
             what: "smaps",
@@ -231,6 +261,13 @@ impl MemoryCapture {
                 "[vvar]" => Backing::Vvar,
                 "[vvar_vclock]" => Backing::VvarVclock,
                 "[vsyscall]" => Backing::Vsyscall,
+                _ if e.shared && is_sysv_path(&path) => {
+                    let oid = self.sysv_object(id, pid, e, &path)?;
+                    Backing::Object {
+                        id: oid,
+                        offset: e.offset,
+                    }
+                }
                 _ if e.shared => {
                     if is_object_path(&path) {
                         let oid = self.object(pid, e, &path)?;
@@ -319,7 +356,6 @@ impl MemoryCapture {
             path: open_path.to_path_buf(),
             source: e,
         })?;
-        let id = u32::try_from(self.objects.len()).unwrap_or(u32::MAX);
         let kind = if name.starts_with("/memfd:") {
             ObjectKind::Memfd
         } else {
@@ -331,20 +367,198 @@ impl MemoryCapture {
             nix::fcntl::FcntlArg::F_GET_SEALS,
         )
         .map_or(0, |s| u32::try_from(s).unwrap_or(0));
+        let size = meta.size();
+        Ok(self.add_object((dev, ino), name, kind, file, size, seals))
+    }
+
+    fn add_object(
+        &mut self,
+        key: (u64, u64),
+        name: &str,
+        kind: ObjectKind,
+        file: File,
+        size: u64,
+        seals: u32,
+    ) -> u32 {
+        let id = u32::try_from(self.objects.len()).unwrap_or(u32::MAX);
         self.objects.push(MemObject {
             id,
             name: name.to_string(),
             kind,
-            size: meta.size(),
+            size,
             seals,
         });
-        self.object_plans.push(ObjectPlan {
-            id,
-            file,
-            size: meta.size(),
-        });
-        self.object_ids.insert((dev, ino), id);
-        Ok(id)
+        self.object_plans.push(ObjectPlan { id, file, size });
+        self.object_ids.insert(key, id);
+        id
+    }
+
+    /// Look at the vkernel's IPC namespace (that of `pid`). When it is the vkernel's own, list
+    /// its segments and register those that no process has attached, whose contents can only
+    /// be reached by attaching them ourselves. Semaphore sets and message queues are refused:
+    /// a checkpoint does not carry them, and the restored vkernel would miss them.
+    fn open_sysv(&mut self, pid: i32) -> Result<SysvNs, SrcError> {
+        let ino_of = |path: std::path::PathBuf| {
+            std::fs::metadata(&path)
+                .map(|m| m.ino())
+                .map_err(|e| vkm_sys::SysError::Path { path, source: e })
+        };
+        let ino = ino_of(proc::pid_path(pid, "ns/ipc"))?;
+        let own = ino != ino_of("/proc/self/ns/ipc".into())?;
+        let mut ns = SysvNs {
+            pid,
+            ino,
+            own,
+            segments: BTreeMap::new(),
+            objects: BTreeMap::new(),
+        };
+        if !own {
+            return Ok(ns);
+        }
+        type Unattached = Vec<(ShmStat, File, u64, u64)>;
+        let (list, sems, msgs, unattached) = calls::in_ipc_namespace(
+            pid,
+            || -> Result<(Vec<ShmStat>, u32, u32, Unattached), SrcError> {
+                let list = calls::shm_list()?;
+                let (sems, msgs) = calls::sem_msg_counts()?;
+                let mut unattached = Vec::new();
+                for s in list.iter().filter(|s| s.nattch == 0) {
+                    // Attached read-only for as long as it takes to open its shmem file (the
+                    // segment's shm_atime, shm_dtime and shm_lpid show it, nothing else does).
+                    let at = calls::ShmAttachment::new(s.shmid, s.size, true)?;
+                    let path = at.map_files_path();
+                    let file = File::open(&path).map_err(|e| vkm_sys::SysError::Path {
+                        path: path.clone(),
+                        source: e,
+                    })?;
+                    let meta = file
+                        .metadata()
+                        .map_err(|e| vkm_sys::SysError::Path { path, source: e })?;
+                    unattached.push((*s, file, meta.dev(), meta.ino()));
+                }
+                Ok((list, sems, msgs, unattached))
+            },
+        )?;
+        if sems != 0 || msgs != 0 {
+            return Err(SrcError::Unsupported {
+                pid: proc::ns_pid(pid).unwrap_or(0),
+                what: format!(
+                    "its vkernel has {sems} SysV semaphore set(s) and {msgs} message queue(s), which a \
+                     checkpoint does not carry (only shared memory segments)"
+                ),
+            });
+        }
+        ns.segments = list.into_iter().map(|s| (s.shmid, s)).collect();
+        for (s, file, dev, ino) in unattached {
+            let name = format!("/SYSV{:08x} (deleted)", s.key as u32);
+            let oid = self.add_object(
+                (dev, ino),
+                &name,
+                ObjectKind::SysV(sysv_of(&s)),
+                file,
+                s.size,
+                0,
+            );
+            ns.objects.insert(s.shmid, oid);
+        }
+        Ok(ns)
+    }
+
+    /// The object of the SysV segment mapped at `e` in address space `mm` (of `pid`),
+    /// registered on first sight; records the attachment.
+    fn sysv_object(
+        &mut self,
+        mm: u32,
+        pid: i32,
+        e: &procfs::Vma,
+        path: &str,
+    ) -> Result<u32, SrcError> {
+        let unsupported = |what: String| SrcError::UnsupportedVma {
+            pid,
+            start: e.start,
+            end: e.end,
+            what,
+        };
+        if e.has_flag("ht") {
+            return Err(unsupported("a SysV segment on huge pages".into()));
+        }
+        let Some(ns) = self.sysv.as_mut() else {
+            return Err(unsupported(
+                "a SysV segment outside any IPC namespace".into(),
+            ));
+        };
+        let ns_path = proc::pid_path(pid, "ns/ipc");
+        let ino = std::fs::metadata(&ns_path)
+            .map_err(|err| vkm_sys::SysError::Path {
+                path: ns_path,
+                source: err,
+            })?
+            .ino();
+        if ino != ns.ino {
+            return Err(unsupported(
+                "a SysV segment of an IPC namespace the process made for itself".into(),
+            ));
+        }
+        // The inode number of a segment's file is its shmid.
+        let shmid = i32::try_from(e.inode)
+            .map_err(|_| unsupported(format!("{path} with inode {}", e.inode)))?;
+        let oid = match ns.objects.get(&shmid) {
+            Some(&oid) => oid,
+            None => {
+                let stat = match ns.segments.get(&shmid) {
+                    Some(s) => *s,
+                    None if !ns.own => {
+                        let s = calls::in_ipc_namespace(ns.pid, || calls::shm_stat(shmid))?;
+                        ns.segments.insert(shmid, s);
+                        s
+                    }
+                    None => {
+                        return Err(unsupported(format!(
+                            "{path}: no segment {shmid} in the vkernel's IPC namespace"
+                        )))
+                    }
+                };
+                let open_path =
+                    proc::pid_path(pid, &format!("map_files/{:x}-{:x}", e.start, e.end));
+                let file = File::open(&open_path).map_err(|err| vkm_sys::SysError::Path {
+                    path: open_path.clone(),
+                    source: err,
+                })?;
+                let meta = file.metadata().map_err(|err| vkm_sys::SysError::Path {
+                    path: open_path,
+                    source: err,
+                })?;
+                let oid = self.add_object(
+                    (meta.dev(), meta.ino()),
+                    path,
+                    ObjectKind::SysV(sysv_of(&stat)),
+                    file,
+                    stat.size,
+                    0,
+                );
+                if let Some(ns) = self.sysv.as_mut() {
+                    ns.objects.insert(shmid, oid);
+                }
+                oid
+            }
+        };
+        if let Some(MemObject {
+            kind: ObjectKind::SysV(seg),
+            ..
+        }) = self.objects.get_mut(oid as usize)
+        {
+            // The VMAs of one attachment (split by mprotect or a partial munmap) share the
+            // address it started at; SHM_RDONLY shows as a mapping that may never be writable.
+            let addr = e.start - e.offset;
+            if !seg.attaches.iter().any(|a| a.mm == mm && a.addr == addr) {
+                seg.attaches.push(SysvAttach {
+                    mm,
+                    addr,
+                    rdonly: !e.has_flag("mw"),
+                });
+            }
+        }
+        Ok(oid)
     }
 
     fn object(&mut self, pid: i32, e: &procfs::Vma, path: &str) -> Result<u32, SrcError> {
@@ -357,6 +571,19 @@ impl MemoryCapture {
     }
 
     pub fn finish(self) -> (Vec<Mm>, Vec<MemObject>, MemoryPlan) {
+        if let Some(ns) = &self.sysv {
+            for s in ns.segments.values() {
+                if ns.own && !ns.objects.contains_key(&s.shmid) {
+                    // Attached, but by no process of the vkernel: one outside that joined its
+                    // namespace. Such an attachment cannot be recreated.
+                    tracing::warn!(
+                        shmid = s.shmid,
+                        key = s.key,
+                        "a SysV segment attached only outside the vkernel is not captured"
+                    );
+                }
+            }
+        }
         (
             self.mms,
             self.objects,
@@ -365,6 +592,29 @@ impl MemoryCapture {
                 objects: self.object_plans,
             },
         )
+    }
+}
+
+/// The name of a SysV shared memory segment's mapping: `/SYSV` and the key in 8 hex digits,
+/// shown as deleted (the kernel keeps the name when the segment is marked removed).
+fn is_sysv_path(path: &str) -> bool {
+    path.strip_prefix("/SYSV")
+        .and_then(|p| p.strip_suffix(" (deleted)"))
+        .is_some_and(|k| k.len() == 8 && k.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn sysv_of(s: &ShmStat) -> SysvShm {
+    SysvShm {
+        key: s.key,
+        shmid: s.shmid,
+        mode: s.mode & 0o777,
+        uid: s.uid,
+        gid: s.gid,
+        cuid: s.cuid,
+        cgid: s.cgid,
+        removed: s.mode & calls::SHM_DEST != 0,
+        locked: s.mode & calls::SHM_LOCKED != 0,
+        attaches: Vec::new(),
     }
 }
 
