@@ -561,3 +561,32 @@ fn fifo_with_records_in_flight() {
         );
     }
 }
+
+/// A memfd mapped privately: the pages the program wrote are its own copies, the others still
+/// show the memfd's contents, which the program keeps changing through the fd.
+const PRIVATE_MEMFD: &str = r#"
+import mmap, os, sys, time
+fd = os.memfd_create("priv")
+os.ftruncate(fd, 16 * 4096)
+os.pwrite(fd, b"F" * (16 * 4096), 0)
+m = mmap.mmap(fd, 16 * 4096, flags=mmap.MAP_PRIVATE)
+for p in range(0, 16, 2):
+    m[p * 4096] = ord("P")
+n = 0
+while True:
+    n += 1
+    os.pwrite(fd, bytes([65 + n % 26]), 5 * 4096 + 1)
+    for p in range(16):
+        want = ord("P") if p % 2 == 0 else ord("F")
+        if m[p * 4096] != want:
+            print("FAIL page", p, m[p * 4096], flush=True); sys.exit(1)
+    if m[5 * 4096 + 1] != 65 + n % 26:
+        print("FAIL shared page does not follow the file", flush=True); sys.exit(1)
+    print("ok", n, flush=True)
+    time.sleep(0.05)
+"#;
+
+#[test]
+fn private_memfd_mapping_keeps_its_copies() {
+    checkpoint_and_restore("pmfd", PRIVATE_MEMFD, &[], 5);
+}

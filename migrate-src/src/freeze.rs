@@ -240,6 +240,13 @@ fn stop_thread(
     stopping: &mut Vec<i32>,
 ) -> Result<Stopped, SrcError> {
     if let Err(e) = ptrace::seize(tid, ptrace::PTRACE_O_TRACESYSGOOD) {
+        // A child that a seized thread cloned with CLONE_PTRACE is ours already; it stops
+        // like any seized task.
+        let ours =
+            e.raw_os_error() == Some(libc::EPERM) && tracer_of(tid) == Some(std::process::id());
+        if ours {
+            return wait_for_stop(tid, stop_signals, stopping);
+        }
         // Exited tasks cannot be seized: tell a zombie from a real refusal.
         return match e.raw_os_error() {
             Some(libc::ESRCH) | Some(libc::EPERM) => match dead_status(tid) {
@@ -254,6 +261,15 @@ fn stop_thread(
             _ => Err(e.into()),
         };
     }
+    wait_for_stop(tid, stop_signals, stopping)
+}
+
+/// Interrupt a seized thread and wait (at most [`STOP_TIMEOUT`]) for its stop.
+fn wait_for_stop(
+    tid: i32,
+    stop_signals: &mut BTreeMap<i32, (i32, Vec<u8>)>,
+    stopping: &mut Vec<i32>,
+) -> Result<Stopped, SrcError> {
     ptrace::interrupt(tid)?;
     loop {
         let Some(stop) = ptrace::wait_timeout(tid, STOP_TIMEOUT)? else {
@@ -286,4 +302,13 @@ fn dead_status(tid: i32) -> Option<Option<i32>> {
         )),
         _ => Some(None),
     }
+}
+
+/// The TracerPid of a task, from its status.
+fn tracer_of(tid: i32) -> Option<u32> {
+    let status = proc::read(proc::pid_path(tid, "status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .and_then(|v| v.trim().parse().ok())
 }

@@ -293,6 +293,16 @@ impl MemoryCapture {
                     runs.extend(state_runs(&pagemap, e.start, e.end, true)?);
                     file_backing(pid, e, &path)?
                 }
+                // A private mapping of a memfd or unlinked file: the object's contents travel
+                // as an object, the pages this mapping copied on write as its own.
+                _ if is_object_path(&path) && !is_sysv_path(&path) => {
+                    runs.extend(state_runs(&pagemap, e.start, e.end, true)?);
+                    let oid = self.object(pid, e, &path)?;
+                    Backing::Object {
+                        id: oid,
+                        offset: e.offset,
+                    }
+                }
                 _ => return Err(unsupported(&format!("private mapping of {path}"))),
             };
             vmas.push(Vma {
