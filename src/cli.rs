@@ -61,6 +61,7 @@ pub enum Command {
     Restore(RestoreArgs),
     Inspect(InspectArgs),
     Kill(KillArgs),
+    Pki(PkiArgs),
     #[command(name = "__shim", hide = true)]
     Shim(ShimArgs),
 }
@@ -170,6 +171,76 @@ pub struct KillArgs {
     pub name: String,
 }
 
+/// The fleet's certificates: every host that sends or receives vkernels has one, signed by the
+/// fleet CA, and accepts only peers whose certificate that CA signed.
+#[derive(Debug, Args)]
+pub struct PkiArgs {
+    #[command(subcommand)]
+    pub command: PkiCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    Init(PkiInitArgs),
+    Issue(PkiIssueArgs),
+}
+
+/// Create the fleet CA: DIR/ca.pem (certificate) and DIR/ca-key.pem (key, mode 0600).
+///
+/// Refuses if DIR already holds a CA. Keep ca-key.pem off the hosts: it is only needed to
+/// issue certificates.
+#[derive(Debug, Args)]
+pub struct PkiInitArgs {
+    /// Directory for the CA (created, mode 0700, if missing).
+    #[arg(long, value_name = "DIR")]
+    pub ca_dir: PathBuf,
+
+    /// Common name of the CA certificate.
+    #[arg(long, default_value = "vkmigrate fleet CA", value_name = "NAME")]
+    pub common_name: String,
+
+    /// Validity in days.
+    #[arg(long, default_value_t = vkm_transport::pki::CA_DAYS, value_name = "DAYS")]
+    pub days: u32,
+}
+
+/// Issue a host's certificate, signed by the fleet CA, for use as both TLS server (`listen`)
+/// and client (`send`) certificate.
+///
+/// Writes OUT/ca.pem (the CA certificate), OUT/cert.pem and OUT/key.pem (mode 0600): the
+/// directory to pass as --tls-dir on that host. Peers connect to the host by a name or address
+/// the certificate carries: --name itself, and each --ip and --dns.
+#[derive(Debug, Args)]
+pub struct PkiIssueArgs {
+    /// Directory of the CA (from `pki init`).
+    #[arg(long, value_name = "DIR")]
+    pub ca_dir: PathBuf,
+
+    /// The host's name: the certificate's subject, and a DNS name (or IP address) in it.
+    #[arg(long, value_name = "HOST")]
+    pub name: String,
+
+    /// An IP address of the host (repeatable).
+    #[arg(long = "ip", value_name = "ADDR")]
+    pub ips: Vec<std::net::IpAddr>,
+
+    /// Another DNS name of the host (repeatable).
+    #[arg(long = "dns", value_name = "NAME")]
+    pub dns: Vec<String>,
+
+    /// Directory to write the host's files to (created, mode 0700, if missing).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// Validity in days.
+    #[arg(long, default_value_t = vkm_transport::pki::HOST_DAYS, value_name = "DAYS")]
+    pub days: u32,
+
+    /// Replace an existing cert.pem and key.pem in OUT.
+    #[arg(long)]
+    pub force: bool,
+}
+
 /// Internal: the per-vkernel shim, started by `run` and `restore`.
 ///
 /// Expects the locked state lock on stdin, the status pipe on stdout and its log on stderr.
@@ -232,6 +303,53 @@ mod tests {
             Command::Run(r) => assert_eq!(r.command, ["sh", "-c", "echo hi"]),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn pki_issue_takes_repeated_addresses() {
+        let cli = Cli::try_parse_from([
+            "vkmigrate",
+            "pki",
+            "issue",
+            "--ca-dir",
+            "ca",
+            "--name",
+            "hostb",
+            "--ip",
+            "198.18.0.2",
+            "--ip",
+            "::1",
+            "--dns",
+            "hostb.lan",
+            "--out",
+            "tls",
+        ])
+        .expect("parses");
+        match cli.command {
+            Command::Pki(PkiArgs {
+                command: PkiCommand::Issue(a),
+            }) => {
+                assert_eq!(a.ips.len(), 2);
+                assert_eq!(a.dns, ["hostb.lan"]);
+                assert_eq!(a.days, vkm_transport::pki::HOST_DAYS);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let err = Cli::try_parse_from([
+            "vkmigrate",
+            "pki",
+            "issue",
+            "--ca-dir",
+            "ca",
+            "--name",
+            "h",
+            "--ip",
+            "nope",
+            "--out",
+            "tls",
+        ])
+        .expect_err("bad IP refused");
+        assert_eq!(err.exit_code(), 2);
     }
 
     #[test]

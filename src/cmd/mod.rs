@@ -4,6 +4,7 @@ mod checkpoint;
 mod console;
 mod inspect;
 mod kill;
+mod pki;
 mod ps;
 mod restore;
 mod run;
@@ -22,6 +23,7 @@ pub fn dispatch(state: &StateDir, log_format: LogFormat, command: Command) -> Re
         Command::Restore(a) => restore::restore(state, log_format, a),
         Command::Inspect(a) => inspect::inspect(a),
         Command::Kill(a) => kill::kill(state, a),
+        Command::Pki(a) => pki::pki(a),
         Command::Shim(_) => {
             anyhow::bail!("the shim is started by `run` and `restore`, not from the command line")
         }
