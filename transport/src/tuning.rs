@@ -43,7 +43,8 @@ pub struct Tuning {
     /// Bytes the sender buffers for unacknowledged data (all streams).
     pub send_window: u64,
     pub congestion: Congestion,
-    /// Initial congestion window in bytes (`None`: the controller's default, about 14 KB).
+    /// Initial congestion window in bytes (`None`: RFC 9002's, 14720 bytes or two datagrams);
+    /// never less than two datagrams.
     pub initial_window: Option<u64>,
     /// Largest UDP payload we send or accept (advertised to the peer). A connection starts
     /// with the largest datagram the kernel's route to the peer allows, up to this (1472
@@ -128,26 +129,28 @@ impl Tuning {
         mtud.upper_bound(plan.upper_bound)
             .black_hole_cooldown(Duration::from_secs(10));
         t.mtu_discovery_config(Some(mtud));
+        // quinn's controllers start at 14720 bytes whatever the datagram size: less than one
+        // 64 KB datagram, and then nothing but keep-alives is ever sent. At least two
+        // datagrams (RFC 9002, 7.2).
+        let mtu = u64::from(plan.initial_mtu);
+        let window = self
+            .initial_window
+            .unwrap_or_else(|| (10 * mtu).min(14720.max(2 * mtu)))
+            .max(2 * mtu);
         match self.congestion {
             Congestion::Cubic => {
                 let mut c = CubicConfig::default();
-                if let Some(w) = self.initial_window {
-                    c.initial_window(w);
-                }
+                c.initial_window(window);
                 t.congestion_controller_factory(Arc::new(c));
             }
             Congestion::NewReno => {
                 let mut c = NewRenoConfig::default();
-                if let Some(w) = self.initial_window {
-                    c.initial_window(w);
-                }
+                c.initial_window(window);
                 t.congestion_controller_factory(Arc::new(c));
             }
             Congestion::Bbr => {
                 let mut c = BbrConfig::default();
-                if let Some(w) = self.initial_window {
-                    c.initial_window(w);
-                }
+                c.initial_window(window);
                 t.congestion_controller_factory(Arc::new(c));
             }
         }

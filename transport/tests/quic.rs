@@ -420,3 +420,40 @@ fn a_key_of_another_certificate_is_refused_at_load() {
     let err = TlsDir::load(a).expect_err("mismatch");
     assert!(err.to_string().contains("does not belong"), "{err}");
 }
+
+/// quinn's default initial congestion window (14720 bytes) is smaller than one loopback
+/// datagram (64 KB); the transport must still move data with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_congestion_window_with_large_datagrams_does_not_stall() {
+    let fleet = Fleet::new();
+    let tuning = Tuning {
+        initial_window: None,
+        ..Tuning::bulk()
+    };
+    let server = Server::bind(loopback(), &fleet.host("hostb"), &tuning).expect("bind");
+    let addr = server.local_addr().expect("addr");
+    let client_tls = fleet.host("hosta");
+    let (client, srv) = tokio::join!(connect(addr, "hostb", &client_tls, &tuning), async {
+        server.accept().await.expect("open")
+    });
+    let (client, srv) = (client.expect("connect"), srv.expect("accept"));
+    let data = pseudo_random(4 << 20, 3);
+    let mut s = client.conn.open_bulk(0).await.expect("open");
+    let sender = async {
+        s.write_all(&data).await.expect("write");
+        s.finish().expect("finish");
+    };
+    let receiver = async {
+        let (_, mut r) = srv
+            .conn
+            .accept_bulk()
+            .await
+            .expect("accept")
+            .expect("stream");
+        r.read_to_end(8 << 20).await.expect("read")
+    };
+    let ((), got) = within("transfer", async { tokio::join!(sender, receiver) }).await;
+    assert_eq!(blake3::hash(&got), blake3::hash(&data));
+    client.conn.close(vkm_transport::CLOSE_OK, "done");
+    server.close();
+}
