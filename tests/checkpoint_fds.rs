@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{ok_counter, ConsoleTail, Lab};
+use common::{ok_counter, Lab};
 
 const LONG: Duration = Duration::from_secs(30);
 /// Rounds that must pass after the restore.
@@ -32,20 +32,7 @@ fn checkpoint_and_restore(name: &str, prog: &str, args: &[&str], warmup: u64) ->
     cmd.extend_from_slice(args);
     lab.run(name, &cmd);
     lab.wait_line(name, LONG, |l| ok_counter(l).filter(|&n| n >= warmup));
-    let tail = ConsoleTail::start(&lab, name);
-    let img = lab.path(&format!("{name}.vkimg"));
-    lab.ok(&["checkpoint", name, "-o", img.to_str().expect("utf-8")]);
-    lab.forget(name);
-    let log = tail.finish();
-    assert!(
-        !log.contains("FAIL"),
-        "failed before the checkpoint:\n{log}"
-    );
-    let before = log
-        .lines()
-        .rfind(|l| ok_counter(l).is_some())
-        .expect("rounds before the checkpoint")
-        .to_string();
+    let (img, before) = lab.checkpoint_tailed(name);
     let last = ok_counter(&before).unwrap_or(0);
     lab.restore(&img, name);
     lab.wait_line(name, LONG, |l| ok_counter(l).filter(|&n| n >= last + MORE));

@@ -14,7 +14,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{ok_counter, ConsoleTail, Lab};
+use common::{ok_counter, Lab};
 
 const LONG: Duration = Duration::from_secs(30);
 /// Rounds that must pass after the restore.
@@ -204,20 +204,7 @@ fn sysv_shared_memory_survives_checkpoint_and_restore() {
         );
     }
 
-    let tail = ConsoleTail::start(&lab, name);
-    let img = lab.path(&format!("{name}.vkimg"));
-    lab.ok(&["checkpoint", name, "-o", img.to_str().expect("utf-8")]);
-    lab.forget(name);
-    let log = tail.finish();
-    assert!(
-        !log.contains("FAIL"),
-        "failed before the checkpoint:\n{log}"
-    );
-    let before = log
-        .lines()
-        .rfind(|l| ok_counter(l).is_some())
-        .expect("rounds before the checkpoint")
-        .to_string();
+    let (img, before) = lab.checkpoint_tailed(name);
     let last = ok_counter(&before).unwrap_or(0);
     let before_ids = ids(&before);
     assert_eq!(before_ids.len(), 4, "ids in {before:?}");

@@ -215,6 +215,26 @@ impl Lab {
         }
     }
 
+    /// Checkpoint `name` (which stops it) while tailing its console; the image's path and the
+    /// last `ok N` line the vkernel printed before it stopped. Fails on a `FAIL` line.
+    pub fn checkpoint_tailed(&mut self, name: &str) -> (PathBuf, String) {
+        let tail = ConsoleTail::start(self, name);
+        let img = self.path(&format!("{name}.vkimg"));
+        self.ok(&["checkpoint", name, "-o", img.to_str().expect("utf-8")]);
+        self.forget(name);
+        let log = tail.finish();
+        assert!(
+            !log.contains("FAIL"),
+            "failed before the checkpoint:\n{log}"
+        );
+        let before = log
+            .lines()
+            .rfind(|l| ok_counter(l).is_some())
+            .expect("rounds before the checkpoint")
+            .to_string();
+        (img, before)
+    }
+
     pub fn forget(&mut self, name: &str) {
         self.names.retain(|n| n != name);
     }
