@@ -1,0 +1,446 @@
+//! Recreating a vkernel inside a [`Sandbox`] by injecting syscalls into parked skeletons.
+//!
+//! Stages, each with the previous one's result as entry condition:
+//! 1. **tree**: every process exists at its PID, with its parent, session and group; every
+//!    skeleton is seized, has all signals blocked and a scratch area (a `syscall` gadget, room
+//!    for arguments) mapped at an address that no saved VMA uses.
+//! 2. **layout**: each address space is emptied (but for the scratch) and rebuilt VMA by VMA;
+//!    memory objects are memfds held by the agent and mapped into every user; SysV segments
+//!    are created with their keys and ids in the sandbox's IPC namespace and attached
+//!    (injected `shmat`) where they were.
+//! 3. **pages**: page frames from the image go straight into the target (`/proc/PID/mem`) or
+//!    the object's file (a memfd, or the shmem file of a SysV segment); nothing is buffered.
+//!    SysV segments that were marked removed are removed again.
+//! 4. **state**: fds, signal handlers, cwd, limits, timers; threads are created with their TIDs
+//!    and get rseq, robust list, tid address, altstack, name; pending signals are queued last.
+//! 5. **resume**: the scratch area is unmapped by a syscall whose exit stop is the place where
+//!    the saved registers, xstate and signal mask are put back; then every thread is detached.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use vkm_common::image::{Frame, ImageReader, Space};
+use vkm_common::model::{self, prot, Backing, MemObject, ObjectKind, SysvShm, Vkernel};
+use vkm_sys::calls::{self, CloneArgs};
+use vkm_sys::inject::Remote;
+use vkm_sys::proc;
+use vkm_sys::ptrace::{self, Stop};
+
+use crate::sandbox::AGENT_PIDFD;
+use crate::{DstError, Sandbox};
+
+mod layout;
+mod state;
+mod tree;
+
+const SCRATCH_LEN: u64 = 1 << 20;
+/// Where injected calls find their arguments inside the scratch area.
+const ARGS_OFF: u64 = 4096;
+/// Highest user address + 1 on x86_64 with 4-level paging.
+const TASK_SIZE: u64 = 0x7fff_ffff_f000;
+const ARCH_MAP_VDSO_64: u64 = 0x2003;
+const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
+const RSEQ_FLAG_UNREGISTER: u64 = 1;
+
+#[derive(Debug, Clone, Default)]
+pub struct RestoreReport {
+    pub processes: usize,
+    pub threads: usize,
+    pub pages: u64,
+    pub elapsed: Duration,
+}
+
+/// Recreate `vk` in `sandbox` (created in [`crate::InitMode::Restore`] with `vk.clocks`),
+/// reading its pages from `reader`, which is positioned just after the Meta frame. `console`
+/// is the pty slave that replaces the one the vkernel had. On success every process runs; on
+/// error the caller must [`Sandbox::kill`] the sandbox.
+pub fn restore<R: Read + Send>(
+    reader: &mut ImageReader<R>,
+    vk: &Vkernel,
+    sandbox: &mut Sandbox,
+    console: Option<&OwnedFd>,
+) -> Result<RestoreReport, DstError> {
+    let t0 = Instant::now();
+    check_image(vk)?;
+    let order = process_order(vk)?;
+    let scratch = pick_scratch(vk)?;
+    let mut r = Restorer {
+        vk,
+        scratch,
+        procs: BTreeMap::new(),
+        objects: BTreeMap::new(),
+        hosts: BTreeMap::new(),
+        pages: 0,
+    };
+    r.build_tree(&order, sandbox)?;
+    r.create_objects()?;
+    for mm in &vk.mms {
+        let rep = rep_of(vk, &order, |p| p.mm == mm.id)?;
+        r.layout(mm, rep)
+            .map_err(|e| step("layout", vk.processes[rep].pid, e))?;
+    }
+    r.receive_pages(reader, &order)?;
+    r.remove_sysv()?;
+    let agent_files = r.prepare_files(console)?;
+    for table in &vk.fd_tables {
+        let rep = rep_of(vk, &order, |p| p.fd_table == table.id)?;
+        r.install_fds(rep, table, &agent_files.files)
+            .map_err(|e| step("files", vk.processes[rep].pid, e))?;
+    }
+    drop(agent_files);
+    for &i in &order {
+        if vk.processes[i].zombie.is_some() {
+            continue;
+        }
+        let pid = vk.processes[i].pid;
+        r.process_state(i)
+            .map_err(|e| step("process state", pid, e))?;
+    }
+    r.resume(&order)?;
+    Ok(RestoreReport {
+        processes: vk.processes.len(),
+        threads: vk.processes.iter().map(|p| p.threads.len()).sum(),
+        pages: r.pages,
+        elapsed: t0.elapsed(),
+    })
+}
+
+fn step(step: &'static str, pid: i32, e: DstError) -> DstError {
+    match e {
+        DstError::Step { .. } => e,
+        other => DstError::Step {
+            step,
+            pid,
+            source: Box::new(other),
+        },
+    }
+}
+
+/// A restored process under construction: its threads as injection targets (leader first).
+struct RProc {
+    threads: Vec<Remote>,
+}
+
+struct Restorer<'a> {
+    vk: &'a Vkernel,
+    scratch: u64,
+    /// By index into `vk.processes`.
+    procs: BTreeMap<usize, RProc>,
+    /// Object id → the agent's memfd (for a SysV segment: its shmem file).
+    objects: BTreeMap<u32, OwnedFd>,
+    /// Namespace pid → host pid of every process created, zombies included.
+    hosts: BTreeMap<i32, i32>,
+    pages: u64,
+}
+
+impl Restorer<'_> {
+    fn args(&self) -> u64 {
+        self.scratch + ARGS_OFF
+    }
+
+    fn leader(&mut self, i: usize) -> Result<&mut Remote, DstError> {
+        self.procs
+            .get_mut(&i)
+            .and_then(|p| p.threads.first_mut())
+            .ok_or_else(|| DstError::Inconsistent(format!("process #{i} was not created")))
+    }
+
+    // ---- stage 3: pages ------------------------------------------------------------------
+
+    /// Apply every page frame of the image. A reader thread reads, decompresses and verifies
+    /// frames while this (the tracing) thread writes the previous ones into the targets.
+    fn receive_pages<R: Read + Send>(
+        &mut self,
+        reader: &mut ImageReader<R>,
+        order: &[usize],
+    ) -> Result<(), DstError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Frame>(4);
+        std::thread::scope(|scope| {
+            let producer = scope.spawn(move || -> Result<(), DstError> {
+                while let Some(frame) = reader.next_frame()? {
+                    if tx.send(frame).is_err() {
+                        break;
+                    }
+                }
+                Ok(())
+            });
+            let mut result = Ok(());
+            while let Ok(frame) = rx.recv() {
+                let applied = match frame {
+                    Frame::Pages { space, addr, data } => {
+                        self.apply_pages(order, space, addr, &data)
+                    }
+                    Frame::Meta(_) => Err(DstError::Inconsistent(
+                        "a second vkernel description".into(),
+                    )),
+                    Frame::Blob { .. } => Ok(()),
+                };
+                if let Err(e) = applied {
+                    result = Err(e);
+                    break;
+                }
+            }
+            drop(rx);
+            let read = producer.join().unwrap_or_else(|_| {
+                Err(DstError::Inconsistent(
+                    "the image reader thread panicked".into(),
+                ))
+            });
+            result.and(read)
+        })
+    }
+
+    fn apply_pages(
+        &mut self,
+        order: &[usize],
+        space: Space,
+        addr: u64,
+        data: &[u8],
+    ) -> Result<(), DstError> {
+        self.pages += (data.len() / 4096) as u64;
+        match space {
+            Space::Mm(id) => {
+                let rep = rep_of(self.vk, order, |p| p.mm == id)?;
+                let r = self.leader(rep)?;
+                r.write(addr, data)
+                    .map_err(|e| step("pages", r.tid, e.into()))
+            }
+            Space::Object(id) => {
+                let fd = self.objects.get(&id).ok_or_else(|| {
+                    DstError::Inconsistent(format!("pages for unknown object {id}"))
+                })?;
+                let size = self
+                    .vk
+                    .objects
+                    .iter()
+                    .find(|o| o.id == id)
+                    .map_or(0, |o| o.size);
+                // The last page of an object may be partial.
+                let end = (addr + data.len() as u64).min(size);
+                let n = usize::try_from(end.saturating_sub(addr)).unwrap_or(0);
+                nix::sys::uio::pwrite(fd, &data[..n], i64::try_from(addr).unwrap_or(0))
+                    .map_err(|e| DstError::Sys(calls::errno("pwrite(memfd)", 0, e as i32)))?;
+                Ok(())
+            }
+        }
+    }
+
+    // ---- stage 5: resume -------------------------------------------------------------------
+
+    fn resume(&mut self, order: &[usize]) -> Result<(), DstError> {
+        let vk = self.vk;
+        let scratch = self.scratch;
+        let mut unmapped = Vec::new();
+        for &i in order {
+            let p = &vk.processes[i];
+            if p.zombie.is_some() {
+                continue;
+            }
+            let rp = self
+                .procs
+                .get_mut(&i)
+                .ok_or_else(|| DstError::Inconsistent("lost process".into()))?;
+            if !unmapped.contains(&p.mm) {
+                // The last injected call removes the scratch area; the thread stops at the
+                // syscall's exit and never runs another instruction there.
+                rp.threads[0].call("munmap(scratch)", libc::SYS_munmap, &[scratch, SCRATCH_LEN])?;
+                unmapped.push(p.mm);
+            }
+            for (t, r) in p.threads.iter().zip(rp.threads.iter()) {
+                let mut regs = ptrace::regs_from_bytes(&t.regs).ok_or_else(|| {
+                    DstError::Inconsistent(format!("thread {} has a bad register blob", t.tid))
+                })?;
+                ptrace::fixup_restart(&mut regs);
+                ptrace::set_xstate(r.tid, &t.xstate)
+                    .map_err(|e| step("xstate", t.tid, e.into()))?;
+                ptrace::setregs(r.tid, &regs)?;
+                ptrace::set_sigmask(r.tid, t.sigmask)?;
+            }
+        }
+        // The barrier: everything is in place, now every thread runs.
+        for rp in self.procs.values() {
+            for r in &rp.threads {
+                ptrace::detach(r.tid, 0)?;
+            }
+        }
+        Ok(())
+    }
+}
+fn unregister_rseq(r: &mut Remote) -> Result<(), DstError> {
+    let c = ptrace::rseq_config(r.tid)?;
+    if c.rseq_abi_pointer != 0 {
+        r.call(
+            "rseq(unregister)",
+            libc::SYS_rseq,
+            &[
+                c.rseq_abi_pointer,
+                u64::from(c.rseq_abi_size),
+                RSEQ_FLAG_UNREGISTER,
+                u64::from(c.signature),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+fn wait_stopped(tid: i32) -> Result<(), DstError> {
+    loop {
+        match ptrace::wait(tid)? {
+            Stop::Event(_) | Stop::Syscall => return Ok(()),
+            Stop::Signal(_) => ptrace::cont(tid, 0)?,
+            Stop::Exited(c) => {
+                return Err(DstError::Inconsistent(format!(
+                    "task {tid} exited with {c} while being restored"
+                )))
+            }
+            Stop::Killed(s) => {
+                return Err(DstError::Inconsistent(format!(
+                    "task {tid} was killed by signal {s} while being restored"
+                )))
+            }
+        }
+    }
+}
+
+fn open_mem(pid: i32) -> Result<File, DstError> {
+    let path = proc::pid_path(pid, "mem");
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| DstError::Sys(vkm_sys::SysError::Path { path, source: e }))
+}
+
+fn cstr(s: &str) -> Vec<u8> {
+    let mut b = s.as_bytes().to_vec();
+    b.push(0);
+    b
+}
+
+/// Parents before children.
+fn process_order(vk: &Vkernel) -> Result<Vec<usize>, DstError> {
+    let mut order = Vec::new();
+    let mut frontier = vec![1];
+    while let Some(parent) = frontier.pop() {
+        for (i, p) in vk.processes.iter().enumerate() {
+            if p.ppid == parent && !order.contains(&i) {
+                order.push(i);
+                frontier.push(p.pid);
+            }
+        }
+    }
+    if order.len() != vk.processes.len() || order.is_empty() {
+        return Err(DstError::Inconsistent(
+            "the process tree is not rooted at the sandbox's init".into(),
+        ));
+    }
+    Ok(order)
+}
+
+fn rep_of(
+    vk: &Vkernel,
+    order: &[usize],
+    pred: impl Fn(&model::Process) -> bool,
+) -> Result<usize, DstError> {
+    order
+        .iter()
+        .copied()
+        .find(|&i| pred(&vk.processes[i]))
+        .ok_or_else(|| {
+            DstError::Inconsistent("an address space or fd table no process uses".into())
+        })
+}
+
+/// An address for the scratch area that no saved VMA of any address space uses.
+fn pick_scratch(vk: &Vkernel) -> Result<u64, DstError> {
+    let mut cand: u64 = 0x1_0000_0000;
+    while cand + SCRATCH_LEN < TASK_SIZE {
+        let clash = vk
+            .mms
+            .iter()
+            .flat_map(|m| m.vmas.iter())
+            .any(|v| v.start < cand + SCRATCH_LEN && cand < v.end);
+        if !clash {
+            return Ok(cand);
+        }
+        cand += 0x1000_0000;
+    }
+    Err(DstError::Inconsistent(
+        "no free address for the scratch area".into(),
+    ))
+}
+
+/// Refuse images this host cannot run, before anything is created.
+fn check_image(vk: &Vkernel) -> Result<(), DstError> {
+    let own = own_vdso()?;
+    for m in &vk.mms {
+        if !m.vdso.is_empty() && m.vdso != own {
+            return Err(DstError::Incompatible(
+                "the vDSO differs from the source's: restore needs the same kernel build".into(),
+            ));
+        }
+    }
+    // Pages of a file mapping that the vkernel did not change are not in the image: they come
+    // from the file, which must therefore be the very same.
+    for v in vk.mms.iter().flat_map(|m| m.vmas.iter()) {
+        if let Backing::File {
+            path,
+            size,
+            mtime_ns,
+            ..
+        } = &v.backing
+        {
+            use std::os::unix::fs::MetadataExt;
+            let meta = std::fs::metadata(path).map_err(|e| {
+                DstError::Incompatible(format!(
+                    "{path}, which the vkernel maps, cannot be opened here ({e})"
+                ))
+            })?;
+            let mtime = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
+            if meta.size() != *size || mtime != *mtime_ns {
+                return Err(DstError::Incompatible(format!(
+                    "{path}, which the vkernel maps, changed since the checkpoint (size or modification time differ)"
+                )));
+            }
+        }
+    }
+    for p in &vk.processes {
+        for t in &p.threads {
+            if t.regs.len() != model::USER_REGS_SIZE {
+                return Err(DstError::Inconsistent(format!(
+                    "thread {} has a register blob of {} bytes",
+                    t.tid,
+                    t.regs.len()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn own_vdso() -> Result<Vec<u8>, DstError> {
+    let maps = proc::read("/proc/self/maps")?;
+    let entries = vkm_common::procfs::parse_maps(&maps)
+        .map_err(|e| proc::parse_error("/proc/self/maps", e))?;
+    let Some(v) = entries.iter().find(|e| e.path.as_deref() == Some("[vdso]")) else {
+        return Ok(Vec::new());
+    };
+    let mem = File::open("/proc/self/mem").map_err(|e| {
+        DstError::Sys(vkm_sys::SysError::Path {
+            path: "/proc/self/mem".into(),
+            source: e,
+        })
+    })?;
+    let mut buf = vec![0u8; usize::try_from(v.end - v.start).unwrap_or(0)];
+    mem.read_exact_at(&mut buf, v.start).map_err(|e| {
+        DstError::Sys(vkm_sys::SysError::Path {
+            path: "/proc/self/mem".into(),
+            source: e,
+        })
+    })?;
+    Ok(buf)
+}

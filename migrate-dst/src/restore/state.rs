@@ -1,0 +1,392 @@
+//! Stage 4 of a restore: files and process and thread state.
+
+use super::*;
+
+impl Restorer<'_> {
+    pub(super) fn prepare_files(
+        &mut self,
+        console: Option<&OwnedFd>,
+    ) -> Result<crate::files::Prepared, DstError> {
+        crate::files::prepare(self.vk, &self.objects, &self.hosts, console)
+    }
+
+    pub(super) fn install_fds(
+        &mut self,
+        rep: usize,
+        table: &model::FdTable,
+        agent: &BTreeMap<u32, OwnedFd>,
+    ) -> Result<(), DstError> {
+        let saved: Vec<i32> = table.fds.iter().map(|f| f.fd).collect();
+        let f = (3..).find(|n| !saved.contains(n)).unwrap_or(3);
+        let r = self.leader(rep)?;
+        let fu = f as u64;
+        if f != AGENT_PIDFD {
+            r.call(
+                "dup3(agent pidfd)",
+                libc::SYS_dup3,
+                &[AGENT_PIDFD as u64, fu, libc::O_CLOEXEC as u64],
+            )?;
+        }
+        if f > 0 {
+            r.call("close_range", libc::SYS_close_range, &[0, fu - 1, 0])?;
+        }
+        r.call(
+            "close_range",
+            libc::SYS_close_range,
+            &[fu + 1, u64::from(u32::MAX), 0],
+        )?;
+        for e in &table.fds {
+            let afd = agent
+                .get(&e.file)
+                .ok_or_else(|| DstError::Inconsistent(format!("file {} missing", e.file)))?;
+            let tmp = r.call(
+                "pidfd_getfd",
+                libc::SYS_pidfd_getfd,
+                &[fu, afd.as_raw_fd() as u64, 0],
+            )?;
+            let target = e.fd as u64;
+            if tmp == target {
+                if !e.cloexec {
+                    r.call(
+                        "fcntl(F_SETFD)",
+                        libc::SYS_fcntl,
+                        &[target, libc::F_SETFD as u64, 0],
+                    )?;
+                }
+            } else {
+                let fl = if e.cloexec { libc::O_CLOEXEC as u64 } else { 0 };
+                r.call("dup3", libc::SYS_dup3, &[tmp, target, fl])?;
+                r.call("close", libc::SYS_close, &[tmp])?;
+            }
+        }
+        r.call("close", libc::SYS_close, &[fu])?;
+        self.posix_locks(table)
+    }
+
+    /// POSIX (fcntl) locks belong to a process, not to a file: each owner sets its own again
+    /// once its fds are in place (any close of the file by the owner would drop them).
+    pub(super) fn posix_locks(&mut self, table: &model::FdTable) -> Result<(), DstError> {
+        let vk = self.vk;
+        let args = self.args();
+        for (i, p) in vk.processes.iter().enumerate() {
+            if p.fd_table != table.id || p.zombie.is_some() {
+                continue;
+            }
+            for (k, e) in table.fds.iter().enumerate() {
+                // Once per open file, through its first fd.
+                if table.fds[..k].iter().any(|o| o.file == e.file) {
+                    continue;
+                }
+                let Some(f) = vk.files.iter().find(|f| f.id == e.file) else {
+                    continue;
+                };
+                for l in f.locks.iter() {
+                    if l.kind != model::LockKind::Posix || l.pid != p.pid {
+                        continue;
+                    }
+                    let (start, len) = l.range();
+                    let ty = if l.write {
+                        libc::F_WRLCK
+                    } else {
+                        libc::F_RDLCK
+                    } as i16;
+                    let mut fl = [0u8; 32]; // struct flock
+                    fl[0..2].copy_from_slice(&ty.to_le_bytes());
+                    fl[2..4].copy_from_slice(&(libc::SEEK_SET as i16).to_le_bytes());
+                    fl[8..16].copy_from_slice(&start.to_le_bytes());
+                    fl[16..24].copy_from_slice(&len.to_le_bytes());
+                    let r = self.leader(i)?;
+                    r.write(args, &fl)?;
+                    r.call(
+                        "fcntl(F_SETLK)",
+                        libc::SYS_fcntl,
+                        &[e.fd as u64, libc::F_SETLK as u64, args],
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn process_state(&mut self, i: usize) -> Result<(), DstError> {
+        let vk = self.vk;
+        let p = &vk.processes[i];
+        let args = self.args();
+        {
+            let r = self.leader(i)?;
+            for sig in 1..=64i32 {
+                if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                    continue;
+                }
+                let a = p.sigactions.iter().find(|a| a.signo == sig);
+                let words = a.map_or([0u64; 4], |a| [a.handler, a.flags, a.restorer, a.mask]);
+                r.write(
+                    args,
+                    &words
+                        .iter()
+                        .flat_map(|w| w.to_le_bytes())
+                        .collect::<Vec<u8>>(),
+                )?;
+                r.call(
+                    "rt_sigaction",
+                    libc::SYS_rt_sigaction,
+                    &[sig as u64, args, 0, 8],
+                )?;
+            }
+            r.write(args, &cstr(&p.cwd))?;
+            r.call("chdir", libc::SYS_chdir, &[args])?;
+            if p.root != "/" {
+                r.write(args, &cstr(&p.root))?;
+                r.call("chroot", libc::SYS_chroot, &[args])?;
+            }
+            r.call("umask", libc::SYS_umask, &[u64::from(p.umask)])?;
+            if p.personality != 0 {
+                r.call("personality", libc::SYS_personality, &[p.personality])?;
+            }
+            for l in &p.rlimits {
+                let mut b = l.soft.to_le_bytes().to_vec();
+                b.extend_from_slice(&l.hard.to_le_bytes());
+                r.write(args, &b)?;
+                if let Err(e) = r.call(
+                    "prlimit64",
+                    libc::SYS_prlimit64,
+                    &[0, u64::from(l.resource), args, 0],
+                ) {
+                    // Raising a hard limit needs CAP_SYS_RESOURCE, which hosts may lack.
+                    tracing::warn!(pid = p.pid, resource = l.resource, error = %e, "rlimit not restored");
+                }
+            }
+            if p.pdeathsig != 0 {
+                let sig = u64::try_from(p.pdeathsig).unwrap_or(0);
+                r.call(
+                    "prctl(PR_SET_PDEATHSIG)",
+                    libc::SYS_prctl,
+                    &[libc::PR_SET_PDEATHSIG as u64, sig, 0, 0, 0],
+                )?;
+            }
+            if p.ctty {
+                // The console is the controlling terminal of this session again; any fd of the
+                // process that holds the console serves for the ioctls.
+                let console_fd = vk
+                    .fd_tables
+                    .iter()
+                    .find(|t| t.id == p.fd_table)
+                    .and_then(|t| {
+                        t.fds.iter().find(|f| {
+                            vk.files.iter().any(|o| {
+                                o.id == f.file && matches!(o.kind, model::FileKind::Console)
+                            })
+                        })
+                    })
+                    .map(|f| f.fd);
+                match console_fd {
+                    Some(fd) => {
+                        let fd = u64::try_from(fd).unwrap_or(0);
+                        r.call(
+                            "ioctl(TIOCSCTTY)",
+                            libc::SYS_ioctl,
+                            &[fd, libc::TIOCSCTTY, 0],
+                        )?;
+                        if p.tty_pgrp != 0 {
+                            r.write(args, &p.tty_pgrp.to_le_bytes())?;
+                            r.call(
+                                "ioctl(TIOCSPGRP)",
+                                libc::SYS_ioctl,
+                                &[fd, libc::TIOCSPGRP, args],
+                            )?;
+                        }
+                    }
+                    None => tracing::warn!(
+                        pid = p.pid,
+                        "the console was its controlling terminal, but it holds no fd of it"
+                    ),
+                }
+            }
+            for t in &p.itimers {
+                let value = if t.value_us == 0 { 1 } else { t.value_us };
+                let w = [
+                    t.interval_us / 1_000_000,
+                    t.interval_us % 1_000_000,
+                    value / 1_000_000,
+                    value % 1_000_000,
+                ];
+                r.write(
+                    args,
+                    &w.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+                )?;
+                r.call(
+                    "setitimer",
+                    libc::SYS_setitimer,
+                    &[u64::try_from(t.which).unwrap_or(0), args, 0],
+                )?;
+            }
+        }
+        // Threads, with their TIDs, created by the leader.
+        let flags = (libc::CLONE_VM
+            | libc::CLONE_FS
+            | libc::CLONE_FILES
+            | libc::CLONE_SIGHAND
+            | libc::CLONE_THREAD
+            | libc::CLONE_SYSVSEM) as u64;
+        for t in p.threads.iter().skip(1) {
+            let host = self
+                .clone_in(i, flags, 0, t.tid)
+                .map_err(|e| step("thread", t.tid, e))?;
+            let scratch = self.scratch;
+            let mut rt = self.adopt(host, scratch, true)?;
+            rt.scratch = args;
+            rt.stack = scratch + SCRATCH_LEN - 256;
+            self.procs
+                .get_mut(&i)
+                .ok_or_else(|| DstError::Inconsistent("lost process".into()))?
+                .threads
+                .push(rt);
+        }
+        let rp = self
+            .procs
+            .get_mut(&i)
+            .ok_or_else(|| DstError::Inconsistent("lost process".into()))?;
+        for (t, r) in p.threads.iter().zip(rp.threads.iter_mut()) {
+            thread_state(r, t, args)?;
+        }
+        let r = &mut rp.threads[0];
+        if !p.posix_timers.is_empty() {
+            r.call(
+                "prctl(PR_TIMER_CREATE_RESTORE_IDS)",
+                libc::SYS_prctl,
+                &[PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0],
+            )?;
+            for t in &p.posix_timers {
+                let mut ev = vec![0u8; 64];
+                ev[0..8].copy_from_slice(&t.sigev_value.to_le_bytes());
+                ev[8..12].copy_from_slice(&t.signo.to_le_bytes());
+                ev[12..16].copy_from_slice(&t.notify.to_le_bytes());
+                ev[16..20].copy_from_slice(&t.notify_tid.to_le_bytes());
+                ev.extend_from_slice(&t.id.to_le_bytes());
+                r.write(args, &ev)?;
+                r.call(
+                    "timer_create",
+                    libc::SYS_timer_create,
+                    &[u64::try_from(t.clockid).unwrap_or(0), args, args + 64],
+                )?;
+                let value = if t.value_ns == 0 && t.interval_ns != 0 {
+                    1
+                } else {
+                    t.value_ns
+                };
+                let w = [
+                    t.interval_ns / 1_000_000_000,
+                    t.interval_ns % 1_000_000_000,
+                    value / 1_000_000_000,
+                    value % 1_000_000_000,
+                ];
+                r.write(
+                    args + 128,
+                    &w.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+                )?;
+                r.call(
+                    "timer_settime",
+                    libc::SYS_timer_settime,
+                    &[u64::try_from(t.id).unwrap_or(0), 0, args + 128, 0],
+                )?;
+            }
+            r.call(
+                "prctl(PR_TIMER_CREATE_RESTORE_IDS)",
+                libc::SYS_prctl,
+                &[PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0],
+            )?;
+        }
+        // Pending signals last: every signal is blocked until resume, so none is delivered
+        // into our injections.
+        let tgid = u64::try_from(p.pid).unwrap_or(0);
+        for si in &p.pending_shared {
+            queue_signal(r, args, si, None, tgid)?;
+        }
+        for (t, r) in p.threads.iter().zip(rp.threads.iter_mut()) {
+            for si in &t.pending {
+                queue_signal(r, args, si, Some(u64::try_from(t.tid).unwrap_or(0)), tgid)?;
+            }
+        }
+        Ok(())
+    }
+}
+pub(super) fn thread_state(r: &mut Remote, t: &model::Thread, args: u64) -> Result<(), DstError> {
+    if let Some(rs) = t.rseq {
+        r.call(
+            "rseq",
+            libc::SYS_rseq,
+            &[rs.addr, u64::from(rs.len), 0, u64::from(rs.sig)],
+        )?;
+    }
+    if t.robust_list != 0 {
+        r.call(
+            "set_robust_list",
+            libc::SYS_set_robust_list,
+            &[t.robust_list, t.robust_list_len],
+        )?;
+    }
+    r.call(
+        "set_tid_address",
+        libc::SYS_set_tid_address,
+        &[t.clear_child_tid],
+    )?;
+    let ss = t.sigaltstack;
+    let disabled = ss.flags & libc::SS_DISABLE != 0;
+    let w: [u64; 3] = if disabled {
+        [0, libc::SS_DISABLE as u64, 0]
+    } else {
+        // SS_ONSTACK is a report, not a setting.
+        [
+            ss.sp,
+            u64::try_from(ss.flags & !libc::SS_ONSTACK).unwrap_or(0),
+            ss.size,
+        ]
+    };
+    r.write(
+        args,
+        &w.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+    )?;
+    r.call("sigaltstack", libc::SYS_sigaltstack, &[args, 0])?;
+    let mut name = t.comm.as_bytes().to_vec();
+    name.truncate(15);
+    name.push(0);
+    r.write(args, &name)?;
+    r.call(
+        "prctl(PR_SET_NAME)",
+        libc::SYS_prctl,
+        &[libc::PR_SET_NAME as u64, args, 0, 0, 0],
+    )?;
+    Ok(())
+}
+
+pub(super) fn queue_signal(
+    r: &mut Remote,
+    args: u64,
+    si: &[u8],
+    tid: Option<u64>,
+    tgid: u64,
+) -> Result<(), DstError> {
+    if si.len() != ptrace::SIGINFO_SIZE {
+        return Err(DstError::Inconsistent(
+            "a pending signal has a bad siginfo".into(),
+        ));
+    }
+    let sig = u64::from(u32::from_le_bytes([si[0], si[1], si[2], si[3]]));
+    if sig == libc::SIGKILL as u64 || sig == libc::SIGSTOP as u64 || sig == 0 || sig > 64 {
+        return Ok(());
+    }
+    r.write(args, si)?;
+    match tid {
+        Some(tid) => r.call(
+            "rt_tgsigqueueinfo",
+            libc::SYS_rt_tgsigqueueinfo,
+            &[tgid, tid, sig, args],
+        )?,
+        None => r.call(
+            "rt_sigqueueinfo",
+            libc::SYS_rt_sigqueueinfo,
+            &[tgid, sig, args],
+        )?,
+    };
+    Ok(())
+}
