@@ -125,3 +125,27 @@ impl Drop for TmpfsMount {
         let _ = std::process::Command::new("umount").arg(&self.0).status();
     }
 }
+
+/// A process that gave up root would come back as root: refused, named, and left running.
+#[test]
+fn non_root_process_is_refused() {
+    let mut lab = Lab::new();
+    let py = common::python3();
+    let script = "import os, time\nos.setgid(65534); os.setuid(65534)\nn = 0\nwhile True:\n    n += 1\n    print('ok', n, flush=True)\n    time.sleep(0.05)\n";
+    lab.run("nr", &[&py, "-c", script]);
+    lab.wait_line("nr", LONG, |l| ok_counter(l).filter(|&n| n >= 3));
+    let img = lab.path("nr.vkimg");
+    let out = lab.vkm(&["checkpoint", "nr", "-o", img.to_str().expect("utf-8")]);
+    assert!(
+        !out.status.success(),
+        "checkpoint of a non-root process succeeded"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("uid 65534"),
+        "the error does not name the credentials: {err}"
+    );
+    assert!(!img.exists());
+    let n = lab.wait_line("nr", LONG, ok_counter);
+    lab.wait_line("nr", LONG, |l| ok_counter(l).filter(|&m| m >= n + 5));
+}

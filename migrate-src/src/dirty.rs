@@ -80,7 +80,9 @@ impl DirtyTracker {
     }
 
     /// Register and protect every eligible mapping not tracked yet; returns them (they count
-    /// as written: nothing is known about their contents).
+    /// as written: nothing is known about their contents). A mapping that already carries our
+    /// registration (`uw` in smaps: a tracked VMA that was split by mprotect, or grown in
+    /// place) is tracked on without being reported: its writes show in the scans.
     fn track_new_mappings(&mut self) -> Result<Vec<(u64, u64)>, SrcError> {
         let text = proc::read(proc::pid_path(self.pid, "smaps"))?;
         let vmas = procfs::parse_smaps(&text).map_err(|source| SrcError::Parse {
@@ -88,9 +90,7 @@ impl DirtyTracker {
             pid: self.pid,
             source,
         })?;
-        // Ranges that vanished are no longer tracked.
-        self.tracked
-            .retain(|&(s, e)| vmas.iter().any(|v| v.start == s && v.end == e));
+        let mut tracked = Vec::new();
         let mut new = Vec::new();
         for v in &vmas {
             let special = matches!(
@@ -98,7 +98,11 @@ impl DirtyTracker {
                 Some("[vdso]" | "[vvar]" | "[vvar_vclock]" | "[vsyscall]")
             );
             // Without VM_MAYWRITE the mapping can never be written (and cannot be registered).
-            if special || !v.has_flag("mw") || self.tracked.contains(&(v.start, v.end)) {
+            if special || !v.has_flag("mw") {
+                continue;
+            }
+            if v.has_flag("uw") {
+                tracked.push((v.start, v.end));
                 continue;
             }
             let len = v.end - v.start;
@@ -117,10 +121,10 @@ impl DirtyTracker {
                 Err(e) => return Err(e.into()),
             }
             uffd::protect(self.uffd.as_fd(), v.start, len)?;
-            self.tracked.push((v.start, v.end));
+            tracked.push((v.start, v.end));
             new.push((v.start, v.end));
         }
-        self.tracked.sort_unstable();
+        self.tracked = tracked;
         Ok(new)
     }
 

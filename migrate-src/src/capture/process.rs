@@ -37,6 +37,18 @@ pub fn capture_process(
             what: "a seccomp filter is installed".into(),
         });
     }
+    // Restored processes are created by root with our capabilities; a process with other
+    // credentials would come back with more rights than it had, so it is refused instead.
+    let own = super::read_status(std::process::id() as i32)?;
+    if status.uid.iter().chain(&status.gid).any(|&id| id != 0) || status.cap_eff != own.cap_eff {
+        return Err(SrcError::Unsupported {
+            pid: p.ns_pid,
+            what: format!(
+                "it runs as uid {} gid {} with capabilities {:#x}; restoring other credentials than root's is not supported yet",
+                status.uid[1], status.gid[1], status.cap_eff
+            ),
+        });
+    }
     let ns = |host: i32| host_to_ns.get(&host).copied();
     let ppid = ns(st.ppid).ok_or(SrcError::Unsupported {
         pid: p.ns_pid,
