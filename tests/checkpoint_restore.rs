@@ -259,3 +259,60 @@ while True:
         );
     }
 }
+
+/// A process that dropped capabilities comes back with exactly the ones it kept, not with
+/// the restorer's: effective, permitted and bounding sets as they were.
+#[test]
+fn dropped_capabilities_stay_dropped() {
+    let mut lab = Lab::new();
+    let script = r#"
+import ctypes, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl(24, 21, 0, 0, 0)              # PR_CAPBSET_DROP CAP_SYS_ADMIN
+hdr = (ctypes.c_uint32 * 2)(0x20080522, 0)
+data = (ctypes.c_uint32 * 6)()
+libc.capget(hdr, data)
+keep = ~((1 << 21) | (1 << 12)) & 0xffffffff   # drop CAP_SYS_ADMIN and CAP_NET_ADMIN
+data[0] &= keep; data[1] &= keep
+if libc.capset(hdr, data) != 0: print("FAIL capset", ctypes.get_errno(), flush=True)
+def caps():
+    d = {}
+    for l in open("/proc/self/status"):
+        if l.startswith("Cap"):
+            k, v = l.split(":"); d[k] = int(v, 16)
+    return d
+first = caps()
+n = 0
+while True:
+    n += 1
+    now = caps()
+    print("caps", n, "same" if now == first else "CHANGED %r %r" % (first, now), "%x" % now["CapEff"], flush=True)
+    time.sleep(0.05)
+"#;
+    let py = common::python3();
+    lab.run("caps", &[&py, "-c", script]);
+    let count = |l: &str| -> Option<u64> {
+        l.strip_prefix("caps ")?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    lab.wait_line("caps", LONG, |l| count(l).filter(|&n| n >= 5));
+    let img = lab.path("caps.vkimg");
+    lab.ok(&["checkpoint", "caps", "-o", img.to_str().expect("utf-8")]);
+    lab.forget("caps");
+    lab.restore(&img, "caps");
+    lab.wait_line("caps", LONG, |l| count(l).filter(|&n| n >= 15));
+    let log = lab.console_log("caps");
+    let lines: Vec<&str> = log.lines().filter(|l| l.starts_with("caps ")).collect();
+    assert!(!lines.is_empty());
+    for l in lines {
+        assert!(
+            l.contains(" same "),
+            "capabilities changed across the restore: {l}"
+        );
+        let eff = u64::from_str_radix(l.rsplit(' ').next().unwrap_or("0"), 16).unwrap_or(0);
+        assert_eq!(eff & (1 << 21), 0, "CAP_SYS_ADMIN came back: {l}");
+    }
+}

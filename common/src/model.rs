@@ -167,6 +167,19 @@ pub struct Thread {
     pub rseq: Option<Rseq>,
     /// Signals pending for this thread only, as raw `siginfo_t` (128 bytes each).
     pub pending: Vec<Vec<u8>>,
+    /// Capability sets, when the thread had other capabilities than the checkpointing agent.
+    #[serde(default)]
+    pub caps: Option<Caps>,
+}
+
+/// A thread's capability sets (bit masks, as in /proc/PID/status).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Caps {
+    pub inheritable: u64,
+    pub permitted: u64,
+    pub effective: u64,
+    pub bounding: u64,
+    pub ambient: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]

@@ -234,6 +234,20 @@ impl Restorer<'_> {
     fn resume(&mut self, order: &[usize]) -> Result<(), DstError> {
         let vk = self.vk;
         let scratch = self.scratch;
+        // Capabilities go last: every injection before needs ours. They are dropped while
+        // every scratch area is still mapped (processes can share one).
+        let args = self.args();
+        for &i in order {
+            let p = &vk.processes[i];
+            let Some(rp) = self.procs.get_mut(&i) else {
+                continue;
+            };
+            for (t, r) in p.threads.iter().zip(rp.threads.iter_mut()) {
+                if let Some(caps) = t.caps {
+                    set_caps(r, args, &caps).map_err(|e| step("capabilities", t.tid, e))?;
+                }
+            }
+        }
         let mut unmapped = Vec::new();
         for &i in order {
             let p = &vk.processes[i];
@@ -270,6 +284,57 @@ impl Restorer<'_> {
         Ok(())
     }
 }
+/// Give a thread exactly the saved capability sets: bounding set first (dropping needs
+/// CAP_SETPCAP, which it still has), then `capset`, then the ambient set.
+fn set_caps(r: &mut Remote, args: u64, caps: &model::Caps) -> Result<(), DstError> {
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    const PR_CAP_AMBIENT: u64 = 47;
+    const PR_CAP_AMBIENT_RAISE: u64 = 2;
+    const PR_CAP_AMBIENT_CLEAR_ALL: u64 = 4;
+    let last: u64 = proc::read("/proc/sys/kernel/cap_last_cap")?
+        .trim()
+        .parse()
+        .unwrap_or(40);
+    for cap in 0..=last.min(63) {
+        if caps.bounding & (1 << cap) == 0 {
+            r.call(
+                "prctl(PR_CAPBSET_DROP)",
+                libc::SYS_prctl,
+                &[libc::PR_CAPBSET_DROP as u64, cap, 0, 0, 0],
+            )?;
+        }
+    }
+    let mut buf = Vec::with_capacity(32);
+    buf.extend_from_slice(&LINUX_CAPABILITY_VERSION_3.to_le_bytes());
+    buf.extend_from_slice(&0i32.to_le_bytes());
+    for half in [0u32, 32] {
+        for set in [caps.effective, caps.permitted, caps.inheritable] {
+            buf.extend_from_slice(
+                &u32::try_from((set >> half) & 0xffff_ffff)
+                    .unwrap_or(0)
+                    .to_le_bytes(),
+            );
+        }
+    }
+    r.write(args, &buf)?;
+    r.call("capset", libc::SYS_capset, &[args, args + 8])?;
+    r.call(
+        "prctl(PR_CAP_AMBIENT)",
+        libc::SYS_prctl,
+        &[PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0],
+    )?;
+    for cap in 0..=last.min(63) {
+        if caps.ambient & (1 << cap) != 0 {
+            r.call(
+                "prctl(PR_CAP_AMBIENT)",
+                libc::SYS_prctl,
+                &[PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0],
+            )?;
+        }
+    }
+    Ok(())
+}
+
 fn unregister_rseq(r: &mut Remote) -> Result<(), DstError> {
     let c = ptrace::rseq_config(r.tid)?;
     if c.rseq_abi_pointer != 0 {

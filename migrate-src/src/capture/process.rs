@@ -37,15 +37,14 @@ pub fn capture_process(
             what: "a seccomp filter is installed".into(),
         });
     }
-    // Restored processes are created by root with our capabilities; a process with other
-    // credentials would come back with more rights than it had, so it is refused instead.
-    let own = super::read_status(std::process::id() as i32)?;
-    if status.uid.iter().chain(&status.gid).any(|&id| id != 0) || status.cap_eff != own.cap_eff {
+    // Restored processes are created by root; a process with other ids would come back with
+    // more rights than it had, so it is refused instead. (Capabilities are restored.)
+    if status.uid.iter().chain(&status.gid).any(|&id| id != 0) {
         return Err(SrcError::Unsupported {
             pid: p.ns_pid,
             what: format!(
-                "it runs as uid {} gid {} with capabilities {:#x}; restoring other credentials than root's is not supported yet",
-                status.uid[1], status.gid[1], status.cap_eff
+                "it runs as uid {} gid {}; restoring other user or group ids than root's is not supported yet",
+                status.uid[1], status.gid[1]
             ),
         });
     }
@@ -342,7 +341,13 @@ fn capture_thread_outside(
     if let Some((_, si)) = p.stop_signals.get(&tid) {
         pending.push(si.clone());
     }
+    let own_caps = caps_of(&proc::read("/proc/thread-self/status")?);
+    let caps = caps_of(&proc::read(format!(
+        "/proc/{}/task/{tid}/status",
+        p.host_pid
+    ))?);
     Ok(Thread {
+        caps: (caps != own_caps).then_some(caps),
         tid: ns_tid,
         comm,
         regs: ptrace::regs_to_bytes(&regs),
@@ -420,4 +425,22 @@ pub fn capture_zombie(
         ctty: false,
         tty_pgrp: 0,
     })
+}
+
+/// The capability sets of a /proc status text (missing lines read as empty sets).
+fn caps_of(status: &str) -> vkm_common::model::Caps {
+    let get = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    vkm_common::model::Caps {
+        inheritable: get("CapInh:"),
+        permitted: get("CapPrm:"),
+        effective: get("CapEff:"),
+        bounding: get("CapBnd:"),
+        ambient: get("CapAmb:"),
+    }
 }
