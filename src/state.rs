@@ -226,14 +226,8 @@ impl StateDir {
     /// Wait until the vkernel recorded as `rec` is gone (its shim removed the directory, or
     /// the name now belongs to another shim). False on timeout.
     pub fn wait_gone(&self, rec: &Record, timeout: Duration) -> bool {
-        self.wait_gone_with(rec, timeout, &mut || {})
-    }
-
-    /// [`StateDir::wait_gone`], calling `tick` before every check.
-    pub fn wait_gone_with(&self, rec: &Record, timeout: Duration, tick: &mut dyn FnMut()) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
-            tick();
             match self.probe(&rec.name) {
                 Ok(Probe::Alive(r)) if r.shim_pid == rec.shim_pid => {}
                 Ok(Probe::Busy) => {}

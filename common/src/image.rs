@@ -945,19 +945,13 @@ impl<R: Read> ImageReader<R> {
     /// Reads exactly `len` bytes into `buf` (cleared first). `buf` grows with the bytes that
     /// actually arrive, so a lying length costs no more memory than the data behind it.
     fn read_hashed_vec(&mut self, len: usize, what: &'static str, buf: &mut Vec<u8>) -> Result<()> {
-        buf.clear();
-        let n = (&mut self.src)
-            .take(len as u64)
-            .read_to_end(buf)
-            .map_err(CommonError::io(READ_STEP))?;
-        if n != len {
-            return Err(CommonError::Truncated { what });
-        }
+        self.read_vec(len, what, buf)?;
         self.hasher.update(buf);
         Ok(())
     }
 
-    /// Like [`Self::read_hashed_vec`] for page bytes, which the run's own hash covers.
+    /// Like [`Self::read_hashed_vec`] without the running hash: for page bytes, which the
+    /// run's own hash covers.
     fn read_vec(&mut self, len: usize, what: &'static str, buf: &mut Vec<u8>) -> Result<()> {
         buf.clear();
         let n = (&mut self.src)

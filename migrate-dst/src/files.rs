@@ -103,18 +103,7 @@ pub(crate) fn prepare(
                 let m = objects
                     .get(id)
                     .ok_or_else(|| DstError::Inconsistent(format!("object {id} missing")))?;
-                let path = format!("/proc/self/fd/{}", m.as_raw_fd());
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(&path)
-                    .map_err(|e| {
-                        DstError::Sys(vkm_sys::SysError::Path {
-                            path: path.into(),
-                            source: e,
-                        })
-                    })?;
-                file.into()
+                reopen(m, libc::O_RDWR as u32, 0)?
             }
             FileKind::Console => {
                 let c = console.ok_or_else(|| {
@@ -536,20 +525,7 @@ fn fill_pipe(wr: &OwnedFd, p: &vkm_common::model::Pipe) -> Result<(), DstError> 
 /// A new description of a named pipe with the access mode in `flags`, opened through the
 /// keeper so that it neither blocks nor fails for want of a peer.
 fn open_fifo_end(keeper: &OwnedFd, flags: u32) -> Result<OwnedFd, DstError> {
-    let path = format!("/proc/self/fd/{}", keeper.as_raw_fd());
-    let acc = flags & libc::O_ACCMODE as u32;
-    let f: File = OpenOptions::new()
-        .read(acc != libc::O_WRONLY as u32)
-        .write(acc != libc::O_RDONLY as u32)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(&path)
-        .map_err(|e| {
-            DstError::Sys(vkm_sys::SysError::Path {
-                path: path.into(),
-                source: e,
-            })
-        })?;
-    Ok(f.into())
+    reopen(keeper, flags, libc::O_NONBLOCK)
 }
 
 fn reopen_pipe_end(
@@ -561,21 +537,30 @@ fn reopen_pipe_end(
         .as_ref()
         .or(wr.as_ref())
         .ok_or_else(|| DstError::Inconsistent("pipe has no end left".into()))?;
-    let path = format!("/proc/self/fd/{}", any.as_raw_fd());
-    let mut oo = OpenOptions::new();
-    if write_end {
-        oo.write(true);
+    let acc = if write_end {
+        libc::O_WRONLY
     } else {
-        oo.read(true);
-    }
-    use std::os::unix::fs::OpenOptionsExt;
-    oo.custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC);
-    let f: File = oo.open(&path).map_err(|e| {
-        DstError::Sys(vkm_sys::SysError::Path {
-            path: path.into(),
-            source: e,
-        })
-    })?;
+        libc::O_RDONLY
+    };
+    reopen(any, acc as u32, libc::O_NONBLOCK)
+}
+
+/// A new open file description of the file behind `fd` (through `/proc/self/fd`), with the
+/// access mode of `flags` and the extra open flags `extra`; close-on-exec in the agent.
+fn reopen(fd: &OwnedFd, flags: u32, extra: i32) -> Result<OwnedFd, DstError> {
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    let acc = flags & libc::O_ACCMODE as u32;
+    let f: File = OpenOptions::new()
+        .read(acc != libc::O_WRONLY as u32)
+        .write(acc != libc::O_RDONLY as u32)
+        .custom_flags(extra | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|e| {
+            DstError::Sys(vkm_sys::SysError::Path {
+                path: path.into(),
+                source: e,
+            })
+        })?;
     Ok(f.into())
 }
 

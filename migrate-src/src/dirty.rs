@@ -76,7 +76,7 @@ impl DirtyTracker {
             self.tracked.remove(i);
         }
         dirty.extend(self.track_new_mappings()?);
-        Ok(merge(dirty))
+        Ok(crate::merge_ranges(dirty))
     }
 
     /// Register and protect every eligible mapping not tracked yet; returns them (they count
@@ -217,16 +217,4 @@ fn inject_uffd(pid: i32) -> Result<OwnedFd, SrcError> {
     let fd = taken.ok_or(SrcError::Vanished { pid })??;
     restored?;
     Ok(fd)
-}
-
-fn merge(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    v.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
-    for (s, e) in v {
-        match out.last_mut() {
-            Some((_, le)) if *le >= s => *le = (*le).max(e),
-            _ => out.push((s, e)),
-        }
-    }
-    out
 }

@@ -57,3 +57,16 @@ pub enum SrcError {
         source: std::io::Error,
     },
 }
+
+/// Sort [start, end) ranges and merge those that overlap or touch.
+pub(crate) fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (s, e) in ranges {
+        match out.last_mut() {
+            Some((_, le)) if *le >= s => *le = (*le).max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}

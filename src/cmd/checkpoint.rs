@@ -64,7 +64,7 @@ pub fn checkpoint(state: &StateDir, args: CheckpointArgs) -> Result<()> {
         bytes_raw = report.stats.bytes_raw,
         "checkpoint written"
     );
-    if !args.leave_running && !state.wait_gone_with(&rec, Duration::from_secs(5), &mut || {}) {
+    if !args.leave_running && !state.wait_gone(&rec, Duration::from_secs(5)) {
         tracing::warn!(
             vkernel = %rec.name,
             shim_pid = rec.shim_pid,

@@ -237,6 +237,19 @@ impl Restorer<'_> {
         // Capabilities go last: every injection before needs ours. They are dropped while
         // every scratch area is still mapped (processes can share one).
         let args = self.args();
+        let any_caps = vk
+            .processes
+            .iter()
+            .flat_map(|p| &p.threads)
+            .any(|t| t.caps.is_some());
+        let last_cap: u64 = if any_caps {
+            proc::read("/proc/sys/kernel/cap_last_cap")?
+                .trim()
+                .parse()
+                .unwrap_or(40)
+        } else {
+            0
+        };
         for &i in order {
             let p = &vk.processes[i];
             let Some(rp) = self.procs.get_mut(&i) else {
@@ -244,7 +257,8 @@ impl Restorer<'_> {
             };
             for (t, r) in p.threads.iter().zip(rp.threads.iter_mut()) {
                 if let Some(caps) = t.caps {
-                    set_caps(r, args, &caps).map_err(|e| step("capabilities", t.tid, e))?;
+                    set_caps(r, args, &caps, last_cap)
+                        .map_err(|e| step("capabilities", t.tid, e))?;
                 }
             }
         }
@@ -286,16 +300,12 @@ impl Restorer<'_> {
 }
 /// Give a thread exactly the saved capability sets: bounding set first (dropping needs
 /// CAP_SETPCAP, which it still has), then `capset`, then the ambient set.
-fn set_caps(r: &mut Remote, args: u64, caps: &model::Caps) -> Result<(), DstError> {
+fn set_caps(r: &mut Remote, args: u64, caps: &model::Caps, last_cap: u64) -> Result<(), DstError> {
     const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
     const PR_CAP_AMBIENT: u64 = 47;
     const PR_CAP_AMBIENT_RAISE: u64 = 2;
     const PR_CAP_AMBIENT_CLEAR_ALL: u64 = 4;
-    let last: u64 = proc::read("/proc/sys/kernel/cap_last_cap")?
-        .trim()
-        .parse()
-        .unwrap_or(40);
-    for cap in 0..=last.min(63) {
+    for cap in 0..=last_cap.min(63) {
         if caps.bounding & (1 << cap) == 0 {
             r.call(
                 "prctl(PR_CAPBSET_DROP)",
@@ -323,7 +333,7 @@ fn set_caps(r: &mut Remote, args: u64, caps: &model::Caps) -> Result<(), DstErro
         libc::SYS_prctl,
         &[PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0],
     )?;
-    for cap in 0..=last.min(63) {
+    for cap in 0..=last_cap.min(63) {
         if caps.ambient & (1 << cap) != 0 {
             r.call(
                 "prctl(PR_CAP_AMBIENT)",
@@ -451,6 +461,9 @@ fn check_image(vk: &Vkernel) -> Result<(), DstError> {
     }
     // Pages of a file mapping that the vkernel did not change are not in the image: they come
     // from the file, which must therefore be the very same.
+    // A library is mapped several times (text, data, ...) and by several processes: look at
+    // each file once.
+    let mut seen = std::collections::BTreeSet::new();
     for v in vk.mms.iter().flat_map(|m| m.vmas.iter()) {
         if let Backing::File {
             path,
@@ -459,6 +472,9 @@ fn check_image(vk: &Vkernel) -> Result<(), DstError> {
             ..
         } = &v.backing
         {
+            if !seen.insert(path.as_str()) {
+                continue;
+            }
             use std::os::unix::fs::MetadataExt;
             let meta = std::fs::metadata(path).map_err(|e| {
                 DstError::Incompatible(format!(

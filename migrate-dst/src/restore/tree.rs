@@ -151,9 +151,9 @@ impl Restorer<'_> {
             wait_stopped(host)?;
         }
         ptrace::set_sigmask(host, u64::MAX)?;
-        let mem = open_mem(host)?;
-        let regs = ptrace::getregs(host)?;
-        Remote::new(host, gadget, 0, regs.rsp, mem).map_err(Into::into)
+        let mut r = Remote::new(host, gadget, 0, 0, open_mem(host)?)?;
+        r.stack = r.saved.rsp;
+        Ok(r)
     }
 
     pub(super) fn map_scratch(&self, r: &mut Remote) -> Result<(), DstError> {

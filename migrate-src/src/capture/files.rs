@@ -45,6 +45,8 @@ pub struct FileCapture<'a> {
     /// Epoll instances of the table being captured whose targets are resolved once all of
     /// the table's fds are known: (file id, epoll fd, the fdinfo's `tfd` lines).
     epolls: Vec<(u32, i32, Vec<procfs::EpollTarget>)>,
+    /// A pidfd of the process whose fd table is being read, for duplicating its fds.
+    pidfd: Option<(i32, OwnedFd)>,
 }
 
 impl<'a> FileCapture<'a> {
@@ -60,7 +62,18 @@ impl<'a> FileCapture<'a> {
             diag: None,
             vk_sockets: None,
             epolls: Vec::new(),
+            pidfd: None,
         }
+    }
+
+    /// A duplicate of fd `fd` of process `pid` (the same open file description), through one
+    /// pidfd per process rather than one per fd.
+    fn dup_fd(&mut self, pid: i32, fd: i32) -> Result<OwnedFd, SrcError> {
+        if self.pidfd.as_ref().is_none_or(|(p, _)| *p != pid) {
+            self.pidfd = Some((pid, calls::pidfd_open(pid)?));
+        }
+        let (_, pidfd) = self.pidfd.as_ref().ok_or(SrcError::Vanished { pid })?;
+        Ok(calls::pidfd_getfd(pidfd, fd, pid)?)
     }
 
     pub fn capture_table(
@@ -94,7 +107,8 @@ impl<'a> FileCapture<'a> {
                 Some(f) => f,
                 None => {
                     let kind = self.classify(pid, ns_pid, fd, &link, &info, mem)?;
-                    let (owner, sig) = owner_and_sig(pid, fd, self.host_to_ns)?;
+                    let dup = self.dup_fd(pid, fd)?;
+                    let (owner, sig) = owner_and_sig(&dup, self.host_to_ns);
                     let fid = u32::try_from(self.files.len()).unwrap_or(u32::MAX);
                     if matches!(kind, FileKind::Epoll { .. }) {
                         self.epolls.push((fid, fd, info.epoll.clone()));
@@ -242,7 +256,7 @@ impl<'a> FileCapture<'a> {
             // fdinfo shows an expired periodic timer as 0 ns left with one tick: the missed
             // periods are counted only when it is read or asked for its time. Ask (on a
             // duplicate), then read fdinfo again for the updated count.
-            let dup = calls::pidfd_getfd(&calls::pidfd_open(pid)?, fd, pid)?;
+            let dup = self.dup_fd(pid, fd)?;
             let (value_ns, interval_ns) = calls::timerfd_gettime(&dup)?;
             let text = proc::read(proc::pid_path(pid, &format!("fdinfo/{fd}")))?;
             let again = procfs::parse_fdinfo(&text).map_err(|source| SrcError::Parse {
@@ -347,7 +361,7 @@ impl<'a> FileCapture<'a> {
         link: &str,
         unsupported: &dyn Fn(&str) -> SrcError,
     ) -> Result<FileKind, SrcError> {
-        let sock = calls::pidfd_getfd(&calls::pidfd_open(pid)?, fd, pid)?;
+        let sock = self.dup_fd(pid, fd)?;
         let family =
             nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(sock.as_raw_fd())
                 .ok()
@@ -557,16 +571,10 @@ fn pipe_contents(fd_path: &std::path::Path) -> Result<(Vec<u8>, u32), SrcError> 
 }
 
 /// `F_GETOWN_EX`/`F_GETSIG` of a description, read through a duplicate of it.
-fn owner_and_sig(
-    pid: i32,
-    fd: i32,
-    host_to_ns: &BTreeMap<i32, i32>,
-) -> Result<(i32, i32), SrcError> {
-    let pidfd = calls::pidfd_open(pid)?;
-    let dup = calls::pidfd_getfd(&pidfd, fd, pid)?;
+fn owner_and_sig(dup: &OwnedFd, host_to_ns: &BTreeMap<i32, i32>) -> (i32, i32) {
     // F_GETOWN gives a pid of our namespace, negative for a process group.
-    let own = calls::get_owner(&dup);
-    let sig = calls::get_sig(&dup);
+    let own = calls::get_owner(dup);
+    let sig = calls::get_sig(dup);
     let ns_owner = if own == 0 {
         0
     } else {
@@ -577,7 +585,7 @@ fn owner_and_sig(
             ns
         }
     };
-    Ok((ns_owner, sig))
+    (ns_owner, sig)
 }
 
 fn family_name(f: Option<nix::sys::socket::AddressFamily>) -> String {

@@ -332,7 +332,7 @@ impl MemoryCapture {
         self.plans.push(MmPlan {
             id,
             pid,
-            runs: merge_runs(runs),
+            runs: crate::merge_ranges(runs),
         });
         self.vdso_base.push(vdso_base);
         Ok(())
@@ -702,18 +702,6 @@ fn state_runs(
         a += n * page;
     }
     Ok(out)
-}
-
-fn merge_runs(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    runs.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
-    for (s, e) in runs {
-        match out.last_mut() {
-            Some((_, le)) if *le >= s => *le = (*le).max(e),
-            _ => out.push((s, e)),
-        }
-    }
-    out
 }
 
 fn mm_fields(pid: i32) -> Result<MmFields, SrcError> {

@@ -75,6 +75,9 @@ pub fn capture(frozen: &Frozen, opts: &CaptureOptions) -> Result<Captured, SrcEr
         tables.push(fcap.capture_table(u32::try_from(id).unwrap_or(u32::MAX), pid, &mut mem)?);
     }
 
+    // Threads record their capabilities only where they differ from ours, which restore gives
+    // every thread to begin with.
+    let own_caps = process::caps_of(&vkm_sys::proc::read("/proc/thread-self/status")?);
     let mut processes = Vec::new();
     let mut brks = Vec::new();
     let mut held = Vec::new();
@@ -86,6 +89,7 @@ pub fn capture(frozen: &Frozen, opts: &CaptureOptions) -> Result<Captured, SrcEr
         let (proc, brk, h) = process::capture_process(
             p,
             &host_to_ns,
+            &own_caps,
             proc_mm[i],
             proc_table[i],
             mem.vdso_of(proc_mm[i]),

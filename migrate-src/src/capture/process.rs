@@ -24,6 +24,7 @@ pub type Held = Vec<(i32, i32)>;
 pub fn capture_process(
     p: &FrozenProcess,
     host_to_ns: &BTreeMap<i32, i32>,
+    own_caps: &vkm_common::model::Caps,
     mm: u32,
     fd_table: u32,
     vdso: Option<(u64, Vec<u8>)>,
@@ -88,7 +89,7 @@ pub fn capture_process(
     // Registers etc. are read before any injection changes them.
     let mut threads = Vec::new();
     for &tid in &p.threads {
-        threads.push(capture_thread_outside(tid, host_to_ns, p)?);
+        threads.push(capture_thread_outside(tid, own_caps, p)?);
     }
 
     let mem_path = proc::pid_path(pid, "mem");
@@ -324,7 +325,7 @@ fn per_thread(r: &mut Remote, scratch: u64, t: &mut Thread) -> Result<(), SrcErr
 
 fn capture_thread_outside(
     tid: i32,
-    host_to_ns: &BTreeMap<i32, i32>,
+    own_caps: &vkm_common::model::Caps,
     p: &FrozenProcess,
 ) -> Result<Thread, SrcError> {
     let regs = ptrace::getregs(tid)?;
@@ -336,18 +337,16 @@ fn capture_thread_outside(
         .trim_end()
         .to_string();
     let ns_tid = proc::ns_pid(tid)?;
-    let _ = host_to_ns;
     let mut pending = ptrace::peek_siginfo(tid, false)?;
     if let Some((_, si)) = p.stop_signals.get(&tid) {
         pending.push(si.clone());
     }
-    let own_caps = caps_of(&proc::read("/proc/thread-self/status")?);
     let caps = caps_of(&proc::read(format!(
         "/proc/{}/task/{tid}/status",
         p.host_pid
     ))?);
     Ok(Thread {
-        caps: (caps != own_caps).then_some(caps),
+        caps: (caps != *own_caps).then_some(caps),
         tid: ns_tid,
         comm,
         regs: ptrace::regs_to_bytes(&regs),
@@ -428,7 +427,7 @@ pub fn capture_zombie(
 }
 
 /// The capability sets of a /proc status text (missing lines read as empty sets).
-fn caps_of(status: &str) -> vkm_common::model::Caps {
+pub(super) fn caps_of(status: &str) -> vkm_common::model::Caps {
     let get = |key: &str| {
         status
             .lines()
