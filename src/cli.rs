@@ -62,6 +62,8 @@ pub enum Command {
     Inspect(InspectArgs),
     Kill(KillArgs),
     Pki(PkiArgs),
+    Listen(ListenArgs),
+    Send(SendArgs),
     #[command(name = "__shim", hide = true)]
     Shim(ShimArgs),
 }
@@ -241,6 +243,99 @@ pub struct PkiIssueArgs {
     pub force: bool,
 }
 
+/// Receive vkernels that other hosts send (`vkmigrate send`); runs until SIGTERM or Ctrl-C.
+///
+/// Each offer is checked first (name free, memory, CPU features, kernel build, mapped files)
+/// and refused with a reason the sender prints. An accepted vkernel is received by a new shim,
+/// which keeps running it. Several migrations can arrive at once. Prints `listening on ADDR`
+/// once ready.
+#[derive(Debug, Args)]
+pub struct ListenArgs {
+    /// UDP address to listen on.
+    #[arg(long, default_value = "0.0.0.0:4433", value_name = "ADDR:PORT")]
+    pub addr: std::net::SocketAddr,
+
+    /// Directory with this host's certificate (ca.pem, cert.pem, key.pem; see `vkmigrate pki`).
+    #[arg(long, default_value = "/etc/vkmigrate/tls", value_name = "DIR")]
+    pub tls_dir: PathBuf,
+}
+
+/// Live-migrate a running vkernel to another host, where `vkmigrate listen` runs.
+///
+/// Pages are copied while the vkernel runs (pre-copy rounds, tracking what it writes), then it
+/// is frozen for the last pages and its other state; it resumes on the destination, and is
+/// removed here only once it runs there. On any failure before that it keeps running here.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// Name of the vkernel.
+    #[arg(value_parser = parse_name)]
+    pub name: String,
+
+    /// The destination's listen address, HOST:PORT (HOST must match its certificate).
+    #[arg(value_name = "HOST:PORT")]
+    pub dest: String,
+
+    /// Directory with this host's certificate (ca.pem, cert.pem, key.pem; see `vkmigrate pki`).
+    #[arg(long, default_value = "/etc/vkmigrate/tls", value_name = "DIR")]
+    pub tls_dir: PathBuf,
+
+    /// The pause the vkernel may see: pre-copy goes on until the rest fits in it.
+    #[arg(long, default_value_t = 20, value_name = "MS")]
+    pub downtime_ms: u64,
+
+    /// Cap on page data sent per second, e.g. 500MB/s, 1GB/s, 100MiB/s (default: no cap).
+    #[arg(long, value_parser = parse_rate, value_name = "RATE")]
+    pub max_bandwidth: Option<u64>,
+
+    /// Write a JSON report of the migration (rounds, bytes, downtime and its parts) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+
+    /// Send pages uncompressed.
+    #[arg(long)]
+    pub no_compress: bool,
+
+    /// Give up pre-copy after this many rounds and stop-and-copy.
+    #[arg(long, default_value_t = 30, value_name = "N")]
+    pub max_rounds: u32,
+
+    /// Do not throttle a vkernel that writes memory faster than the link carries.
+    #[arg(long)]
+    pub no_throttle: bool,
+}
+
+/// A rate in bytes per second: a number with an optional unit B, KB, MB, GB (powers of 1000)
+/// or KiB, MiB, GiB (of 1024), and an optional `/s`.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim().trim_end_matches("/s");
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a rate such as 500MB/s"))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1.0,
+        "KB" | "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {s:?} (use B, KB, MB, GB, KiB, MiB or GiB)"
+            ))
+        }
+    };
+    let v = n * mult;
+    if v < 1.0 || !v.is_finite() {
+        return Err(format!("{s:?} is not a positive rate"));
+    }
+    Ok(v as u64)
+}
+
 /// Internal: the per-vkernel shim, started by `run` and `restore`.
 ///
 /// Expects the locked state lock on stdin, the status pipe on stdout and its log on stderr.
@@ -269,6 +364,28 @@ pub enum ShimMode {
         /// Absolute path of the (already verified) image.
         #[arg(long)]
         image: PathBuf,
+    },
+    /// Receive a live migration (started by `listen`).
+    Receive {
+        /// Name of the vkernel.
+        #[arg(long, value_parser = parse_name)]
+        name: String,
+        /// Address to accept the sender's connection on (port 0: any).
+        #[arg(long)]
+        bind: std::net::SocketAddr,
+        #[arg(long)]
+        tls_dir: PathBuf,
+        /// The migration's id, which the sender must present.
+        #[arg(long)]
+        migration_id: String,
+        /// The vkernel's CLOCK_MONOTONIC and CLOCK_BOOTTIME (ns) when our CLOCK_MONOTONIC
+        /// read `at_ns`.
+        #[arg(long, allow_hyphen_values = true)]
+        mono_ns: i128,
+        #[arg(long, allow_hyphen_values = true)]
+        boot_ns: i128,
+        #[arg(long, allow_hyphen_values = true)]
+        at_ns: i128,
     },
 }
 

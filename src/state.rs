@@ -62,6 +62,9 @@ pub struct Record {
     pub created: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored_from: Option<PathBuf>,
+    /// The live migration that brought it here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_id: Option<String>,
 }
 
 /// A vkernel's directory as seen by a command other than its shim.
@@ -347,6 +350,7 @@ mod tests {
                 console_tty: "/dev/pts/0".into(),
                 created: 0,
                 restored_from: None,
+                migration_id: None,
             },
         )?;
         let err = sd.claim("vk").err().map(|e| e.to_string());

@@ -91,6 +91,8 @@ pub const MAX_PAGES_LEN: usize = PAGES_HEADER_LEN + MAX_RUN_PAGES * PAGE_SIZE + 
 const PAGE_MASK: u64 = PAGE_SIZE as u64 - 1;
 const ENCODING_RAW: u8 = 0;
 const ENCODING_LZ4: u8 = 1;
+/// A run of zero pages with no body (migration page streams only).
+const ENCODING_ZERO: u8 = 2;
 const SPACE_KIND_MM: u8 = 1;
 const SPACE_KIND_OBJECT: u8 = 2;
 const READ_STEP: &str = "reading the image";
@@ -206,6 +208,205 @@ fn encode_run(space: Space, addr: u64, run: &[u8], compression: bool) -> Encoded
         raw_len: run.len(),
         compressed,
     }
+}
+
+/// A page run header, checked.
+struct RunHeader {
+    space: Space,
+    addr: u64,
+    npages: usize,
+    encoding: u8,
+    raw_len: usize,
+}
+
+/// Parse and check a run header for a body of `enc_len` encoded bytes: the same rules for a
+/// run read from an image and one received on a migration's page stream.
+fn parse_run_header(rh: &[u8; PAGES_HEADER_LEN], enc_len: usize) -> Result<RunHeader> {
+    let bad = |reason: String| CommonError::BadFrame {
+        kind: FrameKind::Pages as u8,
+        reason,
+    };
+    let space_id = u32::from_le_bytes(le4(&rh[4..8]));
+    let space = Space::from_wire(rh[0], space_id)
+        .ok_or_else(|| bad(format!("unknown space kind {}", rh[0])))?;
+    let addr = u64::from_le_bytes(le8(&rh[8..16]));
+    let npages = u32::from_le_bytes(le4(&rh[16..20])) as usize;
+    let encoding = rh[20];
+    let raw_len = u32::from_le_bytes(le4(&rh[24..28])) as usize;
+    if rh[1..4] != [0; 3] || rh[21..24] != [0; 3] || rh[28..32] != [0; 4] {
+        return Err(bad("non-zero reserved bytes in the run header".to_owned()));
+    }
+    if addr & PAGE_MASK != 0 {
+        return Err(bad(format!("address {addr:#x} is not page-aligned")));
+    }
+    if npages == 0 || npages > MAX_RUN_PAGES {
+        return Err(bad(format!(
+            "{npages} pages in one run (1..={MAX_RUN_PAGES})"
+        )));
+    }
+    if raw_len != npages * PAGE_SIZE {
+        return Err(bad(format!("raw length {raw_len} for {npages} pages")));
+    }
+    if addr.checked_add(raw_len as u64).is_none() {
+        return Err(bad(format!(
+            "run at {addr:#x} passes the end of the address range"
+        )));
+    }
+    match encoding {
+        ENCODING_RAW if enc_len != raw_len => {
+            return Err(bad(format!(
+                "raw run of {enc_len} bytes, expected {raw_len}"
+            )));
+        }
+        ENCODING_LZ4 if enc_len == 0 || enc_len > raw_len => {
+            return Err(bad(format!(
+                "lz4 run of {enc_len} bytes for {raw_len} raw bytes"
+            )));
+        }
+        ENCODING_ZERO if enc_len != 0 => {
+            return Err(bad(format!("zero run with {enc_len} bytes of data")));
+        }
+        ENCODING_RAW | ENCODING_LZ4 | ENCODING_ZERO => {}
+        other => return Err(bad(format!("unknown encoding {other}"))),
+    }
+    Ok(RunHeader {
+        space,
+        addr,
+        npages,
+        encoding,
+        raw_len,
+    })
+}
+
+/// Like [`encode_pages`], but zero pages are kept as runs that carry no data: a page that was
+/// sent earlier in a migration and has become zero since must be cleared at the destination.
+pub fn encode_pages_keep_zero(
+    space: Space,
+    addr: u64,
+    data: &[u8],
+    compression: bool,
+) -> Result<EncodedPages> {
+    let mut out = EncodedPages::default();
+    let npages = data.len() / PAGE_SIZE;
+    let mut i = 0;
+    while i < npages {
+        let zero = is_zero_page(&data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+        let start = i;
+        i += 1;
+        while i < npages
+            && i - start < MAX_RUN_PAGES
+            && is_zero_page(&data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]) == zero
+        {
+            i += 1;
+        }
+        let run_addr = addr + (start * PAGE_SIZE) as u64;
+        let run = &data[start * PAGE_SIZE..i * PAGE_SIZE];
+        if zero {
+            out.runs.push(zero_run(space, run_addr, i - start));
+        } else {
+            out.runs
+                .extend(encode_pages(space, run_addr, run, compression)?.runs);
+        }
+    }
+    Ok(out)
+}
+
+/// A run of `npages` zero pages: a header and the hash of the zeros, no body.
+fn zero_run(space: Space, addr: u64, npages: usize) -> EncodedRun {
+    let raw_len = npages * PAGE_SIZE;
+    let hash = *blake3::hash(&vec![0u8; raw_len]).as_bytes();
+    let (space_kind, space_id) = space.to_wire();
+    let mut header = [0u8; PAGES_HEADER_LEN];
+    header[0] = space_kind;
+    header[4..8].copy_from_slice(&space_id.to_le_bytes());
+    header[8..16].copy_from_slice(&addr.to_le_bytes());
+    header[16..20].copy_from_slice(&(npages as u32).to_le_bytes());
+    header[20] = ENCODING_ZERO;
+    header[24..28].copy_from_slice(&(raw_len as u32).to_le_bytes());
+    EncodedRun {
+        header,
+        body: Vec::new(),
+        hash,
+        raw_len,
+        compressed: false,
+    }
+}
+
+impl EncodedRun {
+    /// Pages in the run.
+    pub fn pages(&self) -> u64 {
+        (self.raw_len / PAGE_SIZE) as u64
+    }
+
+    /// A run of zero pages without data ([`encode_pages_keep_zero`]).
+    pub fn is_zero(&self) -> bool {
+        self.header[20] == ENCODING_ZERO
+    }
+
+    /// Bytes of page data before encoding.
+    pub fn raw_len(&self) -> usize {
+        self.raw_len
+    }
+
+    /// The run as one page-stream message: its length (u32 LE), header, body and hash. A page
+    /// stream carries these back to back; [`decode_run`] reads one.
+    pub fn write_wire(&self, out: &mut Vec<u8>) {
+        let len = PAGES_HEADER_LEN + self.body.len() + HASH_LEN;
+        out.extend_from_slice(&(len as u32).to_le_bytes());
+        out.extend_from_slice(&self.header);
+        out.extend_from_slice(&self.body);
+        out.extend_from_slice(&self.hash);
+    }
+}
+
+/// Decode one run received on a page stream (the bytes after its length prefix): check the
+/// header, decompress, verify the hash. Returns the space, the address and the raw pages.
+pub fn decode_run(msg: &[u8]) -> Result<(Space, u64, Vec<u8>)> {
+    let bad = |reason: String| CommonError::BadFrame {
+        kind: FrameKind::Pages as u8,
+        reason,
+    };
+    if msg.len() > MAX_PAGES_LEN {
+        return Err(CommonError::TooLarge {
+            what: "page run message",
+            len: msg.len() as u64,
+            cap: MAX_PAGES_LEN as u64,
+        });
+    }
+    let Some(enc_len) = msg.len().checked_sub(PAGES_HEADER_LEN + HASH_LEN) else {
+        return Err(bad(format!(
+            "message of {} bytes is shorter than a run's header and hash",
+            msg.len()
+        )));
+    };
+    let mut rh = [0u8; PAGES_HEADER_LEN];
+    rh.copy_from_slice(&msg[..PAGES_HEADER_LEN]);
+    let h = parse_run_header(&rh, enc_len)?;
+    let body = &msg[PAGES_HEADER_LEN..PAGES_HEADER_LEN + enc_len];
+    let data = match h.encoding {
+        ENCODING_LZ4 => {
+            let mut raw = vec![0u8; h.raw_len];
+            match lz4_flex::block::decompress_into(body, &mut raw) {
+                Ok(n) if n == h.raw_len => raw,
+                Ok(n) => {
+                    return Err(bad(format!(
+                        "lz4 data decompresses to {n} bytes, expected {}",
+                        h.raw_len
+                    )))
+                }
+                Err(e) => return Err(bad(format!("lz4 data does not decompress ({e})"))),
+            }
+        }
+        ENCODING_ZERO => vec![0u8; h.raw_len],
+        _ => body.to_vec(),
+    };
+    if blake3::hash(&data).as_bytes()[..] != msg[PAGES_HEADER_LEN + enc_len..] {
+        return Err(CommonError::Checksum {
+            what: format!("page run of {} at {:#x}", h.space, h.addr),
+        });
+    }
+    debug_assert_eq!(data.len(), h.npages * PAGE_SIZE);
+    Ok((h.space, h.addr, data))
 }
 
 /// A frame's kind byte. 0 is reserved as invalid.
@@ -835,46 +1036,13 @@ impl<R: Read> ImageReader<R> {
         };
         let mut rh = [0u8; PAGES_HEADER_LEN];
         self.read_hashed(&mut rh, "page run header")?;
-        let space_id = u32::from_le_bytes(le4(&rh[4..8]));
-        let space = Space::from_wire(rh[0], space_id)
-            .ok_or_else(|| bad(format!("unknown space kind {}", rh[0])))?;
-        let addr = u64::from_le_bytes(le8(&rh[8..16]));
-        let npages = u32::from_le_bytes(le4(&rh[16..20])) as usize;
-        let encoding = rh[20];
-        let raw_len = u32::from_le_bytes(le4(&rh[24..28])) as usize;
-        if rh[1..4] != [0; 3] || rh[21..24] != [0; 3] || rh[28..32] != [0; 4] {
-            return Err(bad("non-zero reserved bytes in the run header".to_owned()));
-        }
-        if addr & PAGE_MASK != 0 {
-            return Err(bad(format!("address {addr:#x} is not page-aligned")));
-        }
-        if npages == 0 || npages > MAX_RUN_PAGES {
-            return Err(bad(format!(
-                "{npages} pages in one run (1..={MAX_RUN_PAGES})"
-            )));
-        }
-        if raw_len != npages * PAGE_SIZE {
-            return Err(bad(format!("raw length {raw_len} for {npages} pages")));
-        }
-        if addr.checked_add(raw_len as u64).is_none() {
-            return Err(bad(format!(
-                "run at {addr:#x} passes the end of the address range"
-            )));
-        }
-        match encoding {
-            ENCODING_RAW if enc_len != raw_len => {
-                return Err(bad(format!(
-                    "raw run of {enc_len} bytes, expected {raw_len}"
-                )));
-            }
-            ENCODING_LZ4 if enc_len == 0 || enc_len > raw_len => {
-                return Err(bad(format!(
-                    "lz4 run of {enc_len} bytes for {raw_len} raw bytes"
-                )));
-            }
-            ENCODING_RAW | ENCODING_LZ4 => {}
-            other => return Err(bad(format!("unknown encoding {other}"))),
-        }
+        let RunHeader {
+            space,
+            addr,
+            npages,
+            encoding,
+            raw_len,
+        } = parse_run_header(&rh, enc_len)?;
 
         let mut enc = if keep {
             Vec::new()
@@ -906,6 +1074,8 @@ impl<R: Read> ImageReader<R> {
                 self.enc_buf = enc;
             }
             raw
+        } else if encoding == ENCODING_ZERO {
+            vec![0u8; raw_len]
         } else {
             enc
         };

@@ -3,5 +3,6 @@
 
 pub mod error;
 pub mod image;
+pub mod live;
 pub mod model;
 pub mod procfs;

@@ -5,7 +5,7 @@ mod files;
 mod restore;
 pub mod sandbox;
 
-pub use restore::{restore, RestoreReport};
+pub use restore::{check_offer, restore, vdso_hash, PageTargets, RestoreReport, Skeleton};
 pub use sandbox::{InitMode, Sandbox};
 
 /// Everything that can make a restore fail. A failed restore leaves nothing behind: the

@@ -144,7 +144,25 @@ impl Sandbox {
             nix::unistd::Pid::from_raw(self.init_pid),
             nix::sys::signal::SIGKILL,
         );
-        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.init_pid), None);
+        // A dying init waits until every task of its namespace is reaped, and the tasks we
+        // trace (a restore in progress) can only be reaped once we, their tracer, have
+        // collected them: wait for any of our tracees and children until init is gone.
+        loop {
+            match nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::__WALL)) {
+                Ok(ws) if ws.pid() == Some(nix::unistd::Pid::from_raw(self.init_pid)) => {
+                    if matches!(
+                        ws,
+                        nix::sys::wait::WaitStatus::Exited(..)
+                            | nix::sys::wait::WaitStatus::Signaled(..)
+                    ) {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => return,
+            }
+        }
     }
 }
 

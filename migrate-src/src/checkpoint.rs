@@ -81,7 +81,7 @@ pub fn checkpoint(
 
 /// Signals that arrived during capture injections were held back; a vkernel that keeps
 /// running gets them now.
-fn redeliver(held: &[(i32, i32, i32)]) {
+pub(crate) fn redeliver(held: &[(i32, i32, i32)]) {
     for &(tgid, tid, sig) in held {
         // tgkill, not the original siginfo: the kernel refuses kernel-generated siginfos from
         // another process, and the handlers of a running vkernel only see the number.

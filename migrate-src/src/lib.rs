@@ -5,6 +5,8 @@ mod capture;
 pub mod checkpoint;
 pub mod dirty;
 pub mod freeze;
+pub mod live;
+pub mod throttle;
 
 pub use capture::{capture, CaptureOptions, Captured};
 pub use checkpoint::{checkpoint, CheckpointOptions, CheckpointReport};
@@ -45,12 +47,23 @@ pub enum SrcError {
         #[source]
         source: std::io::Error,
     },
+    #[error("The link to the destination failed: {what}")]
+    Link { what: String },
     #[error("The vkernel has no processes")]
     Empty,
     #[error("Cannot write the image")]
     Image(#[from] vkm_common::error::CommonError),
     #[error("Cannot {step} {path}")]
     Output {
+        step: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("CPU throttling is unavailable: {why}; mount the cgroup v1 cpu controller or enable \"cpu\" in the cgroup2 parent's cgroup.subtree_control, or migrate without auto-converge")]
+    ThrottleUnavailable { why: String },
+    #[error("Cannot {step} {path} for the CPU throttle (it needs root and a writable cgroup hierarchy); the vkernel keeps running")]
+    Cgroup {
         step: &'static str,
         path: PathBuf,
         #[source]

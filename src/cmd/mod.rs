@@ -4,10 +4,12 @@ mod checkpoint;
 mod console;
 mod inspect;
 mod kill;
+mod listen;
 mod pki;
 mod ps;
 mod restore;
 mod run;
+mod send;
 
 use anyhow::Result;
 
@@ -24,6 +26,8 @@ pub fn dispatch(state: &StateDir, log_format: LogFormat, command: Command) -> Re
         Command::Inspect(a) => inspect::inspect(a),
         Command::Kill(a) => kill::kill(state, a),
         Command::Pki(a) => pki::pki(a),
+        Command::Listen(a) => listen::listen(state, log_format, a),
+        Command::Send(a) => send::send(state, a),
         Command::Shim(_) => {
             anyhow::bail!("the shim is started by `run` and `restore`, not from the command line")
         }

@@ -18,6 +18,7 @@
 //! removes `DIR/NAME` before it exits.
 
 mod console;
+mod receive;
 mod serve;
 
 use std::ffi::OsString;
@@ -48,6 +49,8 @@ pub enum Reply {
     },
     /// The error and its causes, outermost first.
     Failed { chain: Vec<String> },
+    /// A receiving shim waits for the sender on this UDP port (before `ready`).
+    Receiving { port: u16 },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -113,54 +116,8 @@ pub fn start(
     mode: Vec<OsString>,
     log_format: LogFormat,
 ) -> Result<Started> {
-    let exe = std::env::current_exe()
-        .context("Cannot find the vkmigrate executable to start the shim")?;
-    let log_path = claim.dir.join(SHIM_LOG);
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(&log_path)
-        .with_context(|| format!("Cannot create {}", log_path.display()))?;
-    let (status_r, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .context("Cannot create the shim's status pipe")?;
-    let mut child = {
-        // The Command keeps its Stdio (and so our copy of the pipe's write end) until dropped:
-        // drop it right after the spawn, or the read below would never see end of file.
-        let mut cmd = Command::new(&exe);
-        cmd.arg("--state-dir")
-            .arg(state.root())
-            .arg("--log-format")
-            .arg(log_format.as_str())
-            .arg("__shim")
-            .args(mode)
-            .stdin(Stdio::from(claim.lock))
-            .stdout(Stdio::from(status_w))
-            .stderr(Stdio::from(log));
-        cmd.spawn()
-            .with_context(|| format!("Cannot start the shim {}", exe.display()))?
-    };
-    let mut line = String::new();
-    let read = BufReader::new(File::from(status_r)).read_line(&mut line);
-    if let Err(e) = read {
-        tracing::warn!(error = %e, "cannot read the shim's status pipe");
-    }
-    if line.trim().is_empty() {
-        // The shim died before it reported: show why, and remove what it left.
-        let status = wait_briefly(&mut child);
-        let tail = log_tail(&log_path);
-        let _ = state.probe(name);
-        let mut err = anyhow!("The shim exited without reporting ({status})");
-        if !tail.is_empty() {
-            err = anyhow!("{tail}").context(format!(
-                "The shim exited without reporting ({status}); the end of its log"
-            ));
-        }
-        return Err(err);
-    }
-    let reply: Reply = serde_json::from_str(line.trim())
-        .with_context(|| format!("Cannot parse the shim's status line {:?}", line.trim()))?;
-    match reply {
+    let mut shim = Shim::spawn(state, claim, name, mode, log_format)?;
+    match shim.next_reply()? {
         Reply::Ready {
             init_pid,
             console_tty,
@@ -171,9 +128,97 @@ pub fn start(
             restore,
         }),
         Reply::Failed { chain } => {
-            let _ = wait_briefly(&mut child);
+            let _ = wait_briefly(&mut shim.child);
             Err(RemoteError::from_chain(&chain).into())
         }
+        Reply::Receiving { .. } => Err(anyhow!("The shim reported an unexpected status")),
+    }
+}
+
+/// A shim we started, whose status lines we read.
+pub struct Shim {
+    child: std::process::Child,
+    status: BufReader<File>,
+    log_path: std::path::PathBuf,
+    state: StateDir,
+    name: String,
+}
+
+impl Shim {
+    pub fn spawn(
+        state: &StateDir,
+        claim: Claim,
+        name: &str,
+        mode: Vec<OsString>,
+        log_format: LogFormat,
+    ) -> Result<Shim> {
+        let exe = std::env::current_exe()
+            .context("Cannot find the vkmigrate executable to start the shim")?;
+        let log_path = claim.dir.join(SHIM_LOG);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&log_path)
+            .with_context(|| format!("Cannot create {}", log_path.display()))?;
+        let (status_r, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .context("Cannot create the shim's status pipe")?;
+        let child = {
+            // The Command keeps its Stdio (and so our copy of the pipe's write end) until
+            // dropped: drop it right after the spawn, or reads would never see end of file.
+            let mut cmd = Command::new(&exe);
+            cmd.arg("--state-dir")
+                .arg(state.root())
+                .arg("--log-format")
+                .arg(log_format.as_str())
+                .arg("__shim")
+                .args(mode)
+                .stdin(Stdio::from(claim.lock))
+                .stdout(Stdio::from(status_w))
+                .stderr(Stdio::from(log));
+            cmd.spawn()
+                .with_context(|| format!("Cannot start the shim {}", exe.display()))?
+        };
+        Ok(Shim {
+            child,
+            status: BufReader::new(File::from(status_r)),
+            log_path,
+            state: StateDir::new(state.root()),
+            name: name.to_owned(),
+        })
+    }
+
+    /// The shim's next status line. End of file means it died: its log's tail says why, and
+    /// what it left is removed.
+    pub fn next_reply(&mut self) -> Result<Reply> {
+        let mut line = String::new();
+        if let Err(e) = self.status.read_line(&mut line) {
+            tracing::warn!(error = %e, "cannot read the shim's status pipe");
+        }
+        if line.trim().is_empty() {
+            let status = wait_briefly(&mut self.child);
+            let tail = log_tail(&self.log_path);
+            let _ = self.state.probe(&self.name);
+            let mut err = anyhow!("The shim exited without reporting ({status})");
+            if !tail.is_empty() {
+                err = anyhow!("{tail}").context(format!(
+                    "The shim exited without reporting ({status}); the end of its log"
+                ));
+            }
+            return Err(err);
+        }
+        serde_json::from_str(line.trim())
+            .with_context(|| format!("Cannot parse the shim's status line {:?}", line.trim()))
+    }
+
+    /// Reap the shim if it has exited (it is our child).
+    pub fn reap(&mut self) {
+        let _ = wait_briefly(&mut self.child);
+    }
+
+    /// Wait until the shim exits (when its vkernel ends), and reap it.
+    pub fn wait(&mut self) {
+        let _ = self.child.wait();
     }
 }
 

@@ -31,13 +31,15 @@ use crate::logging;
 use crate::state::{self, Record, StateDir, CONSOLE_SOCK};
 
 /// A sandbox whose vkernel runs, with the console's pty master.
-struct Running {
-    sandbox: Sandbox,
-    master: OwnedFd,
-    console_tty: String,
-    argv: Vec<String>,
-    restored_from: Option<PathBuf>,
-    restore: Option<RestoreStats>,
+pub(super) struct Running {
+    pub(super) sandbox: Sandbox,
+    pub(super) master: OwnedFd,
+    pub(super) console_tty: String,
+    pub(super) argv: Vec<String>,
+    pub(super) restored_from: Option<PathBuf>,
+    pub(super) restore: Option<RestoreStats>,
+    /// Set for a vkernel received by live migration.
+    pub(super) migration_id: Option<String>,
 }
 
 /// Entry point of `vkmigrate __shim`. Never prints to the CLI's terminal: its stdout is the
@@ -60,9 +62,9 @@ pub fn main(state: &StateDir, args: ShimArgs, log_format: LogFormat) -> ExitCode
     }
 
     let (name, dir) = match &args.mode {
-        ShimMode::Run { name, .. } | ShimMode::Restore { name, .. } => {
-            (name.clone(), state.dir(name))
-        }
+        ShimMode::Run { name, .. }
+        | ShimMode::Restore { name, .. }
+        | ShimMode::Receive { name, .. } => (name.clone(), state.dir(name)),
     };
     let span = tracing::info_span!("shim", vkernel = %name, pid = std::process::id());
     let _enter = span.enter();
@@ -78,6 +80,25 @@ pub fn main(state: &StateDir, args: ShimArgs, log_format: LogFormat) -> ExitCode
         .and_then(|()| match args.mode {
             ShimMode::Run { command, .. } => setup_run(command),
             ShimMode::Restore { image, .. } => setup_restore(image),
+            ShimMode::Receive {
+                bind,
+                tls_dir,
+                migration_id,
+                mono_ns,
+                boot_ns,
+                at_ns,
+                ..
+            } => super::receive::setup_receive(
+                super::receive::ReceiveArgs {
+                    bind,
+                    tls_dir,
+                    migration_id,
+                    mono_ns,
+                    boot_ns,
+                    at_ns,
+                },
+                &mut status,
+            ),
         })
         .and_then(|mut running| {
             // Init and the vkernel have their own working directories now: do not pin the
@@ -196,7 +217,7 @@ fn check_single_threaded() -> Result<()> {
     }
 }
 
-fn open_console(winsize: Option<(u16, u16)>) -> Result<(OwnedFd, OwnedFd, String)> {
+pub(super) fn open_console(winsize: Option<(u16, u16)>) -> Result<(OwnedFd, OwnedFd, String)> {
     let (rows, cols) = winsize.filter(|&(r, c)| r > 0 && c > 0).unwrap_or((24, 80));
     let ws = Winsize {
         ws_row: rows,
@@ -226,7 +247,7 @@ fn open_console(winsize: Option<(u16, u16)>) -> Result<(OwnedFd, OwnedFd, String
 /// After init is forked: the shim itself must not die of SIGPIPE when a console client or the
 /// CLI goes away. Blocked (not ignored) so that nothing of it is inherited by what init forks
 /// later; a write to a closed socket or pipe then fails with EPIPE.
-fn block_sigpipe() {
+pub(super) fn block_sigpipe() {
     let mut set = SigSet::empty();
     set.add(Signal::SIGPIPE);
     if let Err(e) = set.thread_block() {
@@ -257,6 +278,7 @@ fn setup_run(argv: Vec<String>) -> Result<Running> {
         argv,
         restored_from: None,
         restore: None,
+        migration_id: None,
     })
 }
 
@@ -315,6 +337,7 @@ fn setup_restore(image: PathBuf) -> Result<Running> {
             pages: report.pages,
             elapsed_us: u64::try_from(report.elapsed.as_micros()).unwrap_or(u64::MAX),
         }),
+        migration_id: None,
     })
 }
 
@@ -349,12 +372,13 @@ fn finish_setup(dir: &Path, name: &str, running: &Running) -> Result<UnixListene
         console_tty: running.console_tty.clone(),
         created,
         restored_from: running.restored_from.clone(),
+        migration_id: running.migration_id.clone(),
     };
     state::write_record(dir, &record)?;
     Ok(listener)
 }
 
-fn send_reply(status: &mut File, reply: &Reply) {
+pub(super) fn send_reply(status: &mut File, reply: &Reply) {
     let line = match serde_json::to_string(reply) {
         Ok(l) => l,
         Err(e) => {

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod netlab;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -2,7 +2,7 @@
 
 use super::*;
 
-impl Restorer<'_> {
+impl Restorer {
     pub(super) fn create_objects(&mut self) -> Result<(), DstError> {
         let mut sysv = Vec::new();
         for o in &self.vk.objects {
@@ -77,20 +77,7 @@ impl Restorer<'_> {
     pub(super) fn layout(&mut self, mm: &model::Mm, rep: usize) -> Result<(), DstError> {
         let scratch = self.scratch;
         let args = self.args();
-        let objects: BTreeMap<u32, i32> = self
-            .objects
-            .iter()
-            .map(|(k, v)| (*k, v.as_raw_fd()))
-            .collect();
-        let vk = self.vk;
-        let sysv: BTreeMap<u32, (&MemObject, &SysvShm)> = vk
-            .objects
-            .iter()
-            .filter_map(|o| match &o.kind {
-                ObjectKind::SysV(seg) => Some((o.id, (o, seg))),
-                _ => None,
-            })
-            .collect();
+        let maps = self.object_maps();
         let r = self.leader(rep)?;
         r.call("munmap(low)", libc::SYS_munmap, &[0, scratch])?;
         let top = scratch + SCRATCH_LEN;
@@ -103,96 +90,176 @@ impl Restorer<'_> {
             )?;
         }
         for v in &mm.vmas {
-            let len = v.end - v.start;
-            let p = u64::from(v.prot & (prot::READ | prot::WRITE | prot::EXEC));
-            let share = if v.shared {
-                libc::MAP_SHARED
+            map_vma(r, mm, v, &maps, args, scratch)?;
+        }
+        set_mm_fields(r, mm, args, true)
+    }
+
+    /// Turn an address space laid out from the skeleton into `mm` (see
+    /// [`Skeleton::apply_final`]).
+    pub(super) fn apply_delta(
+        &mut self,
+        mm: &model::Mm,
+        rep: usize,
+        delta: &vkm_common::live::VmaDelta,
+    ) -> Result<(), DstError> {
+        let scratch = self.scratch;
+        let args = self.args();
+        let maps = self.object_maps();
+        let r = self.leader(rep)?;
+        for &(start, end) in &delta.unmap {
+            r.call("munmap(changed)", libc::SYS_munmap, &[start, end - start])?;
+        }
+        for &i in &delta.map {
+            let v = mm
+                .vmas
+                .get(i)
+                .ok_or_else(|| DstError::Inconsistent("bad VMA index".into()))?;
+            if vkm_common::live::is_special(v) {
+                return Err(DstError::Inconsistent(format!(
+                    "the special mapping at {:#x} moved during pre-copy",
+                    v.start
+                )));
+            }
+            map_vma(r, mm, v, &maps, args, scratch)?;
+        }
+        set_mm_fields(r, mm, args, false)
+    }
+
+    /// The agent's fds of memory objects and the SysV segments, as `map_vma` needs them.
+    fn object_maps(&self) -> ObjectMaps {
+        ObjectMaps {
+            fds: self
+                .objects
+                .iter()
+                .map(|(k, v)| (*k, v.as_raw_fd()))
+                .collect(),
+            sysv: self
+                .vk
+                .objects
+                .iter()
+                .filter_map(|o| match &o.kind {
+                    ObjectKind::SysV(seg) => Some((o.id, (o.size, seg.clone()))),
+                    _ => None,
+                })
+                .collect(),
+        }
+    }
+}
+
+struct ObjectMaps {
+    fds: BTreeMap<u32, i32>,
+    /// Object id → (size, segment).
+    sysv: BTreeMap<u32, (u64, SysvShm)>,
+}
+
+/// Map one saved VMA into the target at its address (MAP_FIXED: it replaces what is there).
+fn map_vma(
+    r: &mut Remote,
+    mm: &model::Mm,
+    v: &model::Vma,
+    maps: &ObjectMaps,
+    args: u64,
+    scratch: u64,
+) -> Result<(), DstError> {
+    let objects = &maps.fds;
+    let len = v.end - v.start;
+    let p = u64::from(v.prot & (prot::READ | prot::WRITE | prot::EXEC));
+    let share = if v.shared {
+        libc::MAP_SHARED
+    } else {
+        libc::MAP_PRIVATE
+    } as u64;
+    let fixed = libc::MAP_FIXED as u64;
+    match &v.backing {
+        Backing::Vdso | Backing::Vvar | Backing::VvarVclock | Backing::Vsyscall => return Ok(()),
+        Backing::Anon => {
+            let mut flags = share | fixed | libc::MAP_ANONYMOUS as u64;
+            if v.growsdown {
+                flags |= libc::MAP_GROWSDOWN as u64;
+            }
+            r.call(
+                "mmap(anon)",
+                libc::SYS_mmap,
+                &[v.start, len, p, flags, u64::MAX, 0],
+            )?;
+        }
+        Backing::File { path, offset, .. } => {
+            let mode = if v.shared && v.prot & prot::WRITE != 0 {
+                libc::O_RDWR
             } else {
-                libc::MAP_PRIVATE
-            } as u64;
-            let fixed = libc::MAP_FIXED as u64;
-            match &v.backing {
-                Backing::Vdso | Backing::Vvar | Backing::VvarVclock | Backing::Vsyscall => continue,
-                Backing::Anon => {
-                    let mut flags = share | fixed | libc::MAP_ANONYMOUS as u64;
-                    if v.growsdown {
-                        flags |= libc::MAP_GROWSDOWN as u64;
-                    }
-                    r.call(
-                        "mmap(anon)",
-                        libc::SYS_mmap,
-                        &[v.start, len, p, flags, u64::MAX, 0],
-                    )?;
-                }
-                Backing::File { path, offset, .. } => {
-                    let mode = if v.shared && v.prot & prot::WRITE != 0 {
-                        libc::O_RDWR
-                    } else {
-                        libc::O_RDONLY
-                    };
-                    r.write(args, &cstr(path))?;
-                    let fd = r.call(
-                        "openat(mapped file)",
-                        libc::SYS_openat,
-                        &[
-                            libc::AT_FDCWD as u64,
-                            args,
-                            (mode | libc::O_CLOEXEC) as u64,
-                            0,
-                        ],
-                    )?;
-                    let res = r.call(
-                        "mmap(file)",
-                        libc::SYS_mmap,
-                        &[v.start, len, p, share | fixed, fd, *offset],
-                    );
-                    r.call("close", libc::SYS_close, &[fd])?;
-                    res?;
-                }
-                Backing::Object { id, offset } if sysv.contains_key(id) => {
-                    let (o, seg) = sysv[id];
-                    attach_sysv(r, mm, v, o.size, seg, *offset, scratch)?;
-                }
-                Backing::Object { id, offset } => {
-                    let afd = objects
-                        .get(id)
-                        .ok_or_else(|| DstError::Inconsistent(format!("object {id} is missing")))?;
-                    let fd = r.call(
-                        "pidfd_getfd(object)",
-                        libc::SYS_pidfd_getfd,
-                        &[AGENT_PIDFD as u64, *afd as u64, 0],
-                    )?;
-                    let res = r.call(
-                        "mmap(object)",
-                        libc::SYS_mmap,
-                        &[v.start, len, p, share | fixed, fd, *offset],
-                    );
-                    r.call("close", libc::SYS_close, &[fd])?;
-                    res?;
-                }
-            }
-            for a in &v.advise {
-                let advice = match a.as_str() {
-                    "dc" => libc::MADV_DONTFORK,
-                    "dd" => libc::MADV_DONTDUMP,
-                    "wf" => libc::MADV_WIPEONFORK,
-                    "hg" => libc::MADV_HUGEPAGE,
-                    "nh" => libc::MADV_NOHUGEPAGE,
-                    _ => continue,
-                };
-                r.call("madvise", libc::SYS_madvise, &[v.start, len, advice as u64])?;
-            }
+                libc::O_RDONLY
+            };
+            r.write(args, &cstr(path))?;
+            let fd = r.call(
+                "openat(mapped file)",
+                libc::SYS_openat,
+                &[
+                    libc::AT_FDCWD as u64,
+                    args,
+                    (mode | libc::O_CLOEXEC) as u64,
+                    0,
+                ],
+            )?;
+            let res = r.call(
+                "mmap(file)",
+                libc::SYS_mmap,
+                &[v.start, len, p, share | fixed, fd, *offset],
+            );
+            r.call("close", libc::SYS_close, &[fd])?;
+            res?;
         }
-        // PR_SET_MM_MAP needs an fd of the executable in the target.
-        let f = &mm.fields;
-        let auxv_addr = args + 1024;
-        let auxv: Vec<u8> = f.auxv.iter().flat_map(|w| w.to_le_bytes()).collect();
-        if auxv.len() > 2048 {
-            return Err(DstError::Inconsistent("auxv too large".into()));
+        Backing::Object { id, offset } if maps.sysv.contains_key(id) => {
+            let (size, seg) = &maps.sysv[id];
+            attach_sysv(r, mm, v, *size, seg, *offset, scratch)?;
         }
-        r.write(auxv_addr, &auxv)?;
+        Backing::Object { id, offset } => {
+            let afd = objects
+                .get(id)
+                .ok_or_else(|| DstError::Inconsistent(format!("object {id} is missing")))?;
+            let fd = r.call(
+                "pidfd_getfd(object)",
+                libc::SYS_pidfd_getfd,
+                &[AGENT_PIDFD as u64, *afd as u64, 0],
+            )?;
+            let res = r.call(
+                "mmap(object)",
+                libc::SYS_mmap,
+                &[v.start, len, p, share | fixed, fd, *offset],
+            );
+            r.call("close", libc::SYS_close, &[fd])?;
+            res?;
+        }
+    }
+    for a in &v.advise {
+        let advice = match a.as_str() {
+            "dc" => libc::MADV_DONTFORK,
+            "dd" => libc::MADV_DONTDUMP,
+            "wf" => libc::MADV_WIPEONFORK,
+            "hg" => libc::MADV_HUGEPAGE,
+            "nh" => libc::MADV_NOHUGEPAGE,
+            _ => continue,
+        };
+        r.call("madvise", libc::SYS_madvise, &[v.start, len, advice as u64])?;
+    }
+
+    Ok(())
+}
+
+/// Code, data, brk, stack, arguments, environment, auxv and exe link of an address space.
+/// `set_exe`: also point the exe link at `mm.exe` (the kernel refuses to change it while the
+/// old executable is still mapped, so only a freshly emptied address space can).
+fn set_mm_fields(r: &mut Remote, mm: &model::Mm, args: u64, set_exe: bool) -> Result<(), DstError> {
+    let f = &mm.fields;
+    let auxv_addr = args + 1024;
+    let auxv: Vec<u8> = f.auxv.iter().flat_map(|w| w.to_le_bytes()).collect();
+    if auxv.len() > 2048 {
+        return Err(DstError::Inconsistent("auxv too large".into()));
+    }
+    r.write(auxv_addr, &auxv)?;
+    let exe_fd = if set_exe {
         r.write(args + 3072, &cstr(&mm.exe))?;
-        let exe_fd = r.call(
+        r.call(
             "openat(exe)",
             libc::SYS_openat,
             &[
@@ -201,42 +268,47 @@ impl Restorer<'_> {
                 (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
                 0,
             ],
-        )?;
-        let mut map = Vec::with_capacity(104);
-        for w in [
-            f.start_code,
-            f.end_code,
-            f.start_data,
-            f.end_data,
-            f.start_brk,
-            f.brk,
-            f.start_stack,
-            f.arg_start,
-            f.arg_end,
-            f.env_start,
-            f.env_end,
-            auxv_addr,
-        ] {
-            map.extend_from_slice(&w.to_le_bytes());
-        }
-        map.extend_from_slice(&u32::try_from(auxv.len()).unwrap_or(0).to_le_bytes());
-        map.extend_from_slice(&u32::try_from(exe_fd).unwrap_or(0).to_le_bytes());
-        r.write(args, &map)?;
-        let res = r.call(
-            "prctl(PR_SET_MM_MAP)",
-            libc::SYS_prctl,
-            &[
-                libc::PR_SET_MM as u64,
-                libc::PR_SET_MM_MAP as u64,
-                args,
-                104,
-                0,
-            ],
-        );
-        r.call("close", libc::SYS_close, &[exe_fd])?;
-        res?;
-        Ok(())
+        )?
+    } else {
+        u64::from(u32::MAX)
+    };
+    let mut map = Vec::with_capacity(104);
+    for w in [
+        f.start_code,
+        f.end_code,
+        f.start_data,
+        f.end_data,
+        f.start_brk,
+        f.brk,
+        f.start_stack,
+        f.arg_start,
+        f.arg_end,
+        f.env_start,
+        f.env_end,
+        auxv_addr,
+    ] {
+        map.extend_from_slice(&w.to_le_bytes());
     }
+    map.extend_from_slice(&u32::try_from(auxv.len()).unwrap_or(0).to_le_bytes());
+    map.extend_from_slice(&u32::try_from(exe_fd).unwrap_or(0).to_le_bytes());
+    r.write(args, &map)?;
+    let res = r.call(
+        "prctl(PR_SET_MM_MAP)",
+        libc::SYS_prctl,
+        &[
+            libc::PR_SET_MM as u64,
+            libc::PR_SET_MM_MAP as u64,
+            args,
+            104,
+            0,
+        ],
+    );
+    if set_exe {
+        r.call("close", libc::SYS_close, &[exe_fd])?;
+    }
+    res?;
+
+    Ok(())
 }
 
 /// Create SysV segment `o` with its saved key and id. Runs on a thread that has joined the

@@ -21,6 +21,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vkm_common::image::{Frame, ImageReader, Space};
@@ -65,47 +66,277 @@ pub fn restore<R: Read + Send>(
     console: Option<&OwnedFd>,
 ) -> Result<RestoreReport, DstError> {
     let t0 = Instant::now();
-    check_image(vk)?;
-    let order = process_order(vk)?;
-    let scratch = pick_scratch(vk)?;
-    let mut r = Restorer {
-        vk,
-        scratch,
-        procs: BTreeMap::new(),
-        objects: BTreeMap::new(),
-        hosts: BTreeMap::new(),
-        pages: 0,
-    };
-    r.build_tree(&order, sandbox)?;
-    r.create_objects()?;
-    for mm in &vk.mms {
-        let rep = rep_of(vk, &order, |p| p.mm == mm.id)?;
-        r.layout(mm, rep)
-            .map_err(|e| step("layout", vk.processes[rep].pid, e))?;
-    }
-    r.receive_pages(reader, &order)?;
-    r.remove_sysv()?;
-    let agent_files = r.prepare_files(console)?;
-    for table in &vk.fd_tables {
-        let rep = rep_of(vk, &order, |p| p.fd_table == table.id)?;
-        r.install_fds(rep, table, &agent_files.files)
-            .map_err(|e| step("files", vk.processes[rep].pid, e))?;
-    }
-    drop(agent_files);
-    for &i in &order {
-        if vk.processes[i].zombie.is_some() {
-            continue;
+    let mut skel = Skeleton::build(vk.clone(), sandbox)?;
+    let targets = skel.page_targets()?;
+    skel.r.pages = receive_pages(reader, &targets)?;
+    skel.finish(console)?;
+    let mut report = skel.go()?;
+    report.elapsed = t0.elapsed();
+    Ok(report)
+}
+
+/// A vkernel being restored, built in stages so that a live migration can fill its memory
+/// while the source still runs: [`Skeleton::build`] (processes and address spaces), pages
+/// through [`PageTargets`] from any thread, [`Skeleton::apply_final`] (the layout as it was
+/// when the source froze), [`Skeleton::finish`] (all other state), [`Skeleton::go`].
+pub struct Skeleton {
+    r: Restorer,
+    order: Vec<usize>,
+}
+
+impl Skeleton {
+    /// Stages 1 and 2: every process at its PID, every address space laid out, memory
+    /// objects created. Nothing runs yet.
+    pub fn build(vk: Vkernel, sandbox: &mut Sandbox) -> Result<Skeleton, DstError> {
+        check_image(&vk)?;
+        let order = process_order(&vk)?;
+        let scratch = pick_scratch(&vk)?;
+        let mut r = Restorer {
+            vk: Arc::new(vk),
+            scratch,
+            procs: BTreeMap::new(),
+            objects: BTreeMap::new(),
+            hosts: BTreeMap::new(),
+            pages: 0,
+        };
+        r.build_tree(&order, sandbox)?;
+        r.create_objects()?;
+        let vk = Arc::clone(&r.vk);
+        for mm in &vk.mms {
+            let rep = rep_of(&vk, &order, |p| p.mm == mm.id)?;
+            r.layout(mm, rep)
+                .map_err(|e| step("layout", vk.processes[rep].pid, e))?;
         }
-        let pid = vk.processes[i].pid;
-        r.process_state(i)
-            .map_err(|e| step("process state", pid, e))?;
+        Ok(Skeleton { r, order })
     }
-    r.resume(&order)?;
-    Ok(RestoreReport {
-        processes: vk.processes.len(),
-        threads: vk.processes.iter().map(|p| p.threads.len()).sum(),
-        pages: r.pages,
-        elapsed: t0.elapsed(),
+
+    /// Where pages go: each address space through `/proc/PID/mem` of a process using it, each
+    /// memory object through its file. Usable from several threads at once.
+    pub fn page_targets(&self) -> Result<PageTargets, DstError> {
+        let mut mms = BTreeMap::new();
+        for mm in &self.r.vk.mms {
+            let rep = rep_of(&self.r.vk, &self.order, |p| p.mm == mm.id)?;
+            let tid = self
+                .r
+                .procs
+                .get(&rep)
+                .and_then(|p| p.threads.first())
+                .map(|t| t.tid)
+                .ok_or_else(|| DstError::Inconsistent(format!("process #{rep} was not created")))?;
+            mms.insert(mm.id, open_mem(tid)?);
+        }
+        let mut objects = BTreeMap::new();
+        for o in &self.r.vk.objects {
+            let fd = self
+                .r
+                .objects
+                .get(&o.id)
+                .ok_or_else(|| DstError::Inconsistent(format!("object {} is missing", o.id)))?;
+            let dup = fd.try_clone().map_err(|e| {
+                DstError::Sys(calls::errno(
+                    "dup(object)",
+                    0,
+                    e.raw_os_error().unwrap_or(0),
+                ))
+            })?;
+            objects.insert(o.id, (File::from(dup), o.size));
+        }
+        Ok(PageTargets { mms, objects })
+    }
+
+    /// The state the source froze in, `vk`, replaces the one the skeleton was built from:
+    /// per address space, VMAs that are gone or changed are unmapped, new or changed ones
+    /// (and those in `fresh`, whose pages the source did not track) mapped empty, and the mm
+    /// fields set again. The caller checked [`vkm_common::live::skeleton_fits`].
+    pub fn apply_final(&mut self, vk: Vkernel, fresh: &[(u32, u64)]) -> Result<(), DstError> {
+        if !vkm_common::live::skeleton_fits(&self.r.vk, &vk) {
+            return Err(DstError::Inconsistent(
+                "the final state does not fit the skeleton (processes or memory objects differ)"
+                    .into(),
+            ));
+        }
+        let before = Arc::clone(&self.r.vk);
+        self.r.vk = Arc::new(vk);
+        let after = Arc::clone(&self.r.vk);
+        for (old, new) in before.mms.iter().zip(&after.mms) {
+            let starts: Vec<u64> = fresh
+                .iter()
+                .filter(|(mm, _)| *mm == new.id)
+                .map(|(_, s)| *s)
+                .collect();
+            let delta = vkm_common::live::vma_delta(old, new, &starts);
+            let rep = rep_of(&after, &self.order, |p| p.mm == new.id)?;
+            self.r
+                .apply_delta(new, rep, &delta)
+                .map_err(|e| step("layout delta", after.processes[rep].pid, e))?;
+        }
+        Ok(())
+    }
+
+    /// Stage 4 and the first half of 5: everything but letting the threads run.
+    pub fn finish(&mut self, console: Option<&OwnedFd>) -> Result<(), DstError> {
+        let r = &mut self.r;
+        let vk = Arc::clone(&r.vk);
+        r.remove_sysv()?;
+        let agent_files = r.prepare_files(console)?;
+        for table in &vk.fd_tables {
+            let rep = rep_of(&vk, &self.order, |p| p.fd_table == table.id)?;
+            r.install_fds(rep, table, &agent_files.files)
+                .map_err(|e| step("files", vk.processes[rep].pid, e))?;
+        }
+        drop(agent_files);
+        for &i in &self.order {
+            if vk.processes[i].zombie.is_some() {
+                continue;
+            }
+            let pid = vk.processes[i].pid;
+            r.process_state(i)
+                .map_err(|e| step("process state", pid, e))?;
+        }
+        r.prepare_resume(&self.order)
+    }
+
+    /// Every thread runs (the barrier: until now none did).
+    pub fn go(self) -> Result<RestoreReport, DstError> {
+        for rp in self.r.procs.values() {
+            for r in &rp.threads {
+                ptrace::detach(r.tid, 0)?;
+            }
+        }
+        Ok(RestoreReport {
+            processes: self.r.vk.processes.len(),
+            threads: self.r.vk.processes.iter().map(|p| p.threads.len()).sum(),
+            pages: self.r.pages,
+            elapsed: Duration::ZERO,
+        })
+    }
+
+    /// Count pages written through [`PageTargets`] for the report.
+    pub fn add_pages(&mut self, n: u64) {
+        self.r.pages += n;
+    }
+
+    /// Kill every process of the skeleton and wait until their PIDs are free again (the
+    /// sandbox's init reaps them), so that a new skeleton can be built in the same sandbox.
+    pub fn discard(self) -> Result<(), DstError> {
+        let hosts: Vec<i32> = self.r.hosts.values().copied().collect();
+        for &h in &hosts {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(h),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        // Our tracees report their death to us before their parent can reap them.
+        for rp in self.r.procs.values() {
+            for t in &rp.threads {
+                let _ = nix::sys::wait::waitpid(
+                    nix::unistd::Pid::from_raw(t.tid),
+                    Some(nix::sys::wait::WaitPidFlag::__WALL),
+                );
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for &h in &hosts {
+            while std::path::Path::new(&format!("/proc/{h}")).exists() {
+                if Instant::now() > deadline {
+                    return Err(DstError::Inconsistent(format!(
+                        "process {h} of the old skeleton was not reaped within 5 s"
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where pages are written; see [`Skeleton::page_targets`].
+pub struct PageTargets {
+    mms: BTreeMap<u32, File>,
+    objects: BTreeMap<u32, (File, u64)>,
+}
+
+impl PageTargets {
+    /// Write one run of pages.
+    pub fn apply(&self, space: Space, addr: u64, data: &[u8]) -> Result<(), DstError> {
+        match space {
+            Space::Mm(id) => {
+                let mem = self.mms.get(&id).ok_or_else(|| {
+                    DstError::Inconsistent(format!("pages for unknown address space {id}"))
+                })?;
+                mem.write_all_at(data, addr).map_err(|e| {
+                    DstError::Sys(vkm_sys::SysError::Syscall {
+                        op: "pwrite(/proc/PID/mem)",
+                        pid: 0,
+                        source: e,
+                    })
+                })
+            }
+            Space::Object(id) => {
+                let (file, size) = self.objects.get(&id).ok_or_else(|| {
+                    DstError::Inconsistent(format!("pages for unknown object {id}"))
+                })?;
+                // The last page of an object may be partial.
+                let end = (addr + data.len() as u64).min(*size);
+                let n = usize::try_from(end.saturating_sub(addr)).unwrap_or(0);
+                file.write_all_at(&data[..n], addr).map_err(|e| {
+                    DstError::Sys(vkm_sys::SysError::Syscall {
+                        op: "pwrite(memory object)",
+                        pid: 0,
+                        source: e,
+                    })
+                })
+            }
+        }
+    }
+}
+
+/// Apply every page frame of an image. A reader thread reads, decompresses and verifies
+/// frames while this thread writes the previous ones into the targets. Returns the pages.
+fn receive_pages<R: Read + Send>(
+    reader: &mut ImageReader<R>,
+    targets: &PageTargets,
+) -> Result<u64, DstError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Frame>(4);
+    std::thread::scope(|scope| {
+        let producer = scope.spawn(move || -> Result<(), DstError> {
+            while let Some(frame) = reader.next_frame()? {
+                if tx.send(frame).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        let mut result = Ok(0u64);
+        while let Ok(frame) = rx.recv() {
+            let applied = match frame {
+                Frame::Pages { space, addr, data } => targets
+                    .apply(space, addr, &data)
+                    .map(|()| (data.len() / 4096) as u64),
+                Frame::Meta(_) => Err(DstError::Inconsistent(
+                    "a second vkernel description".into(),
+                )),
+                Frame::Blob { .. } => Ok(0),
+            };
+            match applied {
+                Ok(n) => {
+                    if let Ok(total) = result.as_mut() {
+                        *total += n;
+                    }
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        drop(rx);
+        let read = producer.join().unwrap_or_else(|_| {
+            Err(DstError::Inconsistent(
+                "the image reader thread panicked".into(),
+            ))
+        });
+        read.and(result)
     })
 }
 
@@ -125,8 +356,8 @@ struct RProc {
     threads: Vec<Remote>,
 }
 
-struct Restorer<'a> {
-    vk: &'a Vkernel,
+struct Restorer {
+    vk: Arc<Vkernel>,
     scratch: u64,
     /// By index into `vk.processes`.
     procs: BTreeMap<usize, RProc>,
@@ -137,7 +368,7 @@ struct Restorer<'a> {
     pages: u64,
 }
 
-impl Restorer<'_> {
+impl Restorer {
     fn args(&self) -> u64 {
         self.scratch + ARGS_OFF
     }
@@ -149,90 +380,11 @@ impl Restorer<'_> {
             .ok_or_else(|| DstError::Inconsistent(format!("process #{i} was not created")))
     }
 
-    // ---- stage 3: pages ------------------------------------------------------------------
-
-    /// Apply every page frame of the image. A reader thread reads, decompresses and verifies
-    /// frames while this (the tracing) thread writes the previous ones into the targets.
-    fn receive_pages<R: Read + Send>(
-        &mut self,
-        reader: &mut ImageReader<R>,
-        order: &[usize],
-    ) -> Result<(), DstError> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Frame>(4);
-        std::thread::scope(|scope| {
-            let producer = scope.spawn(move || -> Result<(), DstError> {
-                while let Some(frame) = reader.next_frame()? {
-                    if tx.send(frame).is_err() {
-                        break;
-                    }
-                }
-                Ok(())
-            });
-            let mut result = Ok(());
-            while let Ok(frame) = rx.recv() {
-                let applied = match frame {
-                    Frame::Pages { space, addr, data } => {
-                        self.apply_pages(order, space, addr, &data)
-                    }
-                    Frame::Meta(_) => Err(DstError::Inconsistent(
-                        "a second vkernel description".into(),
-                    )),
-                    Frame::Blob { .. } => Ok(()),
-                };
-                if let Err(e) = applied {
-                    result = Err(e);
-                    break;
-                }
-            }
-            drop(rx);
-            let read = producer.join().unwrap_or_else(|_| {
-                Err(DstError::Inconsistent(
-                    "the image reader thread panicked".into(),
-                ))
-            });
-            result.and(read)
-        })
-    }
-
-    fn apply_pages(
-        &mut self,
-        order: &[usize],
-        space: Space,
-        addr: u64,
-        data: &[u8],
-    ) -> Result<(), DstError> {
-        self.pages += (data.len() / 4096) as u64;
-        match space {
-            Space::Mm(id) => {
-                let rep = rep_of(self.vk, order, |p| p.mm == id)?;
-                let r = self.leader(rep)?;
-                r.write(addr, data)
-                    .map_err(|e| step("pages", r.tid, e.into()))
-            }
-            Space::Object(id) => {
-                let fd = self.objects.get(&id).ok_or_else(|| {
-                    DstError::Inconsistent(format!("pages for unknown object {id}"))
-                })?;
-                let size = self
-                    .vk
-                    .objects
-                    .iter()
-                    .find(|o| o.id == id)
-                    .map_or(0, |o| o.size);
-                // The last page of an object may be partial.
-                let end = (addr + data.len() as u64).min(size);
-                let n = usize::try_from(end.saturating_sub(addr)).unwrap_or(0);
-                nix::sys::uio::pwrite(fd, &data[..n], i64::try_from(addr).unwrap_or(0))
-                    .map_err(|e| DstError::Sys(calls::errno("pwrite(memfd)", 0, e as i32)))?;
-                Ok(())
-            }
-        }
-    }
-
     // ---- stage 5: resume -------------------------------------------------------------------
 
-    fn resume(&mut self, order: &[usize]) -> Result<(), DstError> {
-        let vk = self.vk;
+    fn prepare_resume(&mut self, order: &[usize]) -> Result<(), DstError> {
+        let vk_arc = Arc::clone(&self.vk);
+        let vk = &*vk_arc;
         let scratch = self.scratch;
         // Capabilities go last: every injection before needs ours. They are dropped while
         // every scratch area is still mapped (processes can share one).
@@ -287,12 +439,6 @@ impl Restorer<'_> {
                     .map_err(|e| step("xstate", t.tid, e.into()))?;
                 ptrace::setregs(r.tid, &regs)?;
                 ptrace::set_sigmask(r.tid, t.sigmask)?;
-            }
-        }
-        // The barrier: everything is in place, now every thread runs.
-        for rp in self.procs.values() {
-            for r in &rp.threads {
-                ptrace::detach(r.tid, 0)?;
             }
         }
         Ok(())
@@ -524,4 +670,57 @@ fn own_vdso() -> Result<Vec<u8>, DstError> {
         })
     })?;
     Ok(buf)
+}
+
+/// Whether this host can run the vkernel an offer describes: the same kernel build (vDSO),
+/// the same CPU state layout, enough memory, the same mapped files. The reason, if not.
+pub fn check_offer(offer: &vkm_common::live::Offer) -> Result<(), String> {
+    if offer.version != vkm_common::live::PROTOCOL_VERSION {
+        return Err(format!(
+            "protocol version {} (this host speaks {})",
+            offer.version,
+            vkm_common::live::PROTOCOL_VERSION
+        ));
+    }
+    let own = own_vdso().map_err(|e| format!("cannot read this host's vDSO ({e})"))?;
+    if !offer.vdso_hash.is_empty() && blake3::hash(&own).as_bytes()[..] != offer.vdso_hash[..] {
+        return Err(format!(
+            "another kernel build (the source runs {}, this host {}); restore needs the same one",
+            offer.kernel_release,
+            vkm_sys::host::kernel_release()
+        ));
+    }
+    let (xcr0, size) = vkm_sys::host::xsave_features();
+    if offer.cpu.xcr0 != 0 && (offer.cpu.xcr0 != xcr0 || offer.cpu.xstate_size != size) {
+        return Err(format!(
+            "another CPU state layout (XCR0 {:#x}, {} bytes of xsave; this host {xcr0:#x}, {size} bytes)",
+            offer.cpu.xcr0, offer.cpu.xstate_size
+        ));
+    }
+    let avail = vkm_sys::host::mem_available().map_err(|e| e.to_string())?;
+    if offer.mem_bytes > avail {
+        return Err(format!(
+            "not enough memory: the vkernel needs {} MiB, {} MiB are available",
+            offer.mem_bytes >> 20,
+            avail >> 20
+        ));
+    }
+    for f in &offer.files {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&f.path)
+            .map_err(|e| format!("{} (which the vkernel maps) is missing here ({e})", f.path))?;
+        let mtime = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
+        if meta.size() != f.size || mtime != f.mtime_ns {
+            return Err(format!(
+                "{} (which the vkernel maps) differs here (size or modification time)",
+                f.path
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The vDSO of this host, hashed, for an offer.
+pub fn vdso_hash() -> Result<Vec<u8>, DstError> {
+    Ok(blake3::hash(&own_vdso()?).as_bytes().to_vec())
 }

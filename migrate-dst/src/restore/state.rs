@@ -2,12 +2,12 @@
 
 use super::*;
 
-impl Restorer<'_> {
+impl Restorer {
     pub(super) fn prepare_files(
         &mut self,
         console: Option<&OwnedFd>,
     ) -> Result<crate::files::Prepared, DstError> {
-        crate::files::prepare(self.vk, &self.objects, &self.hosts, console)
+        crate::files::prepare(&self.vk, &self.objects, &self.hosts, console)
     }
 
     pub(super) fn install_fds(
@@ -66,7 +66,8 @@ impl Restorer<'_> {
     /// POSIX (fcntl) locks belong to a process, not to a file: each owner sets its own again
     /// once its fds are in place (any close of the file by the owner would drop them).
     pub(super) fn posix_locks(&mut self, table: &model::FdTable) -> Result<(), DstError> {
-        let vk = self.vk;
+        let vk_arc = Arc::clone(&self.vk);
+        let vk = &*vk_arc;
         let args = self.args();
         for (i, p) in vk.processes.iter().enumerate() {
             if p.fd_table != table.id || p.zombie.is_some() {
@@ -109,7 +110,8 @@ impl Restorer<'_> {
     }
 
     pub(super) fn process_state(&mut self, i: usize) -> Result<(), DstError> {
-        let vk = self.vk;
+        let vk_arc = Arc::clone(&self.vk);
+        let vk = &*vk_arc;
         let p = &vk.processes[i];
         let args = self.args();
         {

@@ -2,13 +2,14 @@
 
 use super::*;
 
-impl Restorer<'_> {
+impl Restorer {
     pub(super) fn build_tree(
         &mut self,
         order: &[usize],
         sandbox: &mut Sandbox,
     ) -> Result<(), DstError> {
-        let vk = self.vk;
+        let vk_arc = Arc::clone(&self.vk);
+        let vk = &*vk_arc;
         for &i in order {
             let p = &vk.processes[i];
             let remote = if p.ppid == 1 {
@@ -89,7 +90,8 @@ impl Restorer<'_> {
     /// Processes that had exited but were not reaped: they exit again now, with the same
     /// status, and wait for their (restored) parent to reap them.
     pub(super) fn make_zombies(&mut self, order: &[usize]) -> Result<(), DstError> {
-        let vk = self.vk;
+        let vk_arc = Arc::clone(&self.vk);
+        let vk = &*vk_arc;
         for &i in order {
             let p = &vk.processes[i];
             let Some(status) = p.zombie else { continue };

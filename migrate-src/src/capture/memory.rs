@@ -18,6 +18,17 @@ use crate::SrcError;
 const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
 const PM_FILE: u64 = 1 << 61;
+const PM_UFFD_WP: u64 = 1 << 57;
+
+/// A pagemap entry that is only a userfaultfd write-protect marker on an empty page (what a
+/// pre-copy's tracker leaves in every page it protects): the kernel shows it as a swap entry
+/// of the special marker type with offset 1 (`PTE_MARKER_UFFD_WP`), but there is no page.
+/// Real swap types are below 24 (`MAX_SWAPFILES` of at most 32 minus the special types).
+fn is_uffd_wp_marker(v: u64) -> bool {
+    let frame = v & ((1 << 55) - 1);
+    v & PM_SWAPPED != 0 && v & PM_UFFD_WP != 0 && frame >> 5 == 1 && frame & 0x1f >= 24
+}
+
 /// Pages read from the target per pread (and per image frame group).
 const CHUNK: usize = 1 << 20;
 
@@ -147,7 +158,7 @@ const PIPELINE_DEPTH: usize = 4;
 
 /// Allocated extents of a file (SEEK_DATA/SEEK_HOLE), page aligned: a 256 MiB UML RAM file uses
 /// a tenth of that when idle, and holes read as zeros anyway.
-fn data_extents(file: &File, size: u64) -> Result<Vec<(u64, u64)>, SrcError> {
+pub(crate) fn data_extents(file: &File, size: u64) -> Result<Vec<(u64, u64)>, SrcError> {
     use nix::unistd::{lseek, Whence};
     use std::os::fd::AsRawFd;
     let page = PAGE_SIZE as u64;
@@ -662,7 +673,7 @@ fn read_mem(pid: i32, start: u64, end: u64) -> Result<Vec<u8>, SrcError> {
 
 /// Runs of pages of [start, end) that carry state: present or swapped anonymous pages; for a
 /// private file mapping only its copied-on-write pages (the rest is in the file).
-fn state_runs(
+pub(crate) fn state_runs(
     pagemap: &File,
     start: u64,
     end: u64,
@@ -686,10 +697,11 @@ fn state_runs(
             let mut b = [0u8; 8];
             b.copy_from_slice(c);
             let v = u64::from_le_bytes(b);
+            let swapped = v & PM_SWAPPED != 0 && !is_uffd_wp_marker(v);
             let keep = if file_backed {
-                (v & PM_PRESENT != 0 && v & PM_FILE == 0) || v & PM_SWAPPED != 0
+                (v & PM_PRESENT != 0 && v & PM_FILE == 0) || swapped
             } else {
-                v & (PM_PRESENT | PM_SWAPPED) != 0
+                v & PM_PRESENT != 0 || swapped
             };
             if keep {
                 let pa = a + i as u64 * page;

@@ -18,6 +18,7 @@ use crate::freeze::Frozen;
 use crate::SrcError;
 
 pub use memory::MemoryPlan;
+pub(crate) use memory::{data_extents, state_runs};
 
 #[derive(Debug, Clone, Default)]
 pub struct CaptureOptions {

@@ -1,0 +1,365 @@
+//! Live migration: the messages both sides exchange, the layout delta between the skeleton the
+//! destination built early and the final state, and the pre-copy convergence policy. Pure: the
+//! drivers that move these over QUIC live with the CLI.
+//!
+//! The conversation (DESIGN §4):
+//!
+//! ```text
+//!  source                                   listen daemon (destination)
+//!  Offer ─────────────────────────────────▶ checks: name free, memory, CPU, kernel, files
+//!        ◀───────────────────── Accept{port} | Refuse{reason}
+//!  source                                   receiver (a new shim on the destination)
+//!  Hello, Skeleton(vk) ───────────────────▶ builds processes and address spaces
+//!        ◀──────────────────────────────── SkeletonReady
+//!  pages, round after round (page streams) ▶ written straight into the skeleton
+//!  (freeze) Final{vk, frames, fresh} ─────▶ waits for those frames, applies the layout delta
+//!        ◀──────────────────────────────── FinalReady
+//!  last pages, Commit{frames} ────────────▶ fds, signals, timers, registers: all but running
+//!        ◀──────────────────────────────── Ready
+//!  Go ────────────────────────────────────▶ every thread runs
+//!        ◀──────────────────────────────── Running
+//!  (source discards its copy)
+//! ```
+//!
+//! Any failure before `Go` makes the source thaw and the receiver tear its copy down.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Backing, Clocks, CpuInfo, Mm, Vkernel, Vma};
+
+/// Version of the conversation above; both sides must speak the same.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// What the destination must provide to run the vkernel, sent before any state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Offer {
+    pub version: u32,
+    pub name: String,
+    /// Random id of this migration, to ask about its outcome later.
+    pub migration_id: String,
+    /// Memory the vkernel's pages need (resident, not virtual).
+    pub mem_bytes: u64,
+    pub cpu: CpuInfo,
+    /// The source's vDSO hash: restore needs the same kernel build.
+    pub vdso_hash: Vec<u8>,
+    pub kernel_release: String,
+    /// Files the vkernel maps: they must be the same on the destination.
+    pub files: Vec<MappedFile>,
+    /// The vkernel's CLOCK_MONOTONIC/BOOTTIME when the offer was sent.
+    pub clocks: Clocks,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MappedFile {
+    pub path: String,
+    pub size: u64,
+    pub mtime_ns: i128,
+}
+
+/// Source → listen daemon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ToDaemon {
+    Offer(Box<Offer>),
+    /// After a lost link: does the vkernel of that migration run here?
+    Query {
+        name: String,
+        migration_id: String,
+    },
+}
+
+/// Listen daemon → source.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum FromDaemon {
+    /// Connect to this UDP port of the same address: a receiver waits there.
+    Accept {
+        port: u16,
+    },
+    Refuse {
+        reason: String,
+    },
+    /// The answer to a query: the vkernel runs here, or certainly does not (`pending`: the
+    /// receiving shim is still at work; ask again).
+    Outcome {
+        running: bool,
+        pending: bool,
+    },
+}
+
+/// Source → receiver.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ToReceiver {
+    Hello {
+        migration_id: String,
+    },
+    /// The state captured when pre-copy began: the receiver builds processes and address
+    /// spaces from it and pages then flow into them.
+    Skeleton(Box<Vkernel>),
+    /// The vkernel is frozen. `frames`: page messages sent so far on each page stream, which
+    /// the receiver applies before the delta. `fresh`: VMAs (mm id, start) of `vk` whose
+    /// contents the source did not track; the receiver maps them anew and the source sends
+    /// every page of them. `rebuild`: the process tree changed; build a new skeleton from
+    /// `vk`, all pages follow.
+    Final {
+        vk: Box<Vkernel>,
+        frames: Vec<u64>,
+        fresh: Vec<(u32, u64)>,
+        rebuild: bool,
+    },
+    /// Every page has been sent (`frames` per stream in total): apply the rest of the state.
+    Commit {
+        frames: Vec<u64>,
+    },
+    /// Run the vkernel.
+    Go,
+    /// The source gives up (the reason is for the receiver's log).
+    Abort {
+        reason: String,
+    },
+}
+
+/// Receiver → source.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum FromReceiver {
+    SkeletonReady {
+        build_us: u64,
+    },
+    FinalReady {
+        delta_us: u64,
+    },
+    /// Everything is applied; the vkernel runs on `Go`.
+    Ready {
+        apply_us: u64,
+    },
+    Running {
+        resume_us: u64,
+        init_pid: i32,
+    },
+    /// The error chain, outermost first.
+    Failed {
+        chain: Vec<String>,
+    },
+}
+
+/// What the receiver must change in an address space built from the skeleton's `before` to
+/// make it `after`: ranges to unmap (VMAs that are gone or changed) and VMAs of `after` to map
+/// (new or changed). Unchanged VMAs keep the pages that pre-copy wrote into them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmaDelta {
+    pub unmap: Vec<(u64, u64)>,
+    /// Indices into `after.vmas`.
+    pub map: Vec<usize>,
+}
+
+impl VmaDelta {
+    pub fn is_empty(&self) -> bool {
+        self.unmap.is_empty() && self.map.is_empty()
+    }
+}
+
+/// Two VMAs are the same mapping when everything restore maps them by is equal.
+pub fn same_vma(a: &Vma, b: &Vma) -> bool {
+    a.start == b.start
+        && a.end == b.end
+        && a.prot == b.prot
+        && a.shared == b.shared
+        && a.growsdown == b.growsdown
+        && a.advise == b.advise
+        && a.backing == b.backing
+}
+
+/// The delta between two layouts of one address space. `fresh` names VMAs of `after` (by
+/// start) to map anew even if unchanged, because their contents were not tracked.
+pub fn vma_delta(before: &Mm, after: &Mm, fresh: &[u64]) -> VmaDelta {
+    let mut d = VmaDelta::default();
+    for b in &before.vmas {
+        if !after.vmas.iter().any(|a| same_vma(a, b)) {
+            d.unmap.push((b.start, b.end));
+        }
+    }
+    for (i, a) in after.vmas.iter().enumerate() {
+        if fresh.contains(&a.start) || !before.vmas.iter().any(|b| same_vma(a, b)) {
+            d.map.push(i);
+        }
+    }
+    d
+}
+
+/// Special mappings the kernel places (vDSO, vvar, vsyscall): a delta cannot move them.
+pub fn is_special(v: &Vma) -> bool {
+    matches!(
+        v.backing,
+        Backing::Vdso | Backing::Vvar | Backing::VvarVclock | Backing::Vsyscall
+    )
+}
+
+/// Whether the skeleton built from `before` can become `after` by per-VMA deltas: the same
+/// processes (pids, parents, sessions, groups, threads, address space and fd table sharing,
+/// zombies), the same memory objects, and special mappings in place. Otherwise the receiver
+/// rebuilds from `after`.
+pub fn skeleton_fits(before: &Vkernel, after: &Vkernel) -> bool {
+    let procs_same = before.processes.len() == after.processes.len()
+        && before.processes.iter().zip(&after.processes).all(|(a, b)| {
+            a.pid == b.pid
+                && a.ppid == b.ppid
+                && a.pgid == b.pgid
+                && a.sid == b.sid
+                && a.mm == b.mm
+                && a.fd_table == b.fd_table
+                && a.zombie.is_some() == b.zombie.is_some()
+                && a.threads.len() == b.threads.len()
+                && a.threads
+                    .iter()
+                    .zip(&b.threads)
+                    .all(|(x, y)| x.tid == y.tid)
+        });
+    let objects_same = before.objects == after.objects;
+    let mms_same = before.mms.len() == after.mms.len()
+        && before.mms.iter().zip(&after.mms).all(|(a, b)| {
+            a.id == b.id && {
+                let specials = |m: &Mm| -> Vec<(u64, u64)> {
+                    m.vmas
+                        .iter()
+                        .filter(|v| is_special(v))
+                        .map(|v| (v.start, v.end))
+                        .collect()
+                };
+                specials(a) == specials(b)
+            }
+        });
+    procs_same && objects_same && mms_same
+}
+
+/// When to stop pre-copy (QEMU's rule, with a floor on what a round can achieve).
+#[derive(Debug, Clone, Copy)]
+pub struct Convergence {
+    /// The pause the operator accepts.
+    pub downtime_ms: u64,
+    /// Give up iterating after this many rounds.
+    pub max_rounds: u32,
+}
+
+/// What the pre-copy loop does after a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Send another round.
+    Round,
+    /// Another round, with the vkernel throttled harder (to this percent of a CPU).
+    Throttle(u32),
+    /// Freeze and send the rest.
+    StopAndCopy,
+}
+
+impl Convergence {
+    /// Decide after a round. `remaining`: bytes dirty now (what the final round would send);
+    /// `bandwidth`: measured bytes per second of page data; `history`: bytes sent by the
+    /// rounds after round 0 so far; `throttle`: the current CPU percent (100 = none).
+    pub fn next(&self, remaining: u64, bandwidth: f64, history: &[u64], throttle: u32) -> Next {
+        let budget = bandwidth * self.downtime_ms as f64 / 1000.0;
+        if (remaining as f64) <= budget {
+            return Next::StopAndCopy;
+        }
+        let rounds = history.len() as u32;
+        if rounds + 1 >= self.max_rounds {
+            return Next::StopAndCopy;
+        }
+        // Not shrinking: the vkernel writes about as fast as we send. Throttle it (as QEMU's
+        // auto-converge: 20 % off first, then 10 % more each time), down to 5 %; past that,
+        // stop anyway.
+        let stalled = history.len() >= 2 && {
+            let n = history.len();
+            history[n - 1] as f64 >= history[n - 2] as f64 * 0.9
+        };
+        if stalled {
+            if throttle <= 5 {
+                return Next::StopAndCopy;
+            }
+            let next = if throttle >= 100 {
+                80
+            } else {
+                throttle.saturating_sub(10).max(5)
+            };
+            return Next::Throttle(next);
+        }
+        Next::Round
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{prot, MmFields};
+
+    fn vma(start: u64, end: u64, backing: Backing) -> Vma {
+        Vma {
+            start,
+            end,
+            prot: prot::READ | prot::WRITE,
+            shared: false,
+            growsdown: false,
+            advise: Vec::new(),
+            backing,
+        }
+    }
+
+    fn mm(vmas: Vec<Vma>) -> Mm {
+        Mm {
+            id: 0,
+            vmas,
+            fields: MmFields::default(),
+            exe: String::new(),
+            vdso: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn delta_keeps_unchanged_and_remaps_the_rest() {
+        let before = mm(vec![
+            vma(0x1000, 0x5000, Backing::Anon),
+            vma(0x10000, 0x20000, Backing::Anon),
+            vma(0x7000_0000, 0x7000_2000, Backing::Vdso),
+        ]);
+        let mut grown = vma(0x10000, 0x30000, Backing::Anon);
+        grown.prot = prot::READ;
+        let after = mm(vec![
+            vma(0x1000, 0x5000, Backing::Anon),
+            grown,
+            vma(0x40000, 0x41000, Backing::Anon),
+            vma(0x7000_0000, 0x7000_2000, Backing::Vdso),
+        ]);
+        let d = vma_delta(&before, &after, &[]);
+        assert_eq!(d.unmap, vec![(0x10000, 0x20000)]);
+        assert_eq!(d.map, vec![1, 2]);
+        let d = vma_delta(&before, &after, &[0x1000]);
+        assert_eq!(d.map, vec![0, 1, 2]);
+        assert!(vma_delta(&before, &before, &[]).is_empty());
+    }
+
+    #[test]
+    fn convergence_stops_when_the_rest_fits_the_downtime() {
+        let c = Convergence {
+            downtime_ms: 20,
+            max_rounds: 30,
+        };
+        // 1 GB/s: 20 ms carry 20 MB.
+        assert_eq!(
+            c.next(10_000_000, 1e9, &[50_000_000], 100),
+            Next::StopAndCopy
+        );
+        assert_eq!(c.next(30_000_000, 1e9, &[50_000_000], 100), Next::Round);
+        // Not shrinking: throttle, harder each time, then give up.
+        assert_eq!(
+            c.next(30_000_000, 1e9, &[30_000_000, 30_000_000], 100),
+            Next::Throttle(80)
+        );
+        assert_eq!(
+            c.next(30_000_000, 1e9, &[30_000_000, 30_000_000], 80),
+            Next::Throttle(70)
+        );
+        assert_eq!(
+            c.next(30_000_000, 1e9, &[30_000_000, 30_000_000], 5),
+            Next::StopAndCopy
+        );
+        // The round limit.
+        assert_eq!(c.next(30_000_000, 1e9, &[1; 29], 100), Next::StopAndCopy);
+    }
+}

@@ -1,0 +1,631 @@
+//! The source side of a live migration: pre-copy rounds while the vkernel runs, then the
+//! final freeze (DESIGN §4). Transport-agnostic: pages leave through a [`PageSink`], the
+//! protocol conversation is the caller's.
+//!
+//! Memory is tracked two ways:
+//! - address spaces with a [`DirtyTracker`] each (userfaultfd write-protection + PAGEMAP_SCAN):
+//!   round 0 sends every page with state, later rounds what was written since;
+//! - memory objects (memfds, tmpfs files, SysV segments) by content: a hash per page, compared
+//!   each round, because writes through other processes' mappings or the file itself are
+//!   invisible to a tracker.
+//!
+//! Pages are cut into chunks aligned to [`CHUNK`]; a chunk always goes on the same page stream
+//! (chosen from its space and address), so a page sent again in a later round can never
+//! overtake its older copy on another stream.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use vkm_common::image::{encode_pages, encode_pages_keep_zero, Space, PAGE_SIZE};
+use vkm_common::live::{same_vma, skeleton_fits};
+use vkm_common::model::{Backing, Vkernel, Vma};
+use vkm_sys::proc;
+
+use crate::capture::{capture, data_extents, state_runs, CaptureOptions, Captured};
+use crate::dirty::DirtyTracker;
+use crate::freeze::Frozen;
+use crate::{merge_ranges, SrcError};
+
+/// Pages per stream message at most, and the alignment that pins a page to a stream.
+pub const CHUNK: u64 = 1 << 20;
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// Where encoded page runs go: `msg` holds `frames` runs in wire form
+/// ([`vkm_common::image::EncodedRun::write_wire`]), for page stream `stream`.
+pub trait PageSink: Sync {
+    fn send(&self, stream: usize, msg: Vec<u8>, frames: u64) -> Result<(), SrcError>;
+}
+
+#[derive(Debug, Clone)]
+pub struct LiveOptions {
+    pub capture: CaptureOptions,
+    pub init_pid: i32,
+    pub compression: bool,
+    /// Page streams (and encoder threads).
+    pub streams: usize,
+}
+
+/// What one round sent.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RoundStats {
+    pub round: u32,
+    /// Pages found dirty (or, in round 0, with state).
+    pub pages: u64,
+    /// Zero pages not sent (round 0) or sent as empty runs (later rounds).
+    pub zero_pages: u64,
+    /// Page data before and after encoding.
+    pub bytes_raw: u64,
+    pub bytes_encoded: u64,
+    pub duration_ms: f64,
+}
+
+struct TrackedMm {
+    id: u32,
+    pid: i32,
+    tracker: Option<DirtyTracker>,
+    /// The skeleton's VMAs of this address space: pages outside them have nowhere to go
+    /// until the final delta.
+    vmas: Vec<Vma>,
+}
+
+struct TrackedObject {
+    id: u32,
+    file: File,
+    size: u64,
+    /// Hash of each page as last sent (0 for never sent / hole).
+    hashes: Vec<u64>,
+}
+
+/// One piece of work for an encoder: a page-aligned range of one space.
+#[derive(Clone, Copy)]
+struct Chunk {
+    space: Space,
+    start: u64,
+    end: u64,
+}
+
+/// A running pre-copy.
+pub struct Precopy {
+    opts: LiveOptions,
+    skeleton: Vkernel,
+    mms: Vec<TrackedMm>,
+    objects: Vec<TrackedObject>,
+    /// Messages' frames sent per stream so far.
+    frames: Vec<u64>,
+    round: u32,
+    /// Host pids of the vkernel's processes when pre-copy began (for throttling).
+    pub host_pids: Vec<i32>,
+}
+
+impl Precopy {
+    /// Freeze the vkernel for a moment to capture the skeleton's state, let it run again, and
+    /// start tracking its writes. Returns the state the destination builds its skeleton from.
+    pub fn start(opts: LiveOptions) -> Result<(Precopy, Vkernel), SrcError> {
+        let mut frozen = Frozen::freeze(opts.init_pid)?;
+        let captured = capture(&frozen, &opts.capture);
+        let host_pids: Vec<i32> = frozen
+            .processes
+            .iter()
+            .filter(|p| p.zombie.is_none())
+            .map(|p| p.host_pid)
+            .collect();
+        frozen.thaw();
+        drop(frozen);
+        let Captured { vk, memory, held } = captured?;
+        crate::checkpoint::redeliver(&held);
+        let mut mms = Vec::new();
+        for m in &memory.mms {
+            // Tracking starts only now, after the thaw; round 0 reads pages after it, so a
+            // write in between is either read by round 0 or reported by round 1.
+            let tracker = match DirtyTracker::attach(m.pid) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!(pid = m.pid, error = %e, "address space not tracked: its pages go in the final round");
+                    None
+                }
+            };
+            let vmas = vk
+                .mms
+                .iter()
+                .find(|x| x.id == m.id)
+                .map(|x| x.vmas.clone())
+                .unwrap_or_default();
+            mms.push(TrackedMm {
+                id: m.id,
+                pid: m.pid,
+                tracker,
+                vmas,
+            });
+        }
+        let objects = memory
+            .objects
+            .into_iter()
+            .map(|o| TrackedObject {
+                id: o.id,
+                hashes: vec![0; usize::try_from(o.size.div_ceil(PAGE)).unwrap_or(0)],
+                file: o.file,
+                size: o.size,
+            })
+            .collect();
+        let streams = opts.streams.max(1);
+        Ok((
+            Precopy {
+                opts,
+                skeleton: vk.clone(),
+                mms,
+                objects,
+                frames: vec![0; streams],
+                round: 0,
+                host_pids,
+            },
+            vk,
+        ))
+    }
+
+    pub fn streams(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Frames sent so far on each stream.
+    pub fn frames(&self) -> &[u64] {
+        &self.frames
+    }
+
+    /// Send one round: the first sends every page with state, the others what changed since.
+    pub fn round(&mut self, sink: &dyn PageSink) -> Result<RoundStats, SrcError> {
+        let t0 = Instant::now();
+        let first = self.round == 0;
+        let mut chunks = Vec::new();
+        for m in &mut self.mms {
+            let Some(tracker) = m.tracker.as_mut() else {
+                continue;
+            };
+            let ranges = if first {
+                let path = proc::pid_path(m.pid, "pagemap");
+                let pagemap =
+                    File::open(&path).map_err(|e| vkm_sys::SysError::Path { path, source: e })?;
+                let mut runs = Vec::new();
+                for v in &m.vmas {
+                    if let Some(file_backed) = state_kind(v) {
+                        runs.extend(state_runs(&pagemap, v.start, v.end, file_backed)?);
+                    }
+                }
+                runs
+            } else {
+                clip(&tracker.collect()?, &m.vmas)
+            };
+            push_chunks(&mut chunks, Space::Mm(m.id), &merge_ranges(ranges));
+        }
+        for o in &mut self.objects {
+            let ranges = changed_pages(o)?;
+            push_chunks(&mut chunks, Space::Object(o.id), &ranges);
+        }
+        let mut stats = self.send(sink, &chunks, !first, false)?;
+        stats.round = self.round;
+        stats.duration_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        self.round += 1;
+        Ok(stats)
+    }
+
+    /// Encode and send chunks on their streams, one encoder thread per stream; returns when
+    /// every chunk is queued (the barrier between rounds). `strict`: a page that cannot be
+    /// read is an error (the vkernel is frozen); otherwise it belongs to a mapping that went
+    /// away meanwhile, which the final round handles.
+    fn send(
+        &mut self,
+        sink: &dyn PageSink,
+        chunks: &[Chunk],
+        keep_zero: bool,
+        strict: bool,
+    ) -> Result<RoundStats, SrcError> {
+        let n = self.frames.len();
+        let compression = self.opts.compression;
+        let mm_pids: Vec<(u32, i32)> = self.mms.iter().map(|m| (m.id, m.pid)).collect();
+        let objects: Vec<(u32, &File, u64)> = self
+            .objects
+            .iter()
+            .map(|o| (o.id, &o.file, o.size))
+            .collect();
+        let results: Vec<Result<(RoundStats, u64), SrcError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..n)
+                .map(|i| {
+                    let mine: Vec<Chunk> = chunks
+                        .iter()
+                        .filter(|c| stream_of(c.space, c.start, n) == i)
+                        .copied()
+                        .collect();
+                    let mm_pids = &mm_pids;
+                    let objects = &objects;
+                    scope.spawn(move || {
+                        encode_stream(
+                            i,
+                            &mine,
+                            mm_pids,
+                            objects,
+                            sink,
+                            keep_zero,
+                            compression,
+                            strict,
+                        )
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(SrcError::Unsupported {
+                            pid: 0,
+                            what: "a page encoder thread panicked".into(),
+                        })
+                    })
+                })
+                .collect()
+        });
+        let mut total = RoundStats::default();
+        for (i, r) in results.into_iter().enumerate() {
+            let (s, frames) = r?;
+            self.frames[i] += frames;
+            add(&mut total, &s);
+        }
+        Ok(total)
+    }
+
+    /// Stop the vkernel and work out what is left: the final state, and which pages the
+    /// destination's skeleton lacks.
+    pub fn freeze(mut self) -> Result<Final, SrcError> {
+        let frozen = Frozen::freeze(self.opts.init_pid)?;
+        let captured = capture(&frozen, &self.opts.capture)?;
+        let rebuild = !skeleton_fits(&self.skeleton, &captured.vk);
+        let mut chunks = Vec::new();
+        let mut fresh = Vec::new();
+        if rebuild {
+            // Everything, as a checkpoint would.
+            for m in &captured.memory.mms {
+                push_chunks(&mut chunks, Space::Mm(m.id), &m.runs);
+            }
+            for o in &captured.memory.objects {
+                push_chunks(
+                    &mut chunks,
+                    Space::Object(o.id),
+                    &data_extents(&o.file, o.size)?,
+                );
+            }
+        } else {
+            for (m, fm) in self.mms.iter_mut().zip(&captured.vk.mms) {
+                let plan_runs = captured
+                    .memory
+                    .mms
+                    .iter()
+                    .find(|p| p.id == fm.id)
+                    .map(|p| p.runs.clone())
+                    .unwrap_or_default();
+                let (dirty, tracked) = match m.tracker.as_mut() {
+                    Some(t) => (t.collect()?, t.tracked().to_vec()),
+                    None => (Vec::new(), Vec::new()),
+                };
+                let mut ranges = Vec::new();
+                for v in &fm.vmas {
+                    if state_kind(v).is_none() {
+                        continue;
+                    }
+                    let kept = m.vmas.iter().any(|b| same_vma(b, v))
+                        && tracked.iter().any(|&(s, e)| s <= v.start && v.end <= e);
+                    if kept {
+                        ranges.extend(clip(&dirty, std::slice::from_ref(v)));
+                    } else {
+                        fresh.push((fm.id, v.start));
+                        ranges.extend(clip(&plan_runs, std::slice::from_ref(v)));
+                    }
+                }
+                push_chunks(&mut chunks, Space::Mm(m.id), &merge_ranges(ranges));
+            }
+            for o in &mut self.objects {
+                let ranges = changed_pages(o)?;
+                push_chunks(&mut chunks, Space::Object(o.id), &ranges);
+            }
+        }
+        if rebuild {
+            // The new skeleton's objects are the final capture's.
+            self.objects = captured
+                .memory
+                .objects
+                .iter()
+                .filter_map(|o| {
+                    Some(TrackedObject {
+                        id: o.id,
+                        file: o.file.try_clone().ok()?,
+                        size: o.size,
+                        hashes: Vec::new(),
+                    })
+                })
+                .collect();
+            self.mms = captured
+                .memory
+                .mms
+                .iter()
+                .map(|m| TrackedMm {
+                    id: m.id,
+                    pid: m.pid,
+                    tracker: None,
+                    vmas: Vec::new(),
+                })
+                .collect();
+        }
+        Ok(Final {
+            precopy: self,
+            frozen: Some(frozen),
+            captured,
+            chunks,
+            fresh,
+            rebuild,
+        })
+    }
+}
+
+/// The vkernel is frozen; its state and last pages are ready to go.
+pub struct Final {
+    precopy: Precopy,
+    frozen: Option<Frozen>,
+    captured: Captured,
+    chunks: Vec<Chunk>,
+    /// VMAs (mm, start) the destination must map anew.
+    pub fresh: Vec<(u32, u64)>,
+    /// The process tree or memory objects changed: the destination builds a new skeleton.
+    pub rebuild: bool,
+}
+
+impl Final {
+    pub fn vk(&self) -> &Vkernel {
+        &self.captured.vk
+    }
+
+    /// Frames sent per stream before the final pages.
+    pub fn frames(&self) -> Vec<u64> {
+        self.precopy.frames.clone()
+    }
+
+    /// Bytes the final pages will read (before zero elision).
+    pub fn pending_bytes(&self) -> u64 {
+        self.chunks.iter().map(|c| c.end - c.start).sum()
+    }
+
+    /// Send the last pages. Returns the stats and the frames per stream in total.
+    pub fn send_pages(&mut self, sink: &dyn PageSink) -> Result<(RoundStats, Vec<u64>), SrcError> {
+        let t0 = Instant::now();
+        let chunks = std::mem::take(&mut self.chunks);
+        let mut s = self.precopy.send(sink, &chunks, !self.rebuild, true)?;
+        s.round = self.precopy.round;
+        s.duration_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        Ok((s, self.precopy.frames.clone()))
+    }
+
+    /// The destination runs the vkernel: end this copy.
+    pub fn commit(mut self) -> Result<(), SrcError> {
+        // Trackers first: their userfaultfds hold the address spaces.
+        for m in &mut self.precopy.mms {
+            m.tracker = None;
+        }
+        match self.frozen.take() {
+            Some(f) => f.kill(),
+            None => Ok(()),
+        }
+    }
+
+    /// The migration failed before the destination ran anything: the vkernel runs on here,
+    /// where it stopped, with the signals held during capture.
+    pub fn abort(mut self) {
+        if let Some(mut f) = self.frozen.take() {
+            f.thaw();
+        }
+        crate::checkpoint::redeliver(&self.captured.held);
+    }
+
+    /// How long the vkernel has been frozen is measured by the caller; this is a hint of how
+    /// much page data follows.
+    pub fn chunks(&self) -> usize {
+        self.chunks.len()
+    }
+}
+
+/// For a VMA whose own pages carry state: `Some(file_backed)` as [`state_runs`] wants it.
+fn state_kind(v: &Vma) -> Option<bool> {
+    if v.shared {
+        return None;
+    }
+    match v.backing {
+        Backing::Anon => Some(false),
+        Backing::File { .. } | Backing::Object { .. } => Some(true),
+        _ => None,
+    }
+}
+
+/// The parts of `ranges` inside the VMAs.
+fn clip(ranges: &[(u64, u64)], vmas: &[Vma]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(s, e) in ranges {
+        for v in vmas {
+            let (a, b) = (s.max(v.start), e.min(v.end));
+            if a < b {
+                out.push((a, b));
+            }
+        }
+    }
+    out
+}
+
+/// Cut ranges at [`CHUNK`] boundaries.
+fn push_chunks(out: &mut Vec<Chunk>, space: Space, ranges: &[(u64, u64)]) {
+    for &(s, e) in ranges {
+        let mut a = s;
+        while a < e {
+            let b = ((a / CHUNK + 1) * CHUNK).min(e);
+            out.push(Chunk {
+                space,
+                start: a,
+                end: b,
+            });
+            a = b;
+        }
+    }
+}
+
+/// The stream a chunk goes on: the same for every round.
+fn stream_of(space: Space, addr: u64, n: usize) -> usize {
+    let id = match space {
+        Space::Mm(id) => u64::from(id) * 2,
+        Space::Object(id) => u64::from(id) * 2 + 1,
+    };
+    let x = (addr / CHUNK).wrapping_add(id.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    usize::try_from(x % n as u64).unwrap_or(0)
+}
+
+/// Pages of an object whose content differs from what was sent last (holes count as zero),
+/// as ranges; the stored hashes are updated.
+fn changed_pages(o: &mut TrackedObject) -> Result<Vec<(u64, u64)>, SrcError> {
+    let zero = xxhash_rust::xxh3::xxh3_64(&[0u8; PAGE_SIZE]);
+    let mut now = vec![zero; o.hashes.len()];
+    let mut buf = vec![0u8; CHUNK as usize];
+    for (s, e) in data_extents(&o.file, o.size)? {
+        let mut a = s;
+        while a < e {
+            let n = usize::try_from((e - a).min(CHUNK)).unwrap_or(0);
+            let want = n.min(usize::try_from(o.size - a).unwrap_or(n));
+            buf[..n].fill(0);
+            o.file
+                .read_exact_at(&mut buf[..want], a)
+                .map_err(|e| vkm_sys::SysError::Syscall {
+                    op: "pread(memory object)",
+                    pid: 0,
+                    source: e,
+                })?;
+            for (i, page) in buf[..n].chunks_exact(PAGE_SIZE).enumerate() {
+                if let Some(h) = now.get_mut(usize::try_from(a / PAGE).unwrap_or(0) + i) {
+                    *h = xxhash_rust::xxh3::xxh3_64(page);
+                }
+            }
+            a += n as u64;
+        }
+    }
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (i, (old, new)) in o.hashes.iter_mut().zip(&now).enumerate() {
+        // 0 = never sent: a zero page need not be sent the first time.
+        let changed = if *old == 0 { *new != zero } else { old != new };
+        *old = *new;
+        if changed {
+            let a = i as u64 * PAGE;
+            match out.last_mut() {
+                Some((_, e)) if *e == a => *e = a + PAGE,
+                _ => out.push((a, a + PAGE)),
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn encode_stream(
+    stream: usize,
+    chunks: &[Chunk],
+    mm_pids: &[(u32, i32)],
+    objects: &[(u32, &File, u64)],
+    sink: &dyn PageSink,
+    keep_zero: bool,
+    compression: bool,
+    strict: bool,
+) -> Result<(RoundStats, u64), SrcError> {
+    let mut stats = RoundStats::default();
+    let mut frames = 0u64;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut mems: Vec<(u32, File)> = Vec::new();
+    for c in chunks {
+        let n = usize::try_from(c.end - c.start).unwrap_or(0);
+        let data = &mut buf[..n];
+        let read = match c.space {
+            Space::Mm(id) => {
+                if !mems.iter().any(|(m, _)| *m == id) {
+                    let pid = mm_pids
+                        .iter()
+                        .find(|(m, _)| *m == id)
+                        .map(|(_, p)| *p)
+                        .unwrap_or(0);
+                    let path = proc::pid_path(pid, "mem");
+                    let f = File::open(&path)
+                        .map_err(|e| vkm_sys::SysError::Path { path, source: e })?;
+                    mems.push((id, f));
+                }
+                let f = mems
+                    .iter()
+                    .find(|(m, _)| *m == id)
+                    .map(|(_, f)| f)
+                    .ok_or(SrcError::Empty)?;
+                f.read_exact_at(data, c.start)
+                    .map_err(|e| (e, "pread(/proc/PID/mem)"))
+            }
+            Space::Object(id) => {
+                let (_, f, size) = objects
+                    .iter()
+                    .find(|(o, _, _)| *o == id)
+                    .ok_or(SrcError::Empty)?;
+                let want = n.min(usize::try_from(size.saturating_sub(c.start)).unwrap_or(n));
+                data.fill(0);
+                f.read_exact_at(&mut data[..want], c.start)
+                    .map_err(|e| (e, "pread(memory object)"))
+            }
+        };
+        if let Err((e, op)) = read {
+            if strict {
+                return Err(vkm_sys::SysError::Syscall {
+                    op,
+                    pid: 0,
+                    source: e,
+                }
+                .into());
+            }
+            tracing::debug!(start = c.start, error = %e, "pages gone since they were found dirty");
+            continue;
+        }
+        let enc = if keep_zero {
+            encode_pages_keep_zero(c.space, c.start, data, compression)?
+        } else {
+            encode_pages(c.space, c.start, data, compression)?
+        };
+        let mut msg = Vec::with_capacity(n / 2 + 4096);
+        let mut k = 0;
+        for run in &enc.runs {
+            run.write_wire(&mut msg);
+            k += 1;
+        }
+        stats.pages += (n / PAGE_SIZE) as u64;
+        stats.zero_pages += enc.zero_pages_skipped
+            + if keep_zero {
+                enc.runs
+                    .iter()
+                    .filter(|r| r.is_zero())
+                    .map(|r| r.pages())
+                    .sum::<u64>()
+            } else {
+                0
+            };
+        stats.bytes_raw += n as u64;
+        stats.bytes_encoded += msg.len() as u64;
+        if k > 0 {
+            sink.send(stream, msg, k)?;
+            frames += k;
+        }
+    }
+    Ok((stats, frames))
+}
+
+fn add(a: &mut RoundStats, b: &RoundStats) {
+    a.pages += b.pages;
+    a.zero_pages += b.zero_pages;
+    a.bytes_raw += b.bytes_raw;
+    a.bytes_encoded += b.bytes_encoded;
+}
+
+/// How long ago something happened, for logs.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

@@ -1,0 +1,205 @@
+//! `vkmigrate listen`: the daemon that receives vkernels. It checks each offer, and for one it
+//! accepts starts a shim (`__shim receive`) that takes the migration over on a port of its own:
+//! that shim must be the tracer of the restored processes and their parent, so the transfer
+//! runs in it, not here. The daemon also answers a sender that lost its link after `go` and
+//! asks whether the vkernel runs here.
+
+use std::ffi::OsString;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use vkm_common::image::{decode_meta, encode_meta};
+use vkm_common::live::{FromDaemon, Offer, ToDaemon};
+use vkm_transport::{Control, Server, Session, TlsDir, Tuning};
+
+use crate::cli::{ListenArgs, LogFormat};
+use crate::shim::{Reply, Shim};
+use crate::state::{validate_name, StateDir};
+
+pub fn listen(state: &StateDir, log_format: LogFormat, args: ListenArgs) -> Result<()> {
+    let tls = TlsDir::load(&args.tls_dir)
+        .with_context(|| format!("Cannot load the TLS files in {}", args.tls_dir.display()))?;
+    std::fs::create_dir_all(state.root()).with_context(|| {
+        format!(
+            "Cannot create the state directory {}",
+            state.root().display()
+        )
+    })?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("Cannot start the network runtime")?;
+    rt.block_on(async {
+        let server = Server::bind(args.addr, &tls, &Tuning::bulk())
+            .with_context(|| format!("Cannot listen on {}", args.addr))?;
+        let local = server.local_addr()?;
+        println!("listening on {local}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        tracing::info!(addr = %local, "listening");
+        let ctx = Arc::new(Ctx {
+            state: StateDir::new(state.root()),
+            tls_dir: args.tls_dir.clone(),
+            bind_ip: local.ip(),
+            log_format,
+        });
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("Cannot handle SIGTERM")?;
+        loop {
+            tokio::select! {
+                incoming = server.incoming() => {
+                    let Some(incoming) = incoming else { break };
+                    let ctx = Arc::clone(&ctx);
+                    tokio::spawn(async move {
+                        let peer = incoming.remote_address();
+                        match incoming.accept().await {
+                            Ok(session) => {
+                                if let Err(e) = handle(ctx, session).await {
+                                    tracing::warn!(%peer, error = %format!("{e:#}"), "connection failed");
+                                }
+                            }
+                            // A peer without a certificate of our CA ends here, before any state.
+                            Err(e) => tracing::warn!(%peer, error = %e, "connection refused"),
+                        }
+                    });
+                }
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+            }
+        }
+        tracing::info!("stopping");
+        server.close();
+        Ok::<(), anyhow::Error>(())
+    })?;
+    // Migrations in flight belong to their shims, which go on without us.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+struct Ctx {
+    state: StateDir,
+    tls_dir: std::path::PathBuf,
+    bind_ip: std::net::IpAddr,
+    log_format: LogFormat,
+}
+
+async fn handle(ctx: Arc<Ctx>, session: Session) -> Result<()> {
+    let Session { conn, mut control } = session;
+    let peer = conn
+        .peer_name()
+        .unwrap_or_else(|| conn.remote_address().to_string());
+    let bytes = control
+        .recv()
+        .await?
+        .context("The peer closed the connection without a request")?;
+    let msg: ToDaemon = decode_meta(&bytes).context("Cannot decode the request")?;
+    let reply = match msg {
+        ToDaemon::Offer(offer) => {
+            tracing::info!(%peer, vkernel = %offer.name, mem_mib = offer.mem_bytes >> 20, "offer");
+            let ctx2 = Arc::clone(&ctx);
+            let (reply, shim) = tokio::task::spawn_blocking(move || accept_offer(&ctx2, &offer))
+                .await
+                .context("The offer check panicked")?;
+            if let Some(shim) = shim {
+                // Follow the shim until the vkernel runs or the migration fails, for our log.
+                tokio::task::spawn_blocking(move || follow(shim));
+            }
+            reply
+        }
+        ToDaemon::Query { name, migration_id } => {
+            use crate::state::Probe;
+            match ctx.state.probe(&name) {
+                Ok(Probe::Alive(rec)) => FromDaemon::Outcome {
+                    running: rec.migration_id.as_deref() == Some(migration_id.as_str()),
+                    pending: false,
+                },
+                Ok(Probe::Busy) | Err(_) => FromDaemon::Outcome {
+                    running: false,
+                    pending: true,
+                },
+                Ok(Probe::Absent | Probe::Stale) => FromDaemon::Outcome {
+                    running: false,
+                    pending: false,
+                },
+            }
+        }
+    };
+    if let FromDaemon::Refuse { reason } = &reply {
+        tracing::warn!(%peer, %reason, "offer refused");
+    }
+    reply_with(&mut control, &reply).await?;
+    let _ = control.finish();
+    // Let the reply reach the peer before the connection goes.
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    Ok(())
+}
+
+async fn reply_with(control: &mut Control, msg: &FromDaemon) -> Result<()> {
+    control.send(&encode_meta(msg)?).await?;
+    Ok(())
+}
+
+/// Check an offer, claim the name, start the receiving shim.
+fn accept_offer(ctx: &Ctx, offer: &Offer) -> (FromDaemon, Option<(String, Shim)>) {
+    let refuse = |reason: String| (FromDaemon::Refuse { reason }, None);
+    if let Err(e) = validate_name(&offer.name) {
+        return refuse(format!("the name {:?} is not valid here: {e}", offer.name));
+    }
+    if let Err(reason) = vkm_migrate_dst::check_offer(offer) {
+        return refuse(reason);
+    }
+    let claim = match ctx.state.claim(&offer.name) {
+        Ok(c) => c,
+        Err(e) => return refuse(format!("{e:#}")),
+    };
+    let at = vkm_sys::calls::clock_ns(libc::CLOCK_MONOTONIC);
+    let mode: Vec<OsString> = vec![
+        "receive".into(),
+        "--name".into(),
+        offer.name.clone().into(),
+        "--bind".into(),
+        std::net::SocketAddr::new(ctx.bind_ip, 0).to_string().into(),
+        "--tls-dir".into(),
+        ctx.tls_dir.clone().into(),
+        "--migration-id".into(),
+        offer.migration_id.clone().into(),
+        format!("--mono-ns={}", offer.clocks.monotonic_ns).into(),
+        format!("--boot-ns={}", offer.clocks.boottime_ns).into(),
+        format!("--at-ns={at}").into(),
+    ];
+    let mut shim = match Shim::spawn(&ctx.state, claim, &offer.name, mode, ctx.log_format) {
+        Ok(s) => s,
+        Err(e) => return refuse(format!("cannot start a shim: {e:#}")),
+    };
+    match shim.next_reply() {
+        Ok(Reply::Receiving { port }) => (
+            FromDaemon::Accept { port },
+            Some((offer.name.clone(), shim)),
+        ),
+        Ok(Reply::Failed { chain }) => {
+            shim.reap();
+            refuse(chain.join(": "))
+        }
+        Ok(other) => refuse(format!("the shim reported {other:?} first")),
+        Err(e) => refuse(format!("{e:#}")),
+    }
+}
+
+fn follow((name, mut shim): (String, Shim)) {
+    match shim.next_reply() {
+        Ok(Reply::Ready { init_pid, .. }) => {
+            tracing::info!(vkernel = %name, init_pid, "vkernel arrived and runs");
+            shim.wait();
+        }
+        Ok(Reply::Failed { chain }) => {
+            tracing::warn!(vkernel = %name, error = %chain.join(": "), "migration failed");
+            shim.reap();
+        }
+        Ok(other) => tracing::warn!(vkernel = %name, reply = ?other, "unexpected shim status"),
+        Err(e) => {
+            tracing::warn!(vkernel = %name, error = %format!("{e:#}"), "the receiving shim died")
+        }
+    }
+}

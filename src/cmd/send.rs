@@ -1,0 +1,692 @@
+//! `vkmigrate send`: live migration of a running vkernel to another host's `listen` daemon.
+//!
+//! This process is the ptrace tracer while it freezes and captures, so every ptrace step runs
+//! on the main thread; a tokio runtime carries the connection and one task per page stream,
+//! and encoder threads (in `vkm_migrate_src::live`) read and compress pages. The order of the
+//! conversation and the commit rule are in [`vkm_common::live`].
+
+use std::io::IsTerminal;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use vkm_common::image::{decode_meta, encode_meta};
+use vkm_common::live::{
+    Convergence, FromDaemon, FromReceiver, MappedFile, Next, Offer, ToDaemon, ToReceiver,
+    PROTOCOL_VERSION,
+};
+use vkm_common::model::{Backing, Vkernel};
+use vkm_migrate_src::live::{Final, LiveOptions, PageSink, Precopy, RoundStats};
+use vkm_migrate_src::throttle::Throttle;
+use vkm_migrate_src::{CaptureOptions, SrcError};
+use vkm_transport::{Control, Session, TlsDir, Tuning};
+
+use crate::cli::SendArgs;
+use crate::human;
+use crate::state::StateDir;
+
+/// Page streams (and encoder threads): one per core of this 2-core class of machine.
+const STREAMS: usize = 2;
+/// Messages queued per page stream before the encoders wait.
+const STREAM_QUEUE: usize = 16;
+
+#[derive(Debug, Default, Serialize)]
+struct Report {
+    vkernel: String,
+    destination: String,
+    migration_id: String,
+    outcome: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    rounds: Vec<RoundStats>,
+    final_round: Option<RoundStats>,
+    /// The process tree changed during pre-copy: everything went in the final round.
+    rebuilt: bool,
+    total_ms: f64,
+    downtime_ms: f64,
+    downtime: Downtime,
+    bytes_on_wire: u64,
+    page_bytes_raw: u64,
+    page_bytes_encoded: u64,
+    zero_pages: u64,
+    compression_ratio: f64,
+    throttle_percent: u32,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Downtime {
+    /// Stopping every thread and reading its state.
+    freeze_ms: f64,
+    /// Final state and pages to the destination, until it reports ready.
+    final_transfer_ms: f64,
+    /// The destination's share of that: layout delta and applying the state.
+    restore_ms: f64,
+    /// `go` until the destination reports the vkernel running.
+    resume_ms: f64,
+}
+
+pub fn send(state: &StateDir, args: SendArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let rec = state.alive(&args.name)?;
+    if !super::init_is_ours(&rec) {
+        bail!(
+            "vkernel {} is not running (its init {} is gone)",
+            rec.name,
+            rec.init_pid
+        );
+    }
+    let (addr, server_name) = resolve(&args.dest)?;
+    let tls = TlsDir::load(&args.tls_dir)
+        .with_context(|| format!("Cannot load the TLS files in {}", args.tls_dir.display()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("Cannot start the network runtime")?;
+    let migration_id = format!("{:032x}", rand::random::<u128>());
+    let mut report = Report {
+        vkernel: rec.name.clone(),
+        destination: args.dest.clone(),
+        migration_id: migration_id.clone(),
+        ..Default::default()
+    };
+    let ui = Ui::new();
+
+    // The daemon first: a peer we cannot authenticate never sees any state.
+    let daemon = rt
+        .block_on(vkm_transport::connect(
+            addr,
+            &server_name,
+            &tls,
+            &Tuning::bulk(),
+        ))
+        .with_context(|| format!("Cannot connect to {}", args.dest))?;
+    let opts = LiveOptions {
+        capture: CaptureOptions {
+            name: rec.name.clone(),
+            argv: rec.argv.clone(),
+            console_tty: Some(rec.console_tty.clone()),
+        },
+        init_pid: rec.init_pid,
+        compression: !args.no_compress,
+        streams: STREAMS,
+    };
+    let (precopy, skeleton) = Precopy::start(opts)
+        .with_context(|| format!("Cannot start migrating vkernel {}", rec.name))?;
+    let offer = make_offer(&skeleton, &migration_id)?;
+    let port = rt.block_on(ask_daemon(daemon, ToDaemon::Offer(Box::new(offer))))?;
+    let port = match port {
+        FromDaemon::Accept { port } => port,
+        FromDaemon::Refuse { reason } => {
+            bail!("{} refused vkernel {}: {reason}", args.dest, rec.name)
+        }
+        other => bail!("Unexpected answer from {}: {other:?}", args.dest),
+    };
+    let recv_addr = SocketAddr::new(addr.ip(), port);
+    let session = rt
+        .block_on(vkm_transport::connect(
+            recv_addr,
+            &server_name,
+            &tls,
+            &Tuning::bulk(),
+        ))
+        .with_context(|| format!("Cannot connect to the receiver at {recv_addr}"))?;
+    let Session { conn, mut control } = session;
+
+    let streams = rt
+        .block_on(conn.open_bulk_streams(STREAMS as u32))
+        .context("Cannot open the page streams")?;
+    let mut txs = Vec::new();
+    let mut writers = Vec::new();
+    for mut s in streams {
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(STREAM_QUEUE);
+        txs.push(tx);
+        writers.push(rt.spawn(async move {
+            while let Some(msg) = rx.recv().await {
+                s.write_all(&msg).await?;
+            }
+            s.finish()?;
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    let sink = ChannelSink {
+        txs,
+        limit: args.max_bandwidth.map(|r| Mutex::new(RateLimit::new(r))),
+    };
+
+    let mut throttle: Option<Throttle> = None;
+    let result = migrate(
+        &rt,
+        &mut control,
+        &sink,
+        precopy,
+        skeleton,
+        &migration_id,
+        &args,
+        &mut report,
+        &mut throttle,
+        &ui,
+    );
+    // The throttle never outlives the migration (it is released before a thaw, too).
+    report.throttle_percent = throttle.as_ref().map_or(100, Throttle::percent);
+    drop(throttle);
+    drop(sink);
+    ui.finish();
+    let outcome = match result {
+        Ok(fin) => {
+            report.outcome = "migrated".into();
+            // Our copy goes only now that the destination runs the vkernel.
+            fin.commit()
+                .with_context(|| format!("Cannot remove vkernel {} here", rec.name))?;
+            Ok(())
+        }
+        Err(Failure::Before(e, fin)) => {
+            if let Some(fin) = fin {
+                fin.abort();
+            }
+            report.outcome = "failed; the vkernel runs on here".into();
+            report.error = Some(format!("{e:#}"));
+            let chain = format!("{e:#}");
+            let _ = rt.block_on(send_msg(&mut control, &ToReceiver::Abort { reason: chain }));
+            Err(e.context(format!(
+                "Cannot migrate vkernel {} to {}; it keeps running here",
+                rec.name, args.dest
+            )))
+        }
+        Err(Failure::Unknown(e, fin)) => {
+            // The link went after `go`: the vkernel may run there. Ask until we know.
+            let running = settle(&rt, addr, &server_name, &tls, &rec.name, &migration_id, &e);
+            if running {
+                report.outcome = "migrated (confirmed after the link was lost)".into();
+                fin.commit()
+                    .with_context(|| format!("Cannot remove vkernel {} here", rec.name))?;
+                Ok(())
+            } else {
+                fin.abort();
+                report.outcome = "failed after go; the vkernel runs on here".into();
+                report.error = Some(format!("{e:#}"));
+                Err(e.context(format!(
+                    "Cannot migrate vkernel {} to {}; the destination did not start it, it keeps running here",
+                    rec.name, args.dest
+                )))
+            }
+        }
+    };
+    conn.close(vkm_transport::CLOSE_OK, "done");
+    rt.block_on(async {
+        let _ = tokio::time::timeout(Duration::from_millis(500), conn.wait_closed()).await;
+    });
+    report.bytes_on_wire = conn.stats().udp_tx.bytes;
+    report.total_ms = ms(t0.elapsed());
+    let all = report.rounds.iter().chain(report.final_round.iter());
+    for r in all {
+        report.page_bytes_raw += r.bytes_raw;
+        report.page_bytes_encoded += r.bytes_encoded;
+        report.zero_pages += r.zero_pages;
+    }
+    report.compression_ratio = if report.page_bytes_encoded > 0 {
+        report.page_bytes_raw as f64 / report.page_bytes_encoded as f64
+    } else {
+        1.0
+    };
+    if let Some(path) = &args.report {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("Cannot write the report {}", path.display()))?;
+    }
+    rt.shutdown_timeout(Duration::from_secs(1));
+    outcome?;
+    println!(
+        "migrated {} to {} in {}: {} rounds, {} on the wire, downtime {:.1} ms",
+        rec.name,
+        args.dest,
+        human::ms(t0.elapsed()),
+        report.rounds.len() + 1,
+        human::mib(report.bytes_on_wire),
+        report.downtime_ms
+    );
+    if !state.wait_gone(&rec, Duration::from_secs(5)) {
+        tracing::warn!(vkernel = %rec.name, "the source shim has not cleaned up within 5 s");
+    }
+    Ok(())
+}
+
+enum Failure {
+    /// Before `go`: the destination runs nothing; thaw.
+    Before(anyhow::Error, Option<Final>),
+    /// After `go` was sent, without an answer.
+    Unknown(anyhow::Error, Final),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn migrate(
+    rt: &tokio::runtime::Runtime,
+    control: &mut Control,
+    sink: &ChannelSink,
+    mut precopy: Precopy,
+    skeleton: Vkernel,
+    migration_id: &str,
+    args: &SendArgs,
+    report: &mut Report,
+    throttle: &mut Option<Throttle>,
+    ui: &Ui,
+) -> Result<Final, Failure> {
+    let before = |e: anyhow::Error| Failure::Before(e, None);
+    rt.block_on(send_msg(
+        control,
+        &ToReceiver::Hello {
+            migration_id: migration_id.to_owned(),
+        },
+    ))
+    .map_err(before)?;
+    rt.block_on(send_msg(control, &ToReceiver::Skeleton(Box::new(skeleton))))
+        .map_err(before)?;
+    match rt.block_on(recv_msg(control)).map_err(before)? {
+        FromReceiver::SkeletonReady { build_us } => {
+            tracing::info!(build_ms = build_us / 1000, "destination built the skeleton");
+        }
+        other => return Err(before(unexpected(other))),
+    }
+
+    let conv = Convergence {
+        downtime_ms: args.downtime_ms,
+        max_rounds: args.max_rounds,
+    };
+    let mut history: Vec<u64> = Vec::new();
+    let mut percent = 100u32;
+    // Page data per second the link and both ends carry, from the rounds big enough to tell
+    // (small rounds are dominated by fixed costs such as scanning and hashing).
+    let mut bandwidth: f64 = 0.0;
+    loop {
+        let s = precopy
+            .round(sink)
+            .map_err(|e| before(anyhow::Error::from(e).context("A pre-copy round failed")))?;
+        let secs = (s.duration_ms / 1000.0).max(1e-6);
+        let rate = s.bytes_raw as f64 / secs;
+        if s.round == 0 || s.bytes_raw >= 8 << 20 {
+            bandwidth = bandwidth.max(rate);
+        }
+        let bandwidth = bandwidth.max(50e6);
+        ui.round(&s, rate, bandwidth, args.downtime_ms);
+        let first = s.round == 0;
+        if !first {
+            history.push(s.bytes_raw);
+        }
+        let remaining = if first { u64::MAX / 2 } else { s.bytes_raw };
+        report.rounds.push(s);
+        if first {
+            continue;
+        }
+        match conv.next(remaining, bandwidth, &history, percent) {
+            Next::Round => {}
+            Next::StopAndCopy => break,
+            Next::Throttle(p) if !args.no_throttle => {
+                if throttle.is_none() {
+                    match Throttle::new(&args.name, &precopy.host_pids) {
+                        Ok(t) => *throttle = Some(t),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot throttle the vkernel; stopping pre-copy");
+                            break;
+                        }
+                    }
+                }
+                if let Some(t) = throttle.as_mut() {
+                    if let Err(e) = t.set_percent(p) {
+                        tracing::warn!(error = %e, "cannot throttle the vkernel; stopping pre-copy");
+                        break;
+                    }
+                    percent = p;
+                    ui.note(&format!("throttling the vkernel to {p} % of a CPU"));
+                }
+            }
+            Next::Throttle(_) => break,
+        }
+    }
+
+    // Stop-and-copy.
+    let t_freeze = Instant::now();
+    let mut fin = precopy
+        .freeze()
+        .map_err(|e| before(anyhow::Error::from(e).context("Cannot freeze the vkernel")))?;
+    // Frozen: the throttle has nothing left to do, and must not outlive a thaw.
+    if let Some(t) = throttle.take() {
+        report.throttle_percent = t.percent();
+    }
+    let freeze_ms = ms(t_freeze.elapsed());
+    report.rebuilt = fin.rebuild;
+    let t_final = Instant::now();
+    let msg = ToReceiver::Final {
+        vk: Box::new(fin.vk().clone()),
+        frames: fin.frames(),
+        fresh: fin.fresh.clone(),
+        rebuild: fin.rebuild,
+    };
+    let mut restore_us = 0;
+    let step: Result<()> = (|| {
+        rt.block_on(send_msg(control, &msg))?;
+        match rt.block_on(recv_msg(control))? {
+            FromReceiver::FinalReady { delta_us } => restore_us += delta_us,
+            other => return Err(unexpected(other)),
+        }
+        let (s, frames) = fin.send_pages(sink)?;
+        report.final_round = Some(s);
+        rt.block_on(send_msg(control, &ToReceiver::Commit { frames }))?;
+        match rt.block_on(recv_msg(control))? {
+            FromReceiver::Ready { apply_us } => restore_us += apply_us,
+            other => return Err(unexpected(other)),
+        }
+        Ok(())
+    })();
+    if let Err(e) = step {
+        return Err(Failure::Before(e, Some(fin)));
+    }
+    let final_transfer_ms = ms(t_final.elapsed());
+    let t_go = Instant::now();
+    if let Err(e) = rt.block_on(send_msg(control, &ToReceiver::Go)) {
+        // `go` may or may not have left.
+        return Err(Failure::Unknown(e, fin));
+    }
+    match rt.block_on(recv_msg(control)) {
+        Ok(FromReceiver::Running { .. }) => {}
+        Ok(FromReceiver::Failed { chain }) => {
+            // The destination failed before it let anything run.
+            return Err(Failure::Before(
+                anyhow!(chain.join(": ")).context("The destination could not resume the vkernel"),
+                Some(fin),
+            ));
+        }
+        Ok(other) => return Err(Failure::Unknown(unexpected(other), fin)),
+        Err(e) => return Err(Failure::Unknown(e, fin)),
+    }
+    let resume_ms = ms(t_go.elapsed());
+    report.downtime = Downtime {
+        freeze_ms,
+        final_transfer_ms,
+        restore_ms: restore_us as f64 / 1000.0,
+        resume_ms,
+    };
+    report.downtime_ms = ms(t_freeze.elapsed());
+    Ok(fin)
+}
+
+/// After a lost link: ask the destination's daemon whether the vkernel runs there, again and
+/// again (the vkernel stays frozen here meanwhile: never two running copies).
+fn settle(
+    rt: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    server_name: &str,
+    tls: &TlsDir,
+    name: &str,
+    migration_id: &str,
+    cause: &anyhow::Error,
+) -> bool {
+    eprintln!(
+        "The link to the destination was lost after go ({cause:#}); asking it whether {name} runs there"
+    );
+    let mut tries = 0u64;
+    loop {
+        let answer = rt.block_on(async {
+            let s = vkm_transport::connect(addr, server_name, tls, &Tuning::bulk()).await?;
+            ask_daemon(
+                s,
+                ToDaemon::Query {
+                    name: name.to_owned(),
+                    migration_id: migration_id.to_owned(),
+                },
+            )
+            .await
+        });
+        match answer {
+            Ok(FromDaemon::Outcome {
+                running,
+                pending: false,
+            }) => return running,
+            Ok(_) => {}
+            Err(e) => {
+                if tries % 10 == 0 {
+                    eprintln!("still asking {addr} whether {name} runs there: {e:#}");
+                }
+            }
+        }
+        tries += 1;
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+async fn ask_daemon(session: Session, msg: ToDaemon) -> Result<FromDaemon> {
+    let Session { conn, mut control } = session;
+    control.send(&encode_meta(&msg)?).await?;
+    let bytes = control
+        .recv()
+        .await?
+        .ok_or_else(|| anyhow!("The destination closed the connection without an answer"))?;
+    conn.close(vkm_transport::CLOSE_OK, "done");
+    Ok(decode_meta(&bytes).context("Cannot decode the destination's answer")?)
+}
+
+async fn send_msg(control: &mut Control, msg: &ToReceiver) -> Result<()> {
+    control
+        .send(&encode_meta(msg)?)
+        .await
+        .context("Cannot send to the destination")?;
+    Ok(())
+}
+
+async fn recv_msg(control: &mut Control) -> Result<FromReceiver> {
+    let bytes = control
+        .recv()
+        .await
+        .context("The link to the destination failed")?
+        .ok_or_else(|| anyhow!("The destination closed the connection"))?;
+    let msg: FromReceiver =
+        decode_meta(&bytes).context("Cannot decode the destination's message")?;
+    if let FromReceiver::Failed { chain } = msg {
+        return Err(anyhow!(chain.join(": ")).context("The destination failed"));
+    }
+    Ok(msg)
+}
+
+fn unexpected(m: FromReceiver) -> anyhow::Error {
+    anyhow!("Unexpected message from the destination: {m:?}")
+}
+
+/// What the destination must check before anything moves.
+fn make_offer(vk: &Vkernel, migration_id: &str) -> Result<Offer> {
+    let mut files: Vec<MappedFile> = vk
+        .mms
+        .iter()
+        .flat_map(|m| m.vmas.iter())
+        .filter_map(|v| match &v.backing {
+            Backing::File {
+                path,
+                size,
+                mtime_ns,
+                ..
+            } => Some(MappedFile {
+                path: path.clone(),
+                size: *size,
+                mtime_ns: *mtime_ns,
+            }),
+            _ => None,
+        })
+        .collect();
+    files.sort();
+    files.dedup();
+    let mem_bytes: u64 = vk
+        .mms
+        .iter()
+        .flat_map(|m| m.vmas.iter())
+        .filter(|v| matches!(v.backing, Backing::Anon))
+        .map(|v| v.end - v.start)
+        .sum::<u64>()
+        .min(u64::MAX / 2)
+        + vk.objects.iter().map(|o| o.size).sum::<u64>();
+    // Address-space sizes overstate what is resident; the destination only needs room for
+    // what pre-copy will write, which the skeleton's page count bounds. Use the resident
+    // estimate from the objects and the anonymous VMAs, capped at what is mapped.
+    let clocks = now_clocks(vk);
+    Ok(Offer {
+        version: PROTOCOL_VERSION,
+        name: vk.name.clone(),
+        migration_id: migration_id.to_owned(),
+        mem_bytes: mem_bytes.min(resident_hint(vk)),
+        cpu: vk.cpu.clone(),
+        vdso_hash: vkm_migrate_dst::vdso_hash()?,
+        kernel_release: vkm_sys::host::kernel_release(),
+        files,
+        clocks,
+    })
+}
+
+/// The vkernel's clocks now: those captured at the skeleton's freeze plus the time since.
+fn now_clocks(vk: &Vkernel) -> vkm_common::model::Clocks {
+    let mut c = vk.clocks;
+    let since = vkm_sys::calls::clock_ns(libc::CLOCK_REALTIME) - c.realtime_ns;
+    c.monotonic_ns += since;
+    c.boottime_ns += since;
+    c.realtime_ns += since;
+    c
+}
+
+/// Bytes of anonymous and object memory the vkernel can have resident: bounded by the host's
+/// view of it, which the capture does not keep; use the mapped size of writable private VMAs.
+fn resident_hint(vk: &Vkernel) -> u64 {
+    vk.mms
+        .iter()
+        .flat_map(|m| m.vmas.iter())
+        .filter(|v| !v.shared && v.prot & vkm_common::model::prot::WRITE != 0)
+        .map(|v| v.end - v.start)
+        .sum::<u64>()
+        + vk.objects.iter().map(|o| o.size).sum::<u64>()
+}
+
+/// HOST:PORT → the address and the name the server's certificate must carry.
+fn resolve(dest: &str) -> Result<(SocketAddr, String)> {
+    let (host, _port) = dest
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow!("The destination {dest:?} is not HOST:PORT"))?;
+    let addr = dest
+        .to_socket_addrs()
+        .with_context(|| format!("Cannot resolve {dest}"))?
+        .next()
+        .ok_or_else(|| anyhow!("{dest} resolves to no address"))?;
+    Ok((addr, host.trim_matches(['[', ']']).to_owned()))
+}
+
+/// Encoder threads → page stream tasks, with an optional rate cap.
+struct ChannelSink {
+    txs: Vec<mpsc::Sender<Vec<u8>>>,
+    limit: Option<Mutex<RateLimit>>,
+}
+
+impl PageSink for ChannelSink {
+    fn send(&self, stream: usize, msg: Vec<u8>, _frames: u64) -> Result<(), SrcError> {
+        if let Some(l) = &self.limit {
+            let wait = l
+                .lock()
+                .map(|mut l| l.take(msg.len() as u64))
+                .unwrap_or_default();
+            if !wait.is_zero() {
+                std::thread::sleep(wait);
+            }
+        }
+        let tx = self.txs.get(stream).ok_or(SrcError::Link {
+            what: format!("no page stream {stream}"),
+        })?;
+        tx.blocking_send(msg).map_err(|_| SrcError::Link {
+            what: "the page stream to the destination closed".into(),
+        })
+    }
+}
+
+/// A token bucket: bytes per second, bursts of up to 50 ms.
+struct RateLimit {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(rate: u64) -> RateLimit {
+        RateLimit {
+            rate: rate as f64,
+            tokens: 0.0,
+            last: Instant::now(),
+        }
+    }
+
+    /// Take `n` bytes; returns how long to wait before sending them.
+    fn take(&mut self, n: u64) -> Duration {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate)
+            .min(self.rate * 0.05);
+        self.last = now;
+        self.tokens -= n as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
+/// Progress: a spinner line on a terminal, log lines otherwise.
+struct Ui {
+    bar: Option<ProgressBar>,
+}
+
+impl Ui {
+    fn new() -> Ui {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+            b.set_style(
+                ProgressStyle::with_template("{spinner} {elapsed} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            b.enable_steady_tick(Duration::from_millis(100));
+            b.set_message("pre-copy round 0: all pages");
+            b
+        });
+        Ui { bar }
+    }
+
+    fn round(&self, s: &RoundStats, dirty_rate: f64, bandwidth: f64, downtime_ms: u64) {
+        let est = s.bytes_raw as f64 / bandwidth * 1000.0;
+        let line = format!(
+            "round {}: {} pages ({}) sent in {:.0} ms; dirty rate {:.0} MB/s; next round ≈ {} (downtime ≈ {:.0} ms, target {} ms)",
+            s.round,
+            s.pages,
+            human::mib(s.bytes_encoded),
+            s.duration_ms,
+            dirty_rate / 1e6,
+            human::mib(s.bytes_raw),
+            est,
+            downtime_ms
+        );
+        self.note(&line);
+    }
+
+    fn note(&self, line: &str) {
+        match &self.bar {
+            Some(b) => {
+                b.println(line);
+                b.set_message(line.to_owned());
+            }
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

@@ -1,0 +1,444 @@
+//! The receiving end of a live migration, run by a shim that `listen` started for it: accept
+//! the sender's connection, build the skeleton, write pages into it as they arrive, apply the
+//! final state, and run the vkernel when told `go` (the conversation is in
+//! [`vkm_common::live`]).
+//!
+//! Threads: this (the shim's main) thread is the ptrace tracer of everything it restores, so
+//! every restore step runs here; a tokio runtime created *after* the sandbox was forked runs
+//! the connection and one task per page stream, which decode and write pages straight into
+//! the skeleton's memory (`/proc/PID/mem` needs no tracer).
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use vkm_common::image::{decode_meta, decode_run, encode_meta};
+use vkm_common::live::{FromReceiver, ToReceiver};
+use vkm_common::model::Clocks;
+use vkm_migrate_dst::{InitMode, PageTargets, Sandbox, Skeleton};
+use vkm_transport::{Control, Server, Session, TlsDir, Tuning};
+
+use super::serve::{block_sigpipe, open_console, send_reply, Running};
+use super::{Reply, RestoreStats};
+
+/// How long the sender has to connect after `listen` accepted its offer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct ReceiveArgs {
+    pub bind: SocketAddr,
+    pub tls_dir: PathBuf,
+    pub migration_id: String,
+    pub mono_ns: i128,
+    pub boot_ns: i128,
+    pub at_ns: i128,
+}
+
+/// Pages applied per stream, and the first error of any stream.
+#[derive(Default)]
+struct Applied {
+    state: Mutex<AppliedState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct AppliedState {
+    frames: Vec<u64>,
+    pages: u64,
+    error: Option<String>,
+}
+
+impl Applied {
+    fn add(&self, stream: usize, pages: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            if s.frames.len() <= stream {
+                s.frames.resize(stream + 1, 0);
+            }
+            s.frames[stream] += 1;
+            s.pages += pages;
+        }
+        self.cv.notify_all();
+    }
+
+    fn fail(&self, msg: String) {
+        if let Ok(mut s) = self.state.lock() {
+            s.error.get_or_insert(msg);
+        }
+        self.cv.notify_all();
+    }
+
+    /// Wait until every stream has applied the frames the sender counted.
+    fn wait_for(&self, want: &[u64], timeout: Duration) -> Result<u64> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self
+            .state
+            .lock()
+            .map_err(|_| anyhow!("a page stream task panicked"))?;
+        loop {
+            if let Some(e) = &s.error {
+                bail!("A page stream failed: {e}");
+            }
+            let done = want
+                .iter()
+                .enumerate()
+                .all(|(i, &w)| s.frames.get(i).copied().unwrap_or(0) >= w);
+            if done {
+                return Ok(s.pages);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!(
+                    "Pages did not arrive within {} s (applied {:?} of {:?} messages per stream)",
+                    timeout.as_secs(),
+                    s.frames,
+                    want
+                );
+            }
+            s = self
+                .cv
+                .wait_timeout(s, left.min(Duration::from_millis(100)))
+                .map_err(|_| anyhow!("a page stream task panicked"))?
+                .0;
+        }
+    }
+}
+
+/// Create the sandbox, then receive the vkernel into it. `status` gets a `receiving` line
+/// with the port the sender must connect to.
+pub fn setup_receive(args: ReceiveArgs, status: &mut File) -> Result<Running> {
+    // The vkernel's clocks go on from where the offer said they were, plus the time since.
+    let since = vkm_sys::calls::clock_ns(libc::CLOCK_MONOTONIC) - args.at_ns;
+    let clocks = Clocks {
+        monotonic_ns: args.mono_ns + since,
+        boottime_ns: args.boot_ns + since,
+        realtime_ns: 0,
+    };
+    // SAFETY: the shim is single-threaded here (checked by `check_single_threaded`; the tokio
+    // runtime below starts only after the fork), which is what `Sandbox::create` needs.
+    let sandbox = unsafe { Sandbox::create(InitMode::Restore, Some(clocks)) }
+        .context("Cannot create the vkernel's sandbox");
+    block_sigpipe();
+    let mut sandbox = sandbox?;
+    match receive(&args, &mut sandbox, status) {
+        Ok(r) => Ok(r.into_running(sandbox)),
+        Err(e) => {
+            sandbox.kill();
+            Err(e)
+        }
+    }
+}
+
+struct Received {
+    migration_id: String,
+    master: OwnedFd,
+    console_tty: String,
+    argv: Vec<String>,
+    stats: RestoreStats,
+}
+
+impl Received {
+    fn into_running(self, mut sandbox: Sandbox) -> Running {
+        sandbox.done();
+        Running {
+            sandbox,
+            master: self.master,
+            console_tty: self.console_tty,
+            argv: self.argv,
+            restored_from: None,
+            restore: Some(self.stats),
+            migration_id: Some(self.migration_id),
+        }
+    }
+}
+
+fn receive(args: &ReceiveArgs, sandbox: &mut Sandbox, status: &mut File) -> Result<Received> {
+    let t0 = Instant::now();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("Cannot start the network runtime")?;
+    let tls = TlsDir::load(&args.tls_dir)
+        .with_context(|| format!("Cannot load the TLS files in {}", args.tls_dir.display()))?;
+    let server = {
+        let _guard = rt.enter();
+        Server::bind(args.bind, &tls, &Tuning::bulk())
+            .with_context(|| format!("Cannot listen on {}", args.bind))?
+    };
+    let port = server.local_addr()?.port();
+    send_reply(status, &Reply::Receiving { port });
+    let session = rt
+        .block_on(async { tokio::time::timeout(CONNECT_TIMEOUT, server.accept()).await })
+        .map_err(|_| {
+            anyhow!(
+                "The sender did not connect within {} s",
+                CONNECT_TIMEOUT.as_secs()
+            )
+        })?
+        .ok_or_else(|| anyhow!("The receiving endpoint closed"))?
+        .context("The sender's connection failed")?;
+    let Session { conn, mut control } = session;
+    let peer = conn.remote_address();
+    tracing::info!(%peer, "sender connected");
+
+    let result = converse(args, sandbox, &rt, &conn, &mut control);
+    match &result {
+        Ok(_) => {}
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
+            let msg = FromReceiver::Failed { chain };
+            let _ = rt.block_on(send(&mut control, &msg));
+            let _ = rt.block_on(async {
+                let _ = control.finish();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            });
+        }
+    }
+    conn.close(vkm_transport::CLOSE_OK, "done");
+    rt.block_on(async {
+        let _ = tokio::time::timeout(Duration::from_secs(1), server.wait_idle()).await;
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    let mut r = result?;
+    r.stats.elapsed_us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+    Ok(r)
+}
+
+fn converse(
+    args: &ReceiveArgs,
+    sandbox: &mut Sandbox,
+    rt: &tokio::runtime::Runtime,
+    conn: &vkm_transport::Connection,
+    control: &mut Control,
+) -> Result<Received> {
+    match rt.block_on(recv(control))? {
+        ToReceiver::Hello { migration_id } if migration_id == args.migration_id => {}
+        ToReceiver::Hello { .. } => bail!("The sender presented another migration's id"),
+        other => bail!("Expected the sender's hello, got {}", name_of(&other)),
+    }
+    let vk = match rt.block_on(recv(control))? {
+        ToReceiver::Skeleton(vk) => vk,
+        other => bail!("Expected the vkernel's skeleton, got {}", name_of(&other)),
+    };
+    let (master, slave, tty) = open_console(vk.console.as_ref().map(|c| (c.rows, c.cols)))?;
+    if let Some(c) = &vk.console {
+        vkm_sys::calls::tcsets(&slave, &c.termios).context("Cannot apply the console settings")?;
+        if c.rows > 0 && c.cols > 0 {
+            vkm_sys::calls::set_winsize(&slave, c.rows, c.cols)
+                .context("Cannot apply the console size")?;
+        }
+    }
+    let argv = vk.argv.clone();
+    let processes = vk.processes.len();
+    let threads = vk.processes.iter().map(|p| p.threads.len()).sum();
+    let t = Instant::now();
+    let mut skel = Skeleton::build(*vk, sandbox).context("Cannot build the vkernel's skeleton")?;
+    let targets = Arc::new(RwLock::new(Arc::new(skel.page_targets()?)));
+    tracing::info!(build_ms = t.elapsed().as_millis() as u64, "skeleton built");
+    let applied = Arc::new(Applied::default());
+    rt.spawn(accept_streams(
+        conn.clone(),
+        Arc::clone(&targets),
+        Arc::clone(&applied),
+    ));
+    rt.block_on(send(
+        control,
+        &FromReceiver::SkeletonReady {
+            build_us: us(t.elapsed()),
+        },
+    ))?;
+
+    // Pre-copy runs until the sender freezes the vkernel.
+    let (vk, frames, fresh, rebuild) = match rt.block_on(recv(control))? {
+        ToReceiver::Final {
+            vk,
+            frames,
+            fresh,
+            rebuild,
+        } => (vk, frames, fresh, rebuild),
+        ToReceiver::Abort { reason } => bail!("The sender gave up: {reason}"),
+        other => bail!("Expected the final state, got {}", name_of(&other)),
+    };
+    let t = Instant::now();
+    applied.wait_for(&frames, Duration::from_secs(60))?;
+    if rebuild {
+        tracing::info!("the process tree changed during pre-copy: building a new skeleton");
+        skel.discard()?;
+        skel = Skeleton::build(*vk, sandbox).context("Cannot rebuild the vkernel's skeleton")?;
+        let new = Arc::new(skel.page_targets()?);
+        match targets.write() {
+            Ok(mut t) => *t = new,
+            Err(_) => bail!("a page stream task panicked"),
+        }
+    } else {
+        skel.apply_final(*vk, &fresh)
+            .context("Cannot apply the final layout")?;
+    }
+    rt.block_on(send(
+        control,
+        &FromReceiver::FinalReady {
+            delta_us: us(t.elapsed()),
+        },
+    ))?;
+    let frames = match rt.block_on(recv(control))? {
+        ToReceiver::Commit { frames } => frames,
+        ToReceiver::Abort { reason } => bail!("The sender gave up: {reason}"),
+        other => bail!("Expected the commit, got {}", name_of(&other)),
+    };
+    let t = Instant::now();
+    let pages = applied.wait_for(&frames, Duration::from_secs(60))?;
+    skel.add_pages(pages);
+    skel.finish(Some(&slave))
+        .context("Cannot restore the vkernel's state")?;
+    rt.block_on(send(
+        control,
+        &FromReceiver::Ready {
+            apply_us: us(t.elapsed()),
+        },
+    ))?;
+    match rt.block_on(recv(control))? {
+        ToReceiver::Go => {}
+        ToReceiver::Abort { reason } => bail!("The sender gave up: {reason}"),
+        other => bail!("Expected go, got {}", name_of(&other)),
+    }
+    let t = Instant::now();
+    let report = skel.go().context("Cannot resume the vkernel")?;
+    // From here on the vkernel runs here, whatever happens to the connection.
+    drop(slave);
+    let _ = rt.block_on(send(
+        control,
+        &FromReceiver::Running {
+            resume_us: us(t.elapsed()),
+            init_pid: sandbox.init_pid,
+        },
+    ));
+    let _ = rt.block_on(async {
+        let _ = control.finish();
+        // The source discards its copy when this arrives; give it a moment to be read.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Ok(Some(_)) = control.recv().await {}
+        })
+        .await;
+    });
+    Ok(Received {
+        migration_id: args.migration_id.clone(),
+        master,
+        console_tty: tty,
+        argv,
+        stats: RestoreStats {
+            processes,
+            threads,
+            pages: report.pages,
+            elapsed_us: 0,
+        },
+    })
+}
+
+/// Accept the sender's page streams and apply what arrives on each.
+async fn accept_streams(
+    conn: vkm_transport::Connection,
+    targets: Arc<RwLock<Arc<PageTargets>>>,
+    applied: Arc<Applied>,
+) {
+    loop {
+        match conn.accept_bulk().await {
+            Ok(Some((idx, stream))) => {
+                tokio::spawn(apply_stream(
+                    idx as usize,
+                    stream,
+                    Arc::clone(&targets),
+                    Arc::clone(&applied),
+                ));
+            }
+            Ok(None) => return,
+            Err(e) => {
+                applied.fail(format!("{e}"));
+                return;
+            }
+        }
+    }
+}
+
+/// One page stream: length-prefixed runs, each decoded, verified and written at once.
+async fn apply_stream(
+    idx: usize,
+    mut stream: quinn::RecvStream,
+    targets: Arc<RwLock<Arc<PageTargets>>>,
+    applied: Arc<Applied>,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let mut len = [0u8; 4];
+        match stream.read_exact(&mut len).await {
+            Ok(()) => {}
+            // The sender finished the stream (or the connection ended): nothing more.
+            Err(quinn::ReadExactError::FinishedEarly(0)) => return,
+            Err(e) => {
+                applied.fail(format!("page stream {idx}: {e}"));
+                return;
+            }
+        }
+        let n = u32::from_le_bytes(len) as usize;
+        if n > vkm_common::image::MAX_PAGES_LEN {
+            applied.fail(format!("page stream {idx}: a message of {n} bytes"));
+            return;
+        }
+        buf.resize(n, 0);
+        if let Err(e) = stream.read_exact(&mut buf).await {
+            applied.fail(format!("page stream {idx}: {e}"));
+            return;
+        }
+        let (space, addr, data) = match decode_run(&buf) {
+            Ok(x) => x,
+            Err(e) => {
+                applied.fail(format!("page stream {idx}: {e}"));
+                return;
+            }
+        };
+        let t = match targets.read() {
+            Ok(t) => Arc::clone(&t),
+            Err(_) => return,
+        };
+        if let Err(e) = t.apply(space, addr, &data) {
+            applied.fail(format!("page stream {idx}: {space} at {addr:#x}: {e}"));
+            return;
+        }
+        applied.add(idx, (data.len() / vkm_common::image::PAGE_SIZE) as u64);
+    }
+}
+
+async fn recv(control: &mut Control) -> Result<ToReceiver> {
+    let bytes = control
+        .recv()
+        .await
+        .context("The connection to the sender failed")?
+        .ok_or_else(|| anyhow!("The sender closed the connection"))?;
+    decode_meta(&bytes).context("Cannot decode the sender's message")
+}
+
+async fn send(control: &mut Control, msg: &FromReceiver) -> Result<()> {
+    let bytes = encode_meta(msg)?;
+    control
+        .send(&bytes)
+        .await
+        .context("Cannot send to the sender")?;
+    Ok(())
+}
+
+fn name_of(m: &ToReceiver) -> &'static str {
+    match m {
+        ToReceiver::Hello { .. } => "hello",
+        ToReceiver::Skeleton(_) => "the skeleton",
+        ToReceiver::Final { .. } => "the final state",
+        ToReceiver::Commit { .. } => "commit",
+        ToReceiver::Go => "go",
+        ToReceiver::Abort { .. } => "abort",
+    }
+}
+
+fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
