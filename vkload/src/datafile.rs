@@ -17,7 +17,12 @@ pub struct DataFile {
 impl DataFile {
     pub fn open(pid: u32) -> std::io::Result<DataFile> {
         let dir = std::env::var_os("VKLOAD_DIR").unwrap_or_else(|| "/tmp".into());
-        let path = PathBuf::from(dir).join(format!("vkload-{pid}.dat"));
+        // Every vkload sees itself as pid 2 of its namespace: the start time keeps the files
+        // of vkloads side by side apart (the path is kept in memory, so it moves with us).
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let path = PathBuf::from(dir).join(format!("vkload-{pid}-{nonce}.dat"));
         let file = OpenOptions::new()
             .read(true)
             .write(true)

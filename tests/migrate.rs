@@ -1,0 +1,213 @@
+//! Live migration between two lab hosts (network namespaces joined by a bridge): a running
+//! vkload moves from hostA to hostB and keeps passing its own checks; failures leave exactly
+//! one running copy.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::netlab::{Host, NetLab, LISTEN_PORT};
+use common::{field_u64, tick_lines};
+
+fn dest(h: &Host) -> String {
+    format!("{}:{LISTEN_PORT}", h.addr)
+}
+
+/// The last tick `name` printed on `host`, and no check failed.
+fn last_tick(host: &Host, name: &str) -> u64 {
+    let log = host.console_log(name);
+    assert!(!log.contains("vkload FAIL"), "vkload failed:\n{log}");
+    tick_lines(&log)
+        .last()
+        .map(|l| field_u64(l, "tick"))
+        .unwrap_or(0)
+}
+
+/// `name` runs on `host` and goes on ticking with its checks passing.
+fn still_ticking(host: &Host, name: &str) {
+    let t = last_tick(host, name);
+    host.wait_tick(name, t + 5, Duration::from_secs(20));
+}
+
+#[test]
+fn a_running_vkload_moves_to_another_host_and_goes_on() {
+    let lab = NetLab::new("mig-basic", &["a", "b"]);
+    let (a, b) = (lab.host("a"), lab.host("b"));
+    let _listener = b.spawn_listen();
+    a.run_vkload(
+        "web1",
+        &["--mem", "32", "--children", "2", "--threads", "2"],
+    );
+    a.wait_tick("web1", 5, Duration::from_secs(20));
+    let report = a.dir.join("report.json");
+    // A's console goes with its state once the vkernel has left.
+    let seen = last_tick(a, "web1");
+    let out = a.vkm(&[
+        "send",
+        "web1",
+        &dest(b),
+        "--tls-dir",
+        a.tls_dir.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "send failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("migrated web1"));
+
+    // Gone from A, running on B with the same counters going on.
+    assert!(!a.ps_names().unwrap().contains(&"web1".to_string()));
+    assert!(b.ps_names().unwrap().contains(&"web1".to_string()));
+    let line = b.wait_tick("web1", seen + 10, Duration::from_secs(20));
+    assert_eq!(line.get("pid").map(String::as_str), Some("2"));
+    let ticks: Vec<u64> = tick_lines(&b.console_log("web1"))
+        .iter()
+        .map(|l| field_u64(l, "tick"))
+        .collect();
+    assert!(
+        ticks.first().is_some_and(|&t| t > seen),
+        "B's console must go on from A's ticks (last seen {seen}): {ticks:?}"
+    );
+    assert!(
+        ticks.windows(2).all(|w| w[1] == w[0] + 1),
+        "ticks must go on one by one: {ticks:?}"
+    );
+
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["outcome"], "migrated");
+    assert!(!r["rounds"].as_array().unwrap().is_empty());
+    assert!(r["bytes_on_wire"].as_u64().unwrap() > 0);
+    assert!(r["downtime_ms"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn a_certificate_of_another_ca_is_refused_and_the_vkernel_stays() {
+    let lab = NetLab::new("mig-cert", &["a", "b"]);
+    let (a, b) = (lab.host("a"), lab.host("b"));
+    let _listener = b.spawn_listen();
+    a.run_vkload("web1", &["--mem", "8"]);
+    a.wait_tick("web1", 3, Duration::from_secs(20));
+    let foreign = lab.foreign_tls("a");
+    let out = a.vkm(&[
+        "send",
+        "web1",
+        &dest(b),
+        "--tls-dir",
+        foreign.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Cannot connect"), "{err}");
+    still_ticking(a, "web1");
+    assert!(b.ps_names().unwrap().is_empty());
+}
+
+#[test]
+fn a_taken_name_is_refused_and_same_pids_live_side_by_side() {
+    let lab = NetLab::new("mig-name", &["a", "b"]);
+    let (a, b) = (lab.host("a"), lab.host("b"));
+    let _listener = b.spawn_listen();
+    b.run_vkload("web1", &["--mem", "8"]);
+    a.run_vkload("web1", &["--mem", "8"]);
+    a.run_vkload("web2", &["--mem", "8"]);
+    a.wait_tick("web1", 3, Duration::from_secs(20));
+    let tls = a.tls_dir.to_str().unwrap().to_owned();
+    let out = a.vkm(&["send", "web1", &dest(b), "--tls-dir", &tls]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refused") && err.contains("already exists"),
+        "{err}"
+    );
+    still_ticking(a, "web1");
+
+    // Another name goes through and runs next to B's own vkload, both at pid 2 inside.
+    let out = a.vkm(&["send", "web2", &dest(b), "--tls-dir", &tls]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    still_ticking(b, "web1");
+    still_ticking(b, "web2");
+    let pid = |name: &str| {
+        tick_lines(&b.console_log(name))
+            .last()
+            .and_then(|l| l.get("pid").cloned())
+    };
+    assert_eq!(pid("web1").as_deref(), Some("2"));
+    assert_eq!(pid("web2").as_deref(), Some("2"));
+}
+
+#[test]
+fn a_receiver_killed_during_precopy_leaves_the_vkernel_running_here() {
+    let lab = NetLab::new("mig-kill", &["a", "b"]);
+    let (a, b) = (lab.host("a"), lab.host("b"));
+    let _listener = b.spawn_listen();
+    a.run_vkload("web1", &["--mem", "64"]);
+    a.wait_tick("web1", 3, Duration::from_secs(20));
+    // Slow link: pre-copy of 64 MiB takes seconds.
+    lab.limit("a", "40mbit");
+    let mut send = a.cmd(
+        common::vkmigrate_bin(),
+        &[
+            "--state-dir",
+            a.state_dir.to_str().unwrap(),
+            "send",
+            "web1",
+            &dest(b),
+            "--tls-dir",
+            a.tls_dir.to_str().unwrap(),
+        ],
+    );
+    send.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = send.spawn().unwrap();
+    // The receiving shim appears once the offer is accepted: kill it in the middle.
+    let t0 = Instant::now();
+    let shim = loop {
+        if let Some(pid) = receiving_shim(b) {
+            break pid;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "no receiving shim");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY-free: plain kill of a process this test's lab started.
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &shim.to_string()])
+        .status();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("keeps running here"), "{err}");
+    still_ticking(a, "web1");
+    assert!(a.ps_names().unwrap().contains(&"web1".to_string()));
+    assert!(!b.ps_names().unwrap().contains(&"web1".to_string()));
+}
+
+/// The pid of a `__shim receive` process working for `host`'s state dir.
+fn receiving_shim(host: &Host) -> Option<u32> {
+    let dir = host.state_dir.to_str()?.to_owned();
+    for e in std::fs::read_dir("/proc").ok()? {
+        let e = e.ok()?;
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a == &dir) && args.iter().any(|a| a == "receive") {
+            return Some(pid);
+        }
+    }
+    None
+}
