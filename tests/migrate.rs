@@ -2,6 +2,8 @@
 //! vkload moves from hostA to hostB and keeps passing its own checks; failures leave exactly
 //! one running copy.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};

@@ -257,9 +257,9 @@ pub fn send(state: &StateDir, args: SendArgs) -> Result<()> {
 
 enum Failure {
     /// Before `go`: the destination runs nothing; thaw.
-    Before(anyhow::Error, Option<Final>),
+    Before(anyhow::Error, Option<Box<Final>>),
     /// After `go` was sent, without an answer.
-    Unknown(anyhow::Error, Final),
+    Unknown(anyhow::Error, Box<Final>),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -274,7 +274,7 @@ fn migrate(
     report: &mut Report,
     throttle: &mut Option<Throttle>,
     ui: &Ui,
-) -> Result<Final, Failure> {
+) -> Result<Box<Final>, Failure> {
     let before = |e: anyhow::Error| Failure::Before(e, None);
     rt.block_on(send_msg(
         control,
@@ -349,9 +349,11 @@ fn migrate(
 
     // Stop-and-copy.
     let t_freeze = Instant::now();
-    let mut fin = precopy
-        .freeze()
-        .map_err(|e| before(anyhow::Error::from(e).context("Cannot freeze the vkernel")))?;
+    let mut fin = Box::new(
+        precopy
+            .freeze()
+            .map_err(|e| before(anyhow::Error::from(e).context("Cannot freeze the vkernel")))?,
+    );
     // Frozen: the throttle has nothing left to do, and must not outlive a thaw.
     if let Some(t) = throttle.take() {
         report.throttle_percent = t.percent();
@@ -447,7 +449,7 @@ fn settle(
             }) => return running,
             Ok(_) => {}
             Err(e) => {
-                if tries % 10 == 0 {
+                if tries.is_multiple_of(10) {
                     eprintln!("still asking {addr} whether {name} runs there: {e:#}");
                 }
             }
@@ -465,7 +467,7 @@ async fn ask_daemon(session: Session, msg: ToDaemon) -> Result<FromDaemon> {
         .await?
         .ok_or_else(|| anyhow!("The destination closed the connection without an answer"))?;
     conn.close(vkm_transport::CLOSE_OK, "done");
-    Ok(decode_meta(&bytes).context("Cannot decode the destination's answer")?)
+    decode_meta(&bytes).context("Cannot decode the destination's answer")
 }
 
 async fn send_msg(control: &mut Control, msg: &ToReceiver) -> Result<()> {

@@ -191,7 +191,7 @@ fn receive(args: &ReceiveArgs, sandbox: &mut Sandbox, status: &mut File) -> Resu
             let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
             let msg = FromReceiver::Failed { chain };
             let _ = rt.block_on(send(&mut control, &msg));
-            let _ = rt.block_on(async {
+            rt.block_on(async {
                 let _ = control.finish();
                 tokio::time::sleep(Duration::from_millis(50)).await;
             });
@@ -315,7 +315,7 @@ fn converse(
             init_pid: sandbox.init_pid,
         },
     ));
-    let _ = rt.block_on(async {
+    rt.block_on(async {
         let _ = control.finish();
         // The source discards its copy when this arrives; give it a moment to be read.
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
