@@ -49,6 +49,15 @@ fn snapshot(pid: u32, ranges: &[(u64, u64)]) -> Vec<(u64, Vec<u8>)> {
         .collect()
 }
 
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 fn wait_state(pid: u32, stopped: bool) {
     for _ in 0..500 {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -82,8 +91,17 @@ fn every_changed_page_is_reported() {
         .expect("start vkload");
     let child = Killed(child);
     let pid = child.0.id();
-    // Let it fill its memory first.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Let it fill its memory first (first writes to fresh pages are reported, rightly), however
+    // long that takes on a loaded machine.
+    let t0 = std::time::Instant::now();
+    while rss_kib(pid) < 250 * 1024 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "vkload did not fill its memory within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
 
     let mut tracker = DirtyTracker::attach(i32::try_from(pid).expect("pid")).expect("attach");
     let ranges = tracker.tracked().to_vec();
