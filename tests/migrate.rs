@@ -213,3 +213,67 @@ fn receiving_shim(host: &Host) -> Option<u32> {
     }
     None
 }
+
+#[test]
+fn a_vkernel_whose_processes_come_and_go_moves_too() {
+    // A shell forks a new `sleep` every 50 ms: the process tree the destination built its
+    // skeleton from is gone by the time the vkernel freezes, so the receiver rebuilds it.
+    let lab = NetLab::new("mig-tree", &["a", "b"]);
+    let (a, b) = (lab.host("a"), lab.host("b"));
+    let _listener = b.spawn_listen();
+    let script = "i=0; while :; do i=$((i+1)); echo tick=$i; sleep 0.05; done";
+    a.ok(&["run", "--name", "sh1", "--", "sh", "-c", script]);
+    let count = |h: &Host| -> u64 {
+        h.console_log("sh1")
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("tick=")?.parse().ok())
+            .last()
+            .unwrap_or(0)
+    };
+    let t0 = Instant::now();
+    while count(a) < 5 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the shell does not tick"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let seen = count(a);
+    let report = a.dir.join("report.json");
+    // A slow pre-copy makes sure the tree changes in between.
+    let out = a.vkm(&[
+        "send",
+        "sh1",
+        &dest(b),
+        "--tls-dir",
+        a.tls_dir.to_str().unwrap(),
+        "--max-bandwidth",
+        "1MB/s",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["rebuilt"], true, "{r}");
+    let t0 = Instant::now();
+    while count(b) < seen + 20 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the shell does not go on on B:\n{}",
+            b.console_log("sh1")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ticks: Vec<u64> = b
+        .console_log("sh1")
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("tick=")?.parse().ok())
+        .collect();
+    assert!(ticks[0] > seen, "{ticks:?}");
+    assert!(ticks.windows(2).all(|w| w[1] == w[0] + 1), "{ticks:?}");
+}

@@ -124,6 +124,19 @@ impl Sandbox {
         Err(DstError::Init(format!("process {ns_pid} did not park")))
     }
 
+    /// Ask init to reap the skeletons that were killed (they are its children, or became so).
+    pub fn reap(&mut self) -> Result<(), DstError> {
+        let (Some(ctl), Some(ack)) = (self.ctl.as_mut(), self.ack.as_mut()) else {
+            return Err(DstError::Init("init no longer takes commands".into()));
+        };
+        ctl.write_all(b"R\0\0\0\0")
+            .map_err(|e| DstError::Init(format!("cannot send a command: {e}")))?;
+        let mut reply = [0u8; 4];
+        ack.read_exact(&mut reply)
+            .map_err(|e| DstError::Init(format!("no reply: {e}")))?;
+        Ok(())
+    }
+
     /// Tell init that no more processes will be requested: it becomes a plain reaper that exits
     /// when the namespace is empty.
     pub fn done(&mut self) {
@@ -229,6 +242,12 @@ fn init_main(
         let mut msg = [0u8; 5];
         if !raw::read_exact(CTL_FD, &mut msg) {
             break;
+        }
+        if msg[0] == b'R' {
+            // The restorer killed a skeleton to build another: free its pids.
+            let n = raw::reap_exited();
+            raw::write_all(ACK_FD, &i32::try_from(n).unwrap_or(i32::MAX).to_le_bytes());
+            continue;
         }
         if msg[0] != b'S' {
             break;

@@ -181,19 +181,21 @@ impl Precopy {
             let Some(tracker) = m.tracker.as_mut() else {
                 continue;
             };
-            let ranges = if first {
-                let path = proc::pid_path(m.pid, "pagemap");
-                let pagemap =
-                    File::open(&path).map_err(|e| vkm_sys::SysError::Path { path, source: e })?;
-                let mut runs = Vec::new();
-                for v in &m.vmas {
-                    if let Some(file_backed) = state_kind(v) {
-                        runs.extend(state_runs(&pagemap, v.start, v.end, file_backed)?);
-                    }
-                }
-                runs
+            let found = if first {
+                round0_runs(m.pid, &m.vmas)
             } else {
-                clip(&tracker.collect()?, &m.vmas)
+                tracker.collect().map(|d| clip(&d, &m.vmas))
+            };
+            let ranges = match found {
+                Ok(r) => r,
+                // The process exited (a short-lived child): nothing of it to send; the final
+                // state will show the tree changed.
+                Err(_) if !proc_exists(m.pid) => {
+                    tracing::debug!(pid = m.pid, "a tracked process exited during pre-copy");
+                    m.tracker = None;
+                    continue;
+                }
+                Err(e) => return Err(e),
             };
             push_chunks(&mut chunks, Space::Mm(m.id), &merge_ranges(ranges));
         }
@@ -429,6 +431,24 @@ impl Final {
     }
 }
 
+/// Pages with state in the skeleton's VMAs, as they are now (round 0 runs after tracking
+/// began).
+fn round0_runs(pid: i32, vmas: &[Vma]) -> Result<Vec<(u64, u64)>, SrcError> {
+    let path = proc::pid_path(pid, "pagemap");
+    let pagemap = File::open(&path).map_err(|e| vkm_sys::SysError::Path { path, source: e })?;
+    let mut runs = Vec::new();
+    for v in vmas {
+        if let Some(file_backed) = state_kind(v) {
+            runs.extend(state_runs(&pagemap, v.start, v.end, file_backed)?);
+        }
+    }
+    Ok(runs)
+}
+
+fn proc_exists(pid: i32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
 /// For a VMA whose own pages carry state: `Some(file_backed)` as [`state_runs`] wants it.
 fn state_kind(v: &Vma) -> Option<bool> {
     if v.shared {
@@ -551,9 +571,15 @@ fn encode_stream(
                         .map(|(_, p)| *p)
                         .unwrap_or(0);
                     let path = proc::pid_path(pid, "mem");
-                    let f = File::open(&path)
-                        .map_err(|e| vkm_sys::SysError::Path { path, source: e })?;
-                    mems.push((id, f));
+                    match File::open(&path) {
+                        Ok(f) => mems.push((id, f)),
+                        // Exited since the chunk was planned: the final round sees it.
+                        Err(e) if !strict => {
+                            tracing::debug!(pid, error = %e, "address space gone");
+                            continue;
+                        }
+                        Err(e) => return Err(vkm_sys::SysError::Path { path, source: e }.into()),
+                    }
                 }
                 let f = mems
                     .iter()

@@ -266,7 +266,7 @@ fn converse(
     applied.wait_for(&frames, Duration::from_secs(60))?;
     if rebuild {
         tracing::info!("the process tree changed during pre-copy: building a new skeleton");
-        skel.discard()?;
+        skel.discard(sandbox)?;
         skel = Skeleton::build(*vk, sandbox).context("Cannot rebuild the vkernel's skeleton")?;
         let new = Arc::new(skel.page_targets()?);
         match targets.write() {

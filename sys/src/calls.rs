@@ -912,6 +912,24 @@ pub mod raw {
     }
 
     /// `waitpid(-1, __WALL)`: Some((pid, exit code or 128+signal)), None when no child is left.
+    /// Reap every child that has already exited, without blocking; returns how many.
+    pub fn reap_exited() -> usize {
+        let mut n = 0;
+        loop {
+            let mut status = 0;
+            // SAFETY: `status` is a valid out pointer.
+            let r = unsafe { libc::waitpid(-1, &mut status, libc::__WALL | libc::WNOHANG) };
+            if r > 0 {
+                n += 1;
+                continue;
+            }
+            if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return n;
+        }
+    }
+
     pub fn wait_any() -> Option<(i32, i32)> {
         loop {
             let mut status = 0;

@@ -218,7 +218,7 @@ impl Skeleton {
 
     /// Kill every process of the skeleton and wait until their PIDs are free again (the
     /// sandbox's init reaps them), so that a new skeleton can be built in the same sandbox.
-    pub fn discard(self) -> Result<(), DstError> {
+    pub fn discard(self, sandbox: &mut Sandbox) -> Result<(), DstError> {
         let hosts: Vec<i32> = self.r.hosts.values().copied().collect();
         for &h in &hosts {
             let _ = nix::sys::signal::kill(
@@ -238,6 +238,7 @@ impl Skeleton {
         let deadline = Instant::now() + Duration::from_secs(5);
         for &h in &hosts {
             while std::path::Path::new(&format!("/proc/{h}")).exists() {
+                sandbox.reap()?;
                 if Instant::now() > deadline {
                     return Err(DstError::Inconsistent(format!(
                         "process {h} of the old skeleton was not reaped within 5 s"
