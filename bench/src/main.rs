@@ -160,6 +160,7 @@ fn run_case(case: &Case, work: &Path, run: usize) -> Result<Row> {
             name: "bench".into(),
             argv: case.argv.clone(),
             console_tty: None,
+            skip_page_runs: false,
         },
         init_pid: guard.0.init_pid,
         output: img.clone(),

@@ -360,8 +360,11 @@ impl EncodedRun {
 }
 
 /// Decode one run received on a page stream (the bytes after its length prefix): check the
-/// header, decompress, verify the hash. Returns the space, the address and the raw pages.
-pub fn decode_run(msg: &[u8]) -> Result<(Space, u64, Vec<u8>)> {
+/// header, decompress, verify the hash. Returns the space, the address and the raw pages
+/// (borrowed from `msg` when the run was not compressed: a page stream carries gigabytes, and
+/// every copy of them costs).
+pub fn decode_run(msg: &[u8]) -> Result<(Space, u64, std::borrow::Cow<'_, [u8]>)> {
+    use std::borrow::Cow;
     let bad = |reason: String| CommonError::BadFrame {
         kind: FrameKind::Pages as u8,
         reason,
@@ -387,7 +390,7 @@ pub fn decode_run(msg: &[u8]) -> Result<(Space, u64, Vec<u8>)> {
         ENCODING_LZ4 => {
             let mut raw = vec![0u8; h.raw_len];
             match lz4_flex::block::decompress_into(body, &mut raw) {
-                Ok(n) if n == h.raw_len => raw,
+                Ok(n) if n == h.raw_len => Cow::Owned(raw),
                 Ok(n) => {
                     return Err(bad(format!(
                         "lz4 data decompresses to {n} bytes, expected {}",
@@ -397,8 +400,8 @@ pub fn decode_run(msg: &[u8]) -> Result<(Space, u64, Vec<u8>)> {
                 Err(e) => return Err(bad(format!("lz4 data does not decompress ({e})"))),
             }
         }
-        ENCODING_ZERO => vec![0u8; h.raw_len],
-        _ => body.to_vec(),
+        ENCODING_ZERO => Cow::Owned(vec![0u8; h.raw_len]),
+        _ => Cow::Borrowed(body),
     };
     if blake3::hash(&data).as_bytes()[..] != msg[PAGES_HEADER_LEN + enc_len..] {
         return Err(CommonError::Checksum {

@@ -79,6 +79,30 @@ impl DirtyTracker {
         Ok(crate::merge_ranges(dirty))
     }
 
+    /// Pages written in the tracked ranges since the last call, without looking for new
+    /// mappings (which takes a walk of every page table through smaps): for the final round,
+    /// where the caller compares layouts itself and sends untracked mappings whole.
+    pub fn collect_tracked(&mut self) -> Result<Vec<(u64, u64)>, SrcError> {
+        let mut dirty = Vec::new();
+        let mut keep = Vec::new();
+        for &(s, e) in &self.tracked {
+            match uffd::scan_written(self.pagemap.as_fd(), s, e) {
+                Ok(regions) => {
+                    dirty.extend(regions.iter().map(|r| (r.start, r.end)));
+                    keep.push((s, e));
+                }
+                // No longer one registered VMA: what the scan saw counts, and the range is
+                // not tracked any more (the caller sends what is mapped there now whole).
+                Err((regions, err)) if err.raw_os_error() == Some(libc::EPERM) => {
+                    dirty.extend(regions.iter().map(|r| (r.start, r.end)));
+                }
+                Err((_, err)) => return Err(err.into()),
+            }
+        }
+        self.tracked = keep;
+        Ok(crate::merge_ranges(dirty))
+    }
+
     /// Register and protect every eligible mapping not tracked yet; returns them (they count
     /// as written: nothing is known about their contents). A mapping that already carries our
     /// registration (`uw` in smaps: a tracked VMA that was split by mprotect, or grown in

@@ -277,15 +277,24 @@ impl Precopy {
     /// Stop the vkernel and work out what is left: the final state, and which pages the
     /// destination's skeleton lacks.
     pub fn freeze(mut self) -> Result<Final, SrcError> {
+        let t0 = Instant::now();
         let frozen = Frozen::freeze(self.opts.init_pid)?;
-        let captured = capture(&frozen, &self.opts.capture)?;
+        let t_frozen = t0.elapsed();
+        let mut copts = self.opts.capture.clone();
+        copts.skip_page_runs = true;
+        let captured = capture(&frozen, &copts)?;
+        tracing::info!(
+            freeze_ms = ms(t_frozen),
+            capture_ms = ms(t0.elapsed() - t_frozen),
+            "frozen and captured"
+        );
         let rebuild = !skeleton_fits(&self.skeleton, &captured.vk);
         let mut chunks = Vec::new();
         let mut fresh = Vec::new();
         if rebuild {
             // Everything, as a checkpoint would.
-            for m in &captured.memory.mms {
-                push_chunks(&mut chunks, Space::Mm(m.id), &m.runs);
+            for (m, fm) in captured.memory.mms.iter().zip(&captured.vk.mms) {
+                push_chunks(&mut chunks, Space::Mm(m.id), &round0_runs(m.pid, &fm.vmas)?);
             }
             for o in &captured.memory.objects {
                 push_chunks(
@@ -296,15 +305,14 @@ impl Precopy {
             }
         } else {
             for (m, fm) in self.mms.iter_mut().zip(&captured.vk.mms) {
-                let plan_runs = captured
+                let pid = captured
                     .memory
                     .mms
                     .iter()
                     .find(|p| p.id == fm.id)
-                    .map(|p| p.runs.clone())
-                    .unwrap_or_default();
+                    .map_or(m.pid, |p| p.pid);
                 let (dirty, tracked) = match m.tracker.as_mut() {
-                    Some(t) => (t.collect()?, t.tracked().to_vec()),
+                    Some(t) => (t.collect_tracked()?, t.tracked().to_vec()),
                     None => (Vec::new(), Vec::new()),
                 };
                 let mut ranges = Vec::new();
@@ -318,7 +326,7 @@ impl Precopy {
                         ranges.extend(clip(&dirty, std::slice::from_ref(v)));
                     } else {
                         fresh.push((fm.id, v.start));
-                        ranges.extend(clip(&plan_runs, std::slice::from_ref(v)));
+                        ranges.extend(round0_runs(pid, std::slice::from_ref(v))?);
                     }
                 }
                 push_chunks(&mut chunks, Space::Mm(m.id), &merge_ranges(ranges));
@@ -558,36 +566,16 @@ fn encode_stream(
     let mut stats = RoundStats::default();
     let mut frames = 0u64;
     let mut buf = vec![0u8; CHUNK as usize];
-    let mut mems: Vec<(u32, File)> = Vec::new();
     for c in chunks {
         let n = usize::try_from(c.end - c.start).unwrap_or(0);
         let data = &mut buf[..n];
         let read = match c.space {
             Space::Mm(id) => {
-                if !mems.iter().any(|(m, _)| *m == id) {
-                    let pid = mm_pids
-                        .iter()
-                        .find(|(m, _)| *m == id)
-                        .map(|(_, p)| *p)
-                        .unwrap_or(0);
-                    let path = proc::pid_path(pid, "mem");
-                    match File::open(&path) {
-                        Ok(f) => mems.push((id, f)),
-                        // Exited since the chunk was planned: the final round sees it.
-                        Err(e) if !strict => {
-                            tracing::debug!(pid, error = %e, "address space gone");
-                            continue;
-                        }
-                        Err(e) => return Err(vkm_sys::SysError::Path { path, source: e }.into()),
-                    }
-                }
-                let f = mems
+                let pid = mm_pids
                     .iter()
                     .find(|(m, _)| *m == id)
-                    .map(|(_, f)| f)
-                    .ok_or(SrcError::Empty)?;
-                f.read_exact_at(data, c.start)
-                    .map_err(|e| (e, "pread(/proc/PID/mem)"))
+                    .map_or(0, |(_, p)| *p);
+                read_vm(pid, c.start, data).map_err(|e| (e, "process_vm_readv"))
             }
             Space::Object(id) => {
                 let (_, f, size) = objects
@@ -642,6 +630,34 @@ fn encode_stream(
         }
     }
     Ok((stats, frames))
+}
+
+/// Copy pages out of `pid` at `addr`. `process_vm_readv` copies once, straight from the
+/// target's pages; a read of /proc/PID/mem goes through a bounce page (measured here: about
+/// a third slower), and page data is what a migration moves by the gigabyte.
+fn read_vm(pid: i32, addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    use nix::sys::uio::{process_vm_readv, RemoteIoVec};
+    let mut done = 0;
+    while done < buf.len() {
+        let base = usize::try_from(addr)
+            .unwrap_or(usize::MAX)
+            .saturating_add(done);
+        let remote = [RemoteIoVec {
+            base,
+            len: buf.len() - done,
+        }];
+        let mut local = [std::io::IoSliceMut::new(&mut buf[done..])];
+        let n = process_vm_readv(nix::unistd::Pid::from_raw(pid), &mut local, &remote)
+            .map_err(std::io::Error::from)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "pages no longer mapped",
+            ));
+        }
+        done += n;
+    }
+    Ok(())
 }
 
 fn add(a: &mut RoundStats, b: &RoundStats) {

@@ -28,6 +28,7 @@ pub fn checkpoint(state: &StateDir, args: CheckpointArgs) -> Result<()> {
             name: rec.name.clone(),
             argv: rec.argv.clone(),
             console_tty: Some(rec.console_tty.clone()),
+            skip_page_runs: false,
         },
         init_pid: rec.init_pid,
         output: args.output.clone(),

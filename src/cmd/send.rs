@@ -110,6 +110,7 @@ pub fn send(state: &StateDir, args: SendArgs) -> Result<()> {
             name: rec.name.clone(),
             argv: rec.argv.clone(),
             console_tty: Some(rec.console_tty.clone()),
+            skip_page_runs: false,
         },
         init_pid: rec.init_pid,
         compression: !args.no_compress,

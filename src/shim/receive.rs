@@ -362,14 +362,26 @@ async fn accept_streams(
     }
 }
 
-/// One page stream: length-prefixed runs, each decoded, verified and written at once.
+/// One page stream: length-prefixed runs. This task only reads them off the connection; a
+/// thread of its own decodes, verifies and writes them, so that the runtime's threads stay
+/// free to drive QUIC (decoding on them starves the connection and halves throughput).
 async fn apply_stream(
     idx: usize,
     mut stream: quinn::RecvStream,
     targets: Arc<RwLock<Arc<PageTargets>>>,
     applied: Arc<Applied>,
 ) {
-    let mut buf = Vec::new();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
+    let applier = {
+        let applied = Arc::clone(&applied);
+        std::thread::Builder::new()
+            .name(format!("pages-{idx}"))
+            .spawn(move || apply_messages(idx, &rx, &targets, &applied))
+    };
+    if let Err(e) = applier {
+        applied.fail(format!("page stream {idx}: cannot start a thread: {e}"));
+        return;
+    }
     loop {
         let mut len = [0u8; 4];
         match stream.read_exact(&mut len).await {
@@ -386,11 +398,34 @@ async fn apply_stream(
             applied.fail(format!("page stream {idx}: a message of {n} bytes"));
             return;
         }
-        buf.resize(n, 0);
+        let mut buf = vec![0u8; n];
         if let Err(e) = stream.read_exact(&mut buf).await {
             applied.fail(format!("page stream {idx}: {e}"));
             return;
         }
+        // A full queue means the applier is behind: wait for it without holding a runtime
+        // thread.
+        let mut msg = buf;
+        loop {
+            match tx.try_send(msg) {
+                Ok(()) => break,
+                Err(std::sync::mpsc::TrySendError::Full(m)) => {
+                    msg = m;
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
+                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return,
+            }
+        }
+    }
+}
+
+fn apply_messages(
+    idx: usize,
+    rx: &std::sync::mpsc::Receiver<Vec<u8>>,
+    targets: &RwLock<Arc<PageTargets>>,
+    applied: &Applied,
+) {
+    while let Ok(buf) = rx.recv() {
         let (space, addr, data) = match decode_run(&buf) {
             Ok(x) => x,
             Err(e) => {

@@ -123,7 +123,7 @@ impl Skeleton {
                 .and_then(|p| p.threads.first())
                 .map(|t| t.tid)
                 .ok_or_else(|| DstError::Inconsistent(format!("process #{rep} was not created")))?;
-            mms.insert(mm.id, open_mem(tid)?);
+            mms.insert(mm.id, (tid, open_mem(tid)?));
         }
         let mut objects = BTreeMap::new();
         for o in &self.r.vk.objects {
@@ -253,7 +253,8 @@ impl Skeleton {
 
 /// Where pages are written; see [`Skeleton::page_targets`].
 pub struct PageTargets {
-    mms: BTreeMap<u32, File>,
+    /// Per address space: the host pid of a process using it, and its /proc/PID/mem.
+    mms: BTreeMap<u32, (i32, File)>,
     objects: BTreeMap<u32, (File, u64)>,
 }
 
@@ -262,9 +263,14 @@ impl PageTargets {
     pub fn apply(&self, space: Space, addr: u64, data: &[u8]) -> Result<(), DstError> {
         match space {
             Space::Mm(id) => {
-                let mem = self.mms.get(&id).ok_or_else(|| {
+                let (pid, mem) = self.mms.get(&id).ok_or_else(|| {
                     DstError::Inconsistent(format!("pages for unknown address space {id}"))
                 })?;
+                // process_vm_writev copies once; it refuses pages the target may not write
+                // (read-only mappings), which /proc/PID/mem writes with FOLL_FORCE.
+                if write_vm(*pid, addr, data).is_ok() {
+                    return Ok(());
+                }
                 mem.write_all_at(data, addr).map_err(|e| {
                     DstError::Sys(vkm_sys::SysError::Syscall {
                         op: "pwrite(/proc/PID/mem)",
@@ -290,6 +296,29 @@ impl PageTargets {
             }
         }
     }
+}
+
+/// Copy `data` into `pid` at `addr` with process_vm_writev.
+fn write_vm(pid: i32, addr: u64, data: &[u8]) -> std::io::Result<()> {
+    use nix::sys::uio::{process_vm_writev, RemoteIoVec};
+    let mut done = 0;
+    while done < data.len() {
+        let base = usize::try_from(addr)
+            .unwrap_or(usize::MAX)
+            .saturating_add(done);
+        let remote = [RemoteIoVec {
+            base,
+            len: data.len() - done,
+        }];
+        let local = [std::io::IoSlice::new(&data[done..])];
+        let n = process_vm_writev(nix::unistd::Pid::from_raw(pid), &local, &remote)
+            .map_err(std::io::Error::from)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        done += n;
+    }
+    Ok(())
 }
 
 /// Apply every page frame of an image. A reader thread reads, decompresses and verifies

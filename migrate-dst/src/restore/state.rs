@@ -120,8 +120,12 @@ impl Restorer {
                 if sig == libc::SIGKILL || sig == libc::SIGSTOP {
                     continue;
                 }
-                let a = p.sigactions.iter().find(|a| a.signo == sig);
-                let words = a.map_or([0u64; 4], |a| [a.handler, a.flags, a.restorer, a.mask]);
+                // Skeletons start with every handler at its default (init reset them and no
+                // process shares handlers with another yet): set only the others.
+                let Some(a) = p.sigactions.iter().find(|a| a.signo == sig) else {
+                    continue;
+                };
+                let words = [a.handler, a.flags, a.restorer, a.mask];
                 r.write(
                     args,
                     &words

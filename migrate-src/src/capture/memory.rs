@@ -226,7 +226,7 @@ struct SysvNs {
 }
 
 impl MemoryCapture {
-    pub fn capture_mm(&mut self, id: u32, pid: i32) -> Result<(), SrcError> {
+    pub fn capture_mm(&mut self, id: u32, pid: i32, page_runs: bool) -> Result<(), SrcError> {
         if self.sysv.is_none() {
             self.sysv = Some(self.open_sysv(pid)?);
         }
@@ -293,21 +293,29 @@ impl MemoryCapture {
                     }
                 }
                 "" | "[heap]" | "[stack]" => {
-                    runs.extend(state_runs(&pagemap, e.start, e.end, false)?);
+                    if page_runs {
+                        runs.extend(state_runs(&pagemap, e.start, e.end, false)?);
+                    }
                     Backing::Anon
                 }
                 _ if path.starts_with("[anon:") || path.starts_with("[stack:") => {
-                    runs.extend(state_runs(&pagemap, e.start, e.end, false)?);
+                    if page_runs {
+                        runs.extend(state_runs(&pagemap, e.start, e.end, false)?);
+                    }
                     Backing::Anon
                 }
                 _ if path.starts_with('/') && !path.ends_with(" (deleted)") => {
-                    runs.extend(state_runs(&pagemap, e.start, e.end, true)?);
+                    if page_runs {
+                        runs.extend(state_runs(&pagemap, e.start, e.end, true)?);
+                    }
                     file_backing(pid, e, &path)?
                 }
                 // A private mapping of a memfd or unlinked file: the object's contents travel
                 // as an object, the pages this mapping copied on write as its own.
                 _ if is_object_path(&path) && !is_sysv_path(&path) => {
-                    runs.extend(state_runs(&pagemap, e.start, e.end, true)?);
+                    if page_runs {
+                        runs.extend(state_runs(&pagemap, e.start, e.end, true)?);
+                    }
                     let oid = self.object(pid, e, &path)?;
                     Backing::Object {
                         id: oid,

@@ -26,6 +26,10 @@ pub struct CaptureOptions {
     pub argv: Vec<String>,
     /// Path of the pty slave the shim gave the vkernel as its console (`/dev/pts/N`).
     pub console_tty: Option<String>,
+    /// Leave out which pages carry state (the memory plan's runs): a live migration's final
+    /// capture works them out only where it needs them, and reading pagemap costs
+    /// milliseconds per GiB while the vkernel is frozen.
+    pub skip_page_runs: bool,
 }
 
 /// The model plus what the page writer needs to read the memory that goes with it.
@@ -64,18 +68,25 @@ pub fn capture(frozen: &Frozen, opts: &CaptureOptions) -> Result<Captured, SrcEr
         proc_table.push(group(&mut table_owner, p.host_pid, calls::KCMP_FILES)?);
     }
 
+    let t0 = std::time::Instant::now();
     // Layouts first: the injections below map a scratch page, which must not be captured.
     let mut mem = memory::MemoryCapture::default();
     for (id, &pid) in mm_owner.iter().enumerate() {
-        mem.capture_mm(u32::try_from(id).unwrap_or(u32::MAX), pid)?;
+        mem.capture_mm(
+            u32::try_from(id).unwrap_or(u32::MAX),
+            pid,
+            !opts.skip_page_runs,
+        )?;
     }
 
+    let t_layout = t0.elapsed();
     let mut fcap = files::FileCapture::new(&host_to_ns, opts.console_tty.as_deref());
     let mut tables = Vec::new();
     for (id, &pid) in table_owner.iter().enumerate() {
         tables.push(fcap.capture_table(u32::try_from(id).unwrap_or(u32::MAX), pid, &mut mem)?);
     }
 
+    let t_files = t0.elapsed();
     // Threads record their capabilities only where they differ from ours, which restore gives
     // every thread to begin with.
     let own_caps = process::caps_of(&vkm_sys::proc::read("/proc/thread-self/status")?);
@@ -100,6 +111,13 @@ pub fn capture(frozen: &Frozen, opts: &CaptureOptions) -> Result<Captured, SrcEr
         processes.push(proc);
     }
 
+    let t_procs = t0.elapsed();
+    tracing::debug!(
+        layout_ms = t_layout.as_secs_f64() * 1e3,
+        files_ms = (t_files - t_layout).as_secs_f64() * 1e3,
+        processes_ms = (t_procs - t_files).as_secs_f64() * 1e3,
+        "capture phases"
+    );
     let first = frozen
         .processes
         .iter()

@@ -117,6 +117,7 @@ pub fn capture_process(
         &timers,
         host_to_ns,
         &mut thread_held,
+        status.sig_cgt | status.sig_ign,
     );
     // Registers and masks go back whatever happened; the scratch page is gone already on success.
     let restored = leader.restore_regs();
@@ -176,6 +177,7 @@ fn inject_reads(
     timers: &[procfs::PosixTimerInfo],
     host_to_ns: &BTreeMap<i32, i32>,
     held: &mut Held,
+    handled: u64,
 ) -> Result<Injected, SrcError> {
     // A private scratch page for out-parameters, so that nothing of the target's memory is
     // touched; it is unmapped again before we return.
@@ -196,6 +198,12 @@ fn inject_reads(
         let mut sigactions = Vec::new();
         for sig in 1..=64i32 {
             if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                continue;
+            }
+            // Only caught or ignored signals can have a handler; SIGCHLD's flags matter even
+            // at SIG_DFL (SA_NOCLDSTOP, SA_NOCLDWAIT). Each read is an injected syscall, and
+            // this runs while the vkernel is frozen.
+            if handled & (1u64 << (sig - 1)) == 0 && sig != libc::SIGCHLD {
                 continue;
             }
             r.call(
