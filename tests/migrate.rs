@@ -226,8 +226,8 @@ fn a_vkernel_whose_processes_come_and_go_moves_too() {
     let count = |h: &Host| -> u64 {
         h.console_log("sh1")
             .lines()
-            .filter_map(|l| l.trim().strip_prefix("tick=")?.parse().ok())
-            .last()
+            .rev()
+            .find_map(|l| l.trim().strip_prefix("tick=")?.parse().ok())
             .unwrap_or(0)
     };
     let t0 = Instant::now();
