@@ -12,6 +12,8 @@
 //!  Hello, Skeleton(vk) ───────────────────▶ builds processes and address spaces
 //!        ◀──────────────────────────────── SkeletonReady
 //!  pages, round after round (page streams) ▶ written straight into the skeleton
+//!  RoundDone{frames} ─────────────────────▶ (after each round)
+//!        ◀──────────────────────────────── RoundApplied
 //!  (freeze) Final{vk, frames, fresh} ─────▶ waits for those frames, applies the layout delta
 //!        ◀──────────────────────────────── FinalReady
 //!  last pages, Commit{frames} ────────────▶ fds, signals, timers, registers: all but running
@@ -94,6 +96,10 @@ pub enum ToReceiver {
     /// The state captured when pre-copy began: the receiver builds processes and address
     /// spaces from it and pages then flow into them.
     Skeleton(Box<Vkernel>),
+    /// A pre-copy round is sent (`frames` per stream so far); answer once they are applied,
+    /// so that the sender's round times measure delivery and nothing is in flight when it
+    /// freezes.
+    RoundDone { round: u32, frames: Vec<u64> },
     /// The vkernel is frozen. `frames`: page messages sent so far on each page stream, which
     /// the receiver applies before the delta. `fresh`: VMAs (mm id, start) of `vk` whose
     /// contents the source did not track; the receiver maps them anew and the source sends
@@ -122,6 +128,9 @@ pub enum ToReceiver {
 pub enum FromReceiver {
     SkeletonReady {
         build_us: u64,
+    },
+    RoundApplied {
+        round: u32,
     },
     FinalReady {
         delta_us: u64,

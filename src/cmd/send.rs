@@ -303,9 +303,21 @@ fn migrate(
     // (small rounds are dominated by fixed costs such as scanning and hashing).
     let mut bandwidth: f64 = 0.0;
     loop {
-        let s = precopy
+        let t = Instant::now();
+        let mut s = precopy
             .round(sink)
             .map_err(|e| before(anyhow::Error::from(e).context("A pre-copy round failed")))?;
+        // A round ends when the destination has applied it.
+        let done = ToReceiver::RoundDone {
+            round: s.round,
+            frames: precopy.frames().to_vec(),
+        };
+        rt.block_on(send_msg(control, &done)).map_err(before)?;
+        match rt.block_on(recv_msg(control)).map_err(before)? {
+            FromReceiver::RoundApplied { round } if round == s.round => {}
+            other => return Err(before(unexpected(other))),
+        }
+        s.duration_ms = ms(t.elapsed());
         let secs = (s.duration_ms / 1000.0).max(1e-6);
         let rate = s.bytes_raw as f64 / secs;
         if s.round == 0 || s.bytes_raw >= 8 << 20 {

@@ -252,15 +252,21 @@ fn converse(
     ))?;
 
     // Pre-copy runs until the sender freezes the vkernel.
-    let (vk, frames, fresh, rebuild) = match rt.block_on(recv(control))? {
-        ToReceiver::Final {
-            vk,
-            frames,
-            fresh,
-            rebuild,
-        } => (vk, frames, fresh, rebuild),
-        ToReceiver::Abort { reason } => bail!("The sender gave up: {reason}"),
-        other => bail!("Expected the final state, got {}", name_of(&other)),
+    let (vk, frames, fresh, rebuild) = loop {
+        match rt.block_on(recv(control))? {
+            ToReceiver::RoundDone { round, frames } => {
+                applied.wait_for(&frames, Duration::from_secs(600))?;
+                rt.block_on(send(control, &FromReceiver::RoundApplied { round }))?;
+            }
+            ToReceiver::Final {
+                vk,
+                frames,
+                fresh,
+                rebuild,
+            } => break (vk, frames, fresh, rebuild),
+            ToReceiver::Abort { reason } => bail!("The sender gave up: {reason}"),
+            other => bail!("Expected the final state, got {}", name_of(&other)),
+        }
     };
     let t = Instant::now();
     applied.wait_for(&frames, Duration::from_secs(60))?;
@@ -467,6 +473,7 @@ fn name_of(m: &ToReceiver) -> &'static str {
     match m {
         ToReceiver::Hello { .. } => "hello",
         ToReceiver::Skeleton(_) => "the skeleton",
+        ToReceiver::RoundDone { .. } => "the end of a round",
         ToReceiver::Final { .. } => "the final state",
         ToReceiver::Commit { .. } => "commit",
         ToReceiver::Go => "go",

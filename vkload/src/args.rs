@@ -11,6 +11,7 @@ usage: vkload [--mem MIB] [--threads N] [--children N] [--ram-file-mib M] [--dir
   --without FEATS      disable features: threads, memfd, pipe, socketpair, itimer,
                        posix-timer, signals, children, eventfd, file
   --tick-ms MS         console tick period (default 100)
+  --verify-s S         seconds per full verification pass of the region (default 2)
 ";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +74,7 @@ pub struct Config {
     pub ram_file_mib: u64,
     pub dirty_mbps: u64,
     pub tick_ms: u64,
+    pub verify_s: u64,
     disabled: u32,
 }
 
@@ -85,6 +87,7 @@ impl Default for Config {
             ram_file_mib: 4,
             dirty_mbps: 0,
             tick_ms: 100,
+            verify_s: 2,
             disabled: 0,
         }
     }
@@ -142,6 +145,7 @@ pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Parsed, String> {
             "--ram-file-mib" => cfg.ram_file_mib = number(name, value()?, 1, 1 << 16)?,
             "--dirty-mbps" => cfg.dirty_mbps = number(name, value()?, 0, 1 << 20)?,
             "--tick-ms" => cfg.tick_ms = number(name, value()?, 1, 60_000)?,
+            "--verify-s" => cfg.verify_s = number(name, value()?, 1, 3600)?,
             "--without" => {
                 // Empty items are tolerated so that scripts can pass `--without "$LIST"`.
                 for feat in value()?.split(',').filter(|s| !s.is_empty()) {

@@ -112,7 +112,7 @@ fn run(cfg: &Config) -> ! {
     let child_pids = children.as_ref().map(|c| c.pids()).unwrap_or_default();
     let region = (cfg.mem_mib > 0)
         .then(|| mem::Region::new(cfg.mem_mib).or_fail("mapping the memory region"));
-    let mut verifier = region.map(|r| mem::Verifier::new(r, cfg.tick_ms));
+    let mut verifier = region.map(|r| mem::Verifier::new(r, cfg.tick_ms, cfg.verify_s));
     let mut heap = mem::Heap::new();
     let mut data_file = cfg
         .has(Feature::File)

@@ -90,7 +90,7 @@ impl Writer {
     }
 }
 
-/// Verifies a slice of the region per tick, so that all of it is covered every ~2 s.
+/// Verifies a slice of the region per tick, so that all of it is covered every `verify_s`.
 pub struct Verifier {
     region: Region,
     cursor: u64,
@@ -99,12 +99,14 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    pub fn new(region: Region, tick_ms: u64) -> Verifier {
+    pub fn new(region: Region, tick_ms: u64, verify_s: u64) -> Verifier {
         let pages = region.pages();
         Verifier {
             region,
             cursor: 0,
-            per_tick: (pages * tick_ms).div_ceil(2000).clamp(1, pages.max(1)),
+            per_tick: (pages * tick_ms)
+                .div_ceil(verify_s.max(1) * 1000)
+                .clamp(1, pages.max(1)),
             verified: 0,
         }
     }

@@ -1,0 +1,338 @@
+//! Live migration benchmark: vkload of several sizes, idle and dirtying memory at several
+//! rates, sent from hostA to hostB (two network namespaces on a bridge, as in the test lab)
+//! with `vkmigrate send --report`; prints one table row per case from the reports.
+//!
+//! ```text
+//! cargo build --release --workspace --bins
+//! sudo target/release/migrate --sizes 256,1024,4096 --rates 0,20,50,200,1000 --runs 3
+//! ```
+//!
+//! "Idle" (rate 0) is vkload's own minimum of 8 pages per tick. Its verifier reads the whole
+//! region once per `--verify-s` (30 s here, 2 s by default): a guest does not read all of its
+//! RAM every other second, and that reading would compete with the migration for the cores.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+struct Args {
+    sizes: Vec<u64>,
+    rates: Vec<u64>,
+    runs: usize,
+    downtime_ms: u64,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        sizes: vec![256, 1024],
+        rates: vec![0, 20],
+        runs: 1,
+        downtime_ms: 20,
+    };
+    let mut it = std::env::args().skip(1);
+    let list = |v: Option<String>| -> Result<Vec<u64>> {
+        v.context("a value is missing")?
+            .split(',')
+            .map(|x| x.trim().parse::<u64>().context("not a number"))
+            .collect()
+    };
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--sizes" => a.sizes = list(it.next())?,
+            "--rates" => a.rates = list(it.next())?,
+            "--runs" => a.runs = it.next().context("--runs N")?.parse()?,
+            "--downtime-ms" => a.downtime_ms = it.next().context("--downtime-ms MS")?.parse()?,
+            "-h" | "--help" => {
+                println!(
+                    "usage: migrate [--sizes MIB,...] [--rates MBPS,...] [--runs N] [--downtime-ms MS]"
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    Ok(a)
+}
+
+/// The two namespaces and everything in them; removed on drop.
+struct Lab {
+    tag: String,
+    work: PathBuf,
+    bin: PathBuf,
+    listener: Option<std::process::Child>,
+}
+
+impl Lab {
+    fn new(bin: &Path) -> Result<Lab> {
+        let tag = format!("vkmbench{}", std::process::id());
+        let work = std::env::temp_dir().join(&tag);
+        std::fs::create_dir_all(&work)?;
+        let lab = Lab {
+            tag,
+            work,
+            bin: bin.to_path_buf(),
+            listener: None,
+        };
+        let (a, b, lan) = (lab.ns("a"), lab.ns("b"), lab.ns("lan"));
+        for ns in [&a, &b, &lan] {
+            sh(&["ip", "netns", "add", ns])?;
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+        }
+        sh(&["ip", "-n", &lan, "link", "add", "br0", "type", "bridge"])?;
+        sh(&["ip", "-n", &lan, "link", "set", "br0", "up"])?;
+        for (i, ns) in [&a, &b].into_iter().enumerate() {
+            let vh = format!("vh{i}");
+            sh(&[
+                "ip", "-n", &lan, "link", "add", &vh, "type", "veth", "peer", "name", "eth0",
+                "netns", ns,
+            ])?;
+            sh(&["ip", "-n", &lan, "link", "set", &vh, "master", "br0", "up"])?;
+            let addr = format!("198.18.0.{}/24", i + 1);
+            sh(&["ip", "-n", ns, "addr", "add", &addr, "dev", "eth0"])?;
+            sh(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
+        }
+        let vkm = lab.bin.join("vkmigrate");
+        let ca = lab.work.join("ca");
+        run(Command::new(&vkm).args(["pki", "init", "--ca-dir"]).arg(&ca))?;
+        for (h, ip) in [("a", "198.18.0.1"), ("b", "198.18.0.2")] {
+            run(Command::new(&vkm)
+                .args(["pki", "issue", "--ca-dir"])
+                .arg(&ca)
+                .args(["--name", h, "--ip", ip, "--out"])
+                .arg(lab.work.join(h).join("tls")))?;
+        }
+        Ok(lab)
+    }
+
+    fn ns(&self, host: &str) -> String {
+        format!("{}-{host}", self.tag)
+    }
+
+    /// `vkmigrate --state-dir ... ARGS` on `host`.
+    fn vkm(&self, host: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns(host)])
+            .arg(self.bin.join("vkmigrate"))
+            .arg("--state-dir")
+            .arg(self.work.join(host).join("state"))
+            .args(args)
+            .env("VKLOAD_DIR", &self.work);
+        c
+    }
+
+    fn listen(&mut self) -> Result<()> {
+        let tls = self.work.join("b").join("tls");
+        let log = std::fs::File::create(self.work.join("listen.log"))?;
+        let child = self
+            .vkm(
+                "b",
+                &["listen", "--addr", "198.18.0.2:4433", "--tls-dir", path(&tls)?],
+            )
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.listener = Some(child);
+        let t0 = Instant::now();
+        while !std::fs::read_to_string(self.work.join("listen.log"))
+            .unwrap_or_default()
+            .contains("listening on")
+        {
+            if t0.elapsed() > Duration::from_secs(20) {
+                bail!("the listener did not start");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.listener.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for h in ["a", "b"] {
+            let _ = self.vkm(h, &["kill", "bench"]).output();
+        }
+        for h in ["a", "b", "lan"] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns(h)])
+                .output();
+        }
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
+fn path(p: &Path) -> Result<&str> {
+    p.to_str().context("a non-UTF-8 path")
+}
+
+fn sh(args: &[&str]) -> Result<()> {
+    run(Command::new(args[0]).args(&args[1..])).map(|_| ())
+}
+
+fn run(c: &mut Command) -> Result<Output> {
+    let out = c.output().with_context(|| format!("cannot run {c:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{c:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+struct Sample {
+    total_ms: f64,
+    downtime_ms: f64,
+    rounds: usize,
+    wire_mib: f64,
+    round0_gbs: f64,
+    throttle: u64,
+}
+
+fn one(lab: &Lab, size: u64, rate: u64, downtime_ms: u64) -> Result<Sample> {
+    let vkload = lab.bin.join("vkload");
+    let (size_s, rate_s) = (size.to_string(), rate.to_string());
+    let mut args = vec![
+        "run",
+        "--name",
+        "bench",
+        "--",
+        path(&vkload)?,
+        "--mem",
+        &size_s,
+        "--verify-s",
+        "30",
+        "--without",
+        "file",
+    ];
+    if rate > 0 {
+        args.extend(["--dirty-mbps", &rate_s]);
+    }
+    run(&mut lab.vkm("a", &args))?;
+    // Until its memory is written (vkload fills the region at start).
+    let t0 = Instant::now();
+    loop {
+        let out = run(&mut lab.vkm("a", &["ps", "--json"]))?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let mem = v[0]["memory_bytes"].as_u64().unwrap_or(0);
+        if mem >= size * 1024 * 1024 * 95 / 100 {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            bail!("vkload did not fill {size} MiB");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let report = lab.work.join("report.json");
+    let tls = lab.work.join("a").join("tls");
+    let dt = downtime_ms.to_string();
+    let out = lab
+        .vkm(
+            "a",
+            &[
+                "send",
+                "bench",
+                "198.18.0.2:4433",
+                "--tls-dir",
+                path(&tls)?,
+                "--downtime-ms",
+                &dt,
+                "--report",
+                path(&report)?,
+            ],
+        )
+        .output()?;
+    for h in ["a", "b"] {
+        let _ = lab.vkm(h, &["kill", "bench"]).output();
+        // `kill` returns before the shim has removed its state: wait for it.
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            let ps = run(&mut lab.vkm(h, &["ps", "--json"]))?;
+            if !String::from_utf8_lossy(&ps.stdout).contains("\"bench\"") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    if !out.status.success() {
+        bail!(
+            "send failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
+    eprintln!(
+        "{size} MiB at {rate} MiB/s: downtime {} ms = {}; final round {}",
+        r["downtime_ms"], r["downtime"], r["final_round"]
+    );
+    let r0 = &r["rounds"][0];
+    let secs = r0["duration_ms"].as_f64().unwrap_or(1.0) / 1000.0;
+    Ok(Sample {
+        total_ms: r["total_ms"].as_f64().unwrap_or(0.0),
+        downtime_ms: r["downtime_ms"].as_f64().unwrap_or(0.0),
+        rounds: r["rounds"].as_array().map_or(0, Vec::len) + 1,
+        wire_mib: r["bytes_on_wire"].as_f64().unwrap_or(0.0) / 1048576.0,
+        round0_gbs: r0["bytes_raw"].as_f64().unwrap_or(0.0) / secs / 1e9,
+        throttle: r["throttle_percent"].as_u64().unwrap_or(100),
+    })
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let bin = std::env::current_exe()?
+        .parent()
+        .context("no directory")?
+        .to_path_buf();
+    let mut lab = Lab::new(&bin)?;
+    lab.listen()?;
+    println!(
+        "| size | dirtying | runs | total time | downtime (pause) | rounds | on the wire | round-0 page throughput | throttle |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for &size in &args.sizes {
+        for &rate in &args.rates {
+            let mut samples = Vec::new();
+            for _ in 0..args.runs {
+                match one(&lab, size, rate, args.downtime_ms) {
+                    Ok(s) => samples.push(s),
+                    Err(e) => eprintln!("{size} MiB at {rate} MB/s: {e:#}"),
+                }
+            }
+            if samples.is_empty() {
+                println!("| {size} MiB | {rate} MiB/s | 0 | failed | | | | | |");
+                continue;
+            }
+            let range = |f: &dyn Fn(&Sample) -> f64, digits: usize| {
+                let lo = samples.iter().map(f).fold(f64::INFINITY, f64::min);
+                let hi = samples.iter().map(f).fold(f64::NEG_INFINITY, f64::max);
+                if (hi - lo).abs() < 1e-9 {
+                    format!("{lo:.digits$}")
+                } else {
+                    format!("{lo:.digits$}–{hi:.digits$}")
+                }
+            };
+            let rate_s = if rate == 0 {
+                "idle".to_string()
+            } else {
+                format!("{rate} MiB/s")
+            };
+            println!(
+                "| {size} MiB | {rate_s} | {} | {} ms | {} ms | {} | {} MiB | {} GB/s | {} % |",
+                samples.len(),
+                range(&|s| s.total_ms, 0),
+                range(&|s| s.downtime_ms, 1),
+                range(&|s| s.rounds as f64, 0),
+                range(&|s| s.wire_mib, 0),
+                range(&|s| s.round0_gbs, 2),
+                range(&|s| s.throttle as f64, 0),
+            );
+        }
+    }
+    Ok(())
+}
