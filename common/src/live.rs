@@ -99,7 +99,10 @@ pub enum ToReceiver {
     /// A pre-copy round is sent (`frames` per stream so far); answer once they are applied,
     /// so that the sender's round times measure delivery and nothing is in flight when it
     /// freezes.
-    RoundDone { round: u32, frames: Vec<u64> },
+    RoundDone {
+        round: u32,
+        frames: Vec<u64>,
+    },
     /// The vkernel is frozen. `frames`: page messages sent so far on each page stream, which
     /// the receiver applies before the delta. `fresh`: VMAs (mm id, start) of `vk` whose
     /// contents the source did not track; the receiver maps them anew and the source sends

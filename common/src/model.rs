@@ -156,8 +156,10 @@ pub struct Thread {
     pub comm: String,
     /// `struct user_regs_struct`, [`USER_REGS_SIZE`] bytes, after the syscall-restart fix-up
     /// has been decided (see `restart`).
+    #[serde(with = "serde_bytes")]
     pub regs: Vec<u8>,
     /// `NT_X86_XSTATE` area as returned by the kernel (length = [`CpuInfo::xstate_size`]).
+    #[serde(with = "serde_bytes")]
     pub xstate: Vec<u8>,
     pub sigmask: u64,
     pub sigaltstack: SigAltStack,
@@ -206,6 +208,7 @@ pub struct Mm {
     pub exe: String,
     /// The `[vdso]` bytes: restore refuses when the destination's vDSO differs, because the
     /// code that jumps into it keeps working only with the very same kernel build.
+    #[serde(with = "serde_bytes")]
     pub vdso: Vec<u8>,
 }
 
@@ -498,6 +501,7 @@ pub enum FileKind {
 pub struct Pipe {
     pub id: u32,
     /// Bytes that were buffered, unread, at the freeze.
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
     pub capacity: u32,
     /// For a named pipe (FIFO): its path, which restore opens again.
@@ -508,6 +512,7 @@ pub struct Pipe {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct Console {
     /// `struct termios` (the kernel's, 60 bytes on x86_64) as bytes.
+    #[serde(with = "serde_bytes")]
     pub termios: Vec<u8>,
     pub rows: u16,
     pub cols: u16,

@@ -382,18 +382,28 @@ fn migrate(
     };
     let mut restore_us = 0;
     let step: Result<()> = (|| {
+        let t = Instant::now();
         rt.block_on(send_msg(control, &msg))?;
         match rt.block_on(recv_msg(control))? {
             FromReceiver::FinalReady { delta_us } => restore_us += delta_us,
             other => return Err(unexpected(other)),
         }
+        let t_state = t.elapsed();
         let (s, frames) = fin.send_pages(sink)?;
+        let t_pages = t.elapsed();
         report.final_round = Some(s);
         rt.block_on(send_msg(control, &ToReceiver::Commit { frames }))?;
         match rt.block_on(recv_msg(control))? {
             FromReceiver::Ready { apply_us } => restore_us += apply_us,
             other => return Err(unexpected(other)),
         }
+        tracing::info!(
+            final_state_ms = ms(t_state),
+            final_pages_ms = ms(t_pages - t_state),
+            commit_ms = ms(t.elapsed() - t_pages),
+            dest_us = restore_us,
+            "final transfer"
+        );
         Ok(())
     })();
     if let Err(e) = step {

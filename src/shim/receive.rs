@@ -270,6 +270,10 @@ fn converse(
     };
     let t = Instant::now();
     applied.wait_for(&frames, Duration::from_secs(60))?;
+    tracing::info!(
+        wait_ms = t.elapsed().as_secs_f64() * 1e3,
+        "pre-copy pages applied"
+    );
     if rebuild {
         tracing::info!("the process tree changed during pre-copy: building a new skeleton");
         skel.discard(sandbox)?;
@@ -282,6 +286,11 @@ fn converse(
     } else {
         skel.apply_final(*vk, &fresh)
             .context("Cannot apply the final layout")?;
+        tracing::info!(
+            delta_ms = t.elapsed().as_secs_f64() * 1e3,
+            fresh = fresh.len(),
+            "final layout applied"
+        );
     }
     rt.block_on(send(
         control,
@@ -296,9 +305,15 @@ fn converse(
     };
     let t = Instant::now();
     let pages = applied.wait_for(&frames, Duration::from_secs(60))?;
+    let t_wait = t.elapsed();
     skel.add_pages(pages);
     skel.finish(Some(&slave))
         .context("Cannot restore the vkernel's state")?;
+    tracing::info!(
+        wait_ms = t_wait.as_secs_f64() * 1e3,
+        finish_ms = (t.elapsed() - t_wait).as_secs_f64() * 1e3,
+        "state applied"
+    );
     rt.block_on(send(
         control,
         &FromReceiver::Ready {

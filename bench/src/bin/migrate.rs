@@ -95,7 +95,9 @@ impl Lab {
         }
         let vkm = lab.bin.join("vkmigrate");
         let ca = lab.work.join("ca");
-        run(Command::new(&vkm).args(["pki", "init", "--ca-dir"]).arg(&ca))?;
+        run(Command::new(&vkm)
+            .args(["pki", "init", "--ca-dir"])
+            .arg(&ca))?;
         for (h, ip) in [("a", "198.18.0.1"), ("b", "198.18.0.2")] {
             run(Command::new(&vkm)
                 .args(["pki", "issue", "--ca-dir"])
@@ -128,7 +130,13 @@ impl Lab {
         let child = self
             .vkm(
                 "b",
-                &["listen", "--addr", "198.18.0.2:4433", "--tls-dir", path(&tls)?],
+                &[
+                    "listen",
+                    "--addr",
+                    "198.18.0.2:4433",
+                    "--tls-dir",
+                    path(&tls)?,
+                ],
             )
             .stdout(log.try_clone()?)
             .stderr(log)
