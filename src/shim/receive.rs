@@ -29,6 +29,9 @@ use super::{Reply, RestoreStats};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct ReceiveArgs {
+    /// The vkernel's state directory and name, to publish it the moment it runs.
+    pub dir: PathBuf,
+    pub name: String,
     pub bind: SocketAddr,
     pub tls_dir: PathBuf,
     pub migration_id: String,
@@ -133,6 +136,7 @@ pub fn setup_receive(args: ReceiveArgs, status: &mut File) -> Result<Running> {
 
 struct Received {
     migration_id: String,
+    listener: std::os::unix::net::UnixListener,
     master: OwnedFd,
     console_tty: String,
     argv: Vec<String>,
@@ -150,6 +154,7 @@ impl Received {
             restored_from: None,
             restore: Some(self.stats),
             migration_id: Some(self.migration_id),
+            listener: Some(self.listener),
         }
     }
 }
@@ -327,8 +332,33 @@ fn converse(
     }
     let t = Instant::now();
     let report = skel.go().context("Cannot resume the vkernel")?;
-    // From here on the vkernel runs here, whatever happens to the connection.
+    // From here on the vkernel runs here, whatever happens to the connection. Publish it
+    // before the sender hears so: when `send` returns, `ps` here shows it.
     drop(slave);
+    if let Err(e) = nix::unistd::chdir("/") {
+        tracing::warn!(error = %e, "cannot change to /");
+    }
+    let listener = super::serve::publish(
+        &args.dir,
+        crate::state::Record {
+            name: args.name.clone(),
+            shim_pid: i32::try_from(std::process::id()).unwrap_or(-1),
+            init_pid: sandbox.init_pid,
+            argv: argv.clone(),
+            console_tty: tty.clone(),
+            created: 0,
+            restored_from: None,
+            migration_id: Some(args.migration_id.clone()),
+        },
+    );
+    let listener = match listener {
+        Ok(l) => l,
+        Err(e) => {
+            // It runs, but nothing could find it: better to report it than to hide it.
+            tracing::error!(error = %format!("{e:#}"), "cannot publish the received vkernel");
+            return Err(e);
+        }
+    };
     let _ = rt.block_on(send(
         control,
         &FromReceiver::Running {
@@ -345,6 +375,7 @@ fn converse(
         .await;
     });
     Ok(Received {
+        listener,
         migration_id: args.migration_id.clone(),
         master,
         console_tty: tty,

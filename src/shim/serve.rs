@@ -40,6 +40,9 @@ pub(super) struct Running {
     pub(super) restore: Option<RestoreStats>,
     /// Set for a vkernel received by live migration.
     pub(super) migration_id: Option<String>,
+    /// The console socket, when the record was already written (a received vkernel is
+    /// published the moment it runs, before the sender hears that it does).
+    pub(super) listener: Option<UnixListener>,
 }
 
 /// Entry point of `vkmigrate __shim`. Never prints to the CLI's terminal: its stdout is the
@@ -90,6 +93,8 @@ pub fn main(state: &StateDir, args: ShimArgs, log_format: LogFormat) -> ExitCode
                 ..
             } => super::receive::setup_receive(
                 super::receive::ReceiveArgs {
+                    dir: dir.clone(),
+                    name: name.clone(),
                     bind,
                     tls_dir,
                     migration_id,
@@ -105,6 +110,9 @@ pub fn main(state: &StateDir, args: ShimArgs, log_format: LogFormat) -> ExitCode
             // caller's (our paths are absolute).
             if let Err(e) = nix::unistd::chdir("/") {
                 tracing::warn!(error = %e, "cannot change to /");
+            }
+            if let Some(listener) = running.listener.take() {
+                return Ok((running, listener));
             }
             match finish_setup(&dir, &name, &running) {
                 Ok(listener) => Ok((running, listener)),
@@ -279,6 +287,7 @@ fn setup_run(argv: Vec<String>) -> Result<Running> {
         restored_from: None,
         restore: None,
         migration_id: None,
+        listener: None,
     })
 }
 
@@ -338,6 +347,7 @@ fn setup_restore(image: PathBuf) -> Result<Running> {
             elapsed_us: u64::try_from(report.elapsed.as_micros()).unwrap_or(u64::MAX),
         }),
         migration_id: None,
+        listener: None,
     })
 }
 
@@ -354,6 +364,23 @@ pub fn read_meta<R: io::Read>(reader: &mut ImageReader<R>) -> Result<Vkernel> {
 
 /// Listen on the console socket and write the record: from here on, commands see the vkernel.
 fn finish_setup(dir: &Path, name: &str, running: &Running) -> Result<UnixListener> {
+    publish(
+        dir,
+        Record {
+            name: name.to_owned(),
+            shim_pid: i32::try_from(std::process::id()).unwrap_or(-1),
+            init_pid: running.sandbox.init_pid,
+            argv: running.argv.clone(),
+            console_tty: running.console_tty.clone(),
+            created: 0,
+            restored_from: running.restored_from.clone(),
+            migration_id: running.migration_id.clone(),
+        },
+    )
+}
+
+/// Bind the console socket and write `record` (its `created` time is set here).
+pub(super) fn publish(dir: &Path, mut record: Record) -> Result<UnixListener> {
     let sock = dir.join(CONSOLE_SOCK);
     let _ = fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock)
@@ -361,19 +388,9 @@ fn finish_setup(dir: &Path, name: &str, running: &Running) -> Result<UnixListene
     listener
         .set_nonblocking(true)
         .context("Cannot make the console socket non-blocking")?;
-    let created = SystemTime::now()
+    record.created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let record = Record {
-        name: name.to_owned(),
-        shim_pid: i32::try_from(std::process::id()).unwrap_or(-1),
-        init_pid: running.sandbox.init_pid,
-        argv: running.argv.clone(),
-        console_tty: running.console_tty.clone(),
-        created,
-        restored_from: running.restored_from.clone(),
-        migration_id: running.migration_id.clone(),
-    };
     state::write_record(dir, &record)?;
     Ok(listener)
 }
