@@ -189,18 +189,12 @@ fn encode_run(space: Space, addr: u64, run: &[u8], compression: bool) -> Encoded
     }
     let compressed = body.is_some();
     let body = body.unwrap_or_else(|| run.to_vec());
-    let (space_kind, space_id) = space.to_wire();
-    let mut header = [0u8; PAGES_HEADER_LEN];
-    header[0] = space_kind;
-    header[4..8].copy_from_slice(&space_id.to_le_bytes());
-    header[8..16].copy_from_slice(&addr.to_le_bytes());
-    header[16..20].copy_from_slice(&(npages as u32).to_le_bytes());
-    header[20] = if compressed {
+    let encoding = if compressed {
         ENCODING_LZ4
     } else {
         ENCODING_RAW
     };
-    header[24..28].copy_from_slice(&(run.len() as u32).to_le_bytes());
+    let header = run_header(space, addr, npages, encoding);
     EncodedRun {
         header,
         body,
@@ -311,20 +305,25 @@ pub fn encode_pages_keep_zero(
     Ok(out)
 }
 
-/// A run of `npages` zero pages: a header and the hash of the zeros, no body.
-fn zero_run(space: Space, addr: u64, npages: usize) -> EncodedRun {
-    let raw_len = npages * PAGE_SIZE;
-    let hash = *blake3::hash(&vec![0u8; raw_len]).as_bytes();
+/// The 32-byte header of a run: space kind, space id, address, pages, encoding, raw length.
+fn run_header(space: Space, addr: u64, npages: usize, encoding: u8) -> [u8; PAGES_HEADER_LEN] {
     let (space_kind, space_id) = space.to_wire();
     let mut header = [0u8; PAGES_HEADER_LEN];
     header[0] = space_kind;
     header[4..8].copy_from_slice(&space_id.to_le_bytes());
     header[8..16].copy_from_slice(&addr.to_le_bytes());
     header[16..20].copy_from_slice(&(npages as u32).to_le_bytes());
-    header[20] = ENCODING_ZERO;
-    header[24..28].copy_from_slice(&(raw_len as u32).to_le_bytes());
+    header[20] = encoding;
+    header[24..28].copy_from_slice(&((npages * PAGE_SIZE) as u32).to_le_bytes());
+    header
+}
+
+/// A run of `npages` zero pages: a header and the hash of the zeros, no body.
+fn zero_run(space: Space, addr: u64, npages: usize) -> EncodedRun {
+    let raw_len = npages * PAGE_SIZE;
+    let hash = *blake3::hash(&vec![0u8; raw_len]).as_bytes();
     EncodedRun {
-        header,
+        header: run_header(space, addr, npages, ENCODING_ZERO),
         body: Vec::new(),
         hash,
         raw_len,
