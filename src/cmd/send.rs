@@ -89,6 +89,7 @@ pub fn send(state: &StateDir, args: SendArgs) -> Result<()> {
         .context("Cannot start the network runtime")?;
     let migration_id = format!("{:032x}", rand::random::<u128>());
     let mut report = Report {
+        throttle_percent: 100,
         vkernel: rec.name.clone(),
         destination: args.dest.clone(),
         migration_id: migration_id.clone(),
@@ -173,8 +174,9 @@ pub fn send(state: &StateDir, args: SendArgs) -> Result<()> {
         &ui,
     );
     // The throttle never outlives the migration (it is released before a thaw, too).
-    report.throttle_percent = throttle.as_ref().map_or(100, Throttle::percent);
-    drop(throttle);
+    if let Some(t) = throttle.take() {
+        report.throttle_percent = t.percent();
+    }
     drop(sink);
     ui.finish();
     let outcome = match result {
@@ -360,7 +362,14 @@ fn migrate(
         }
     }
 
-    // Stop-and-copy.
+    // Stop-and-copy. A throttled task takes its time to stop (it must be scheduled to see
+    // the interrupt): lift the limit first.
+    if let Some(t) = throttle.as_mut() {
+        report.throttle_percent = t.percent();
+        if let Err(e) = t.set_percent(100) {
+            tracing::warn!(error = %e, "cannot lift the CPU throttle before the freeze");
+        }
+    }
     let t_freeze = Instant::now();
     let mut fin = Box::new(
         precopy
@@ -368,9 +377,7 @@ fn migrate(
             .map_err(|e| before(anyhow::Error::from(e).context("Cannot freeze the vkernel")))?,
     );
     // Frozen: the throttle has nothing left to do, and must not outlive a thaw.
-    if let Some(t) = throttle.take() {
-        report.throttle_percent = t.percent();
-    }
+    drop(throttle.take());
     let freeze_ms = ms(t_freeze.elapsed());
     report.rebuilt = fin.rebuild;
     let t_final = Instant::now();

@@ -109,10 +109,13 @@ pub struct Host {
 }
 
 impl Host {
-    /// `ip netns exec NETNS program args...`, not started yet.
+    /// `program args...` in the host's network namespace, not started yet. Through
+    /// `nsenter --net`, not `ip netns exec`: the latter also remounts /sys, which hides the
+    /// cgroup hierarchy that `send` throttles a vkernel with.
     pub fn cmd<S: AsRef<OsStr>>(&self, program: impl AsRef<OsStr>, args: &[S]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.netns])
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.netns))
+            .arg("--")
             .arg(program)
             .args(args)
             .env("VKLOAD_DIR", &self.dir);

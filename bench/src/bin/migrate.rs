@@ -114,8 +114,11 @@ impl Lab {
 
     /// `vkmigrate --state-dir ... ARGS` on `host`.
     fn vkm(&self, host: &str, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns(host)])
+        // nsenter, not `ip netns exec`, which remounts /sys and so hides the cgroups that
+        // `send` throttles with.
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.ns(host)))
+            .arg("--")
             .arg(self.bin.join("vkmigrate"))
             .arg("--state-dir")
             .arg(self.work.join(host).join("state"))
