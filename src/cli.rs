@@ -366,27 +366,30 @@ pub enum ShimMode {
         image: PathBuf,
     },
     /// Receive a live migration (started by `listen`).
-    Receive {
-        /// Name of the vkernel.
-        #[arg(long, value_parser = parse_name)]
-        name: String,
-        /// Address to accept the sender's connection on (port 0: any).
-        #[arg(long)]
-        bind: std::net::SocketAddr,
-        #[arg(long)]
-        tls_dir: PathBuf,
-        /// The migration's id, which the sender must present.
-        #[arg(long)]
-        migration_id: String,
-        /// The vkernel's CLOCK_MONOTONIC and CLOCK_BOOTTIME (ns) when our CLOCK_MONOTONIC
-        /// read `at_ns`.
-        #[arg(long, allow_hyphen_values = true)]
-        mono_ns: i128,
-        #[arg(long, allow_hyphen_values = true)]
-        boot_ns: i128,
-        #[arg(long, allow_hyphen_values = true)]
-        at_ns: i128,
-    },
+    Receive(ReceiveArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReceiveArgs {
+    /// Name of the vkernel.
+    #[arg(long, value_parser = parse_name)]
+    pub name: String,
+    /// Address to accept the sender's connection on (port 0: any).
+    #[arg(long)]
+    pub bind: std::net::SocketAddr,
+    #[arg(long)]
+    pub tls_dir: PathBuf,
+    /// The migration's id, which the sender must present.
+    #[arg(long)]
+    pub migration_id: String,
+    /// The vkernel's CLOCK_MONOTONIC and CLOCK_BOOTTIME (ns) when our CLOCK_MONOTONIC read
+    /// `at_ns`.
+    #[arg(long, allow_hyphen_values = true)]
+    pub mono_ns: i128,
+    #[arg(long, allow_hyphen_values = true)]
+    pub boot_ns: i128,
+    #[arg(long, allow_hyphen_values = true)]
+    pub at_ns: i128,
 }
 
 fn parse_name(s: &str) -> Result<String, String> {

@@ -8,6 +8,7 @@ mod human;
 mod logging;
 mod shim;
 mod state;
+mod wire;
 
 use std::process::ExitCode;
 
@@ -33,6 +34,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The tokio runtime that carries QUIC for `listen`, `send` and a receiving shim: two workers,
+/// one per core of the machines this is sized for; page work runs on threads of its own.
+fn net_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("Cannot start the network runtime")
 }
 
 /// `Error: msg` and then each cause once, numbered (cloud-hypervisor's `cli_print_error_chain`).

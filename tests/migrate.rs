@@ -15,6 +15,20 @@ fn dest(h: &Host) -> String {
     format!("{}:{LISTEN_PORT}", h.addr)
 }
 
+/// `vkmigrate send NAME` from `from` to `to`'s listener with `from`'s certificate, and `extra`.
+fn send(from: &Host, name: &str, to: &Host, extra: &[&str]) -> std::process::Output {
+    let to = dest(to);
+    let mut args = vec![
+        "send",
+        name,
+        to.as_str(),
+        "--tls-dir",
+        from.tls_dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    from.vkm(&args)
+}
+
 /// The last tick `name` printed on `host`, and no check failed.
 fn last_tick(host: &Host, name: &str) -> u64 {
     let log = host.console_log(name);
@@ -44,15 +58,7 @@ fn a_running_vkload_moves_to_another_host_and_goes_on() {
     let report = a.dir.join("report.json");
     // A's console goes with its state once the vkernel has left.
     let seen = last_tick(a, "web1");
-    let out = a.vkm(&[
-        "send",
-        "web1",
-        &dest(b),
-        "--tls-dir",
-        a.tls_dir.to_str().unwrap(),
-        "--report",
-        report.to_str().unwrap(),
-    ]);
+    let out = send(a, "web1", b, &["--report", report.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "send failed: {}",
@@ -117,8 +123,7 @@ fn a_taken_name_is_refused_and_same_pids_live_side_by_side() {
     a.run_vkload("web1", &["--mem", "8"]);
     a.run_vkload("web2", &["--mem", "8"]);
     a.wait_tick("web1", 3, Duration::from_secs(20));
-    let tls = a.tls_dir.to_str().unwrap().to_owned();
-    let out = a.vkm(&["send", "web1", &dest(b), "--tls-dir", &tls]);
+    let out = send(a, "web1", b, &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -128,7 +133,7 @@ fn a_taken_name_is_refused_and_same_pids_live_side_by_side() {
     still_ticking(a, "web1");
 
     // Another name goes through and runs next to B's own vkload, both at pid 2 inside.
-    let out = a.vkm(&["send", "web2", &dest(b), "--tls-dir", &tls]);
+    let out = send(a, "web2", b, &[]);
     assert!(
         out.status.success(),
         "{}",
@@ -241,17 +246,17 @@ fn a_vkernel_whose_processes_come_and_go_moves_too() {
     let seen = count(a);
     let report = a.dir.join("report.json");
     // A slow pre-copy makes sure the tree changes in between.
-    let out = a.vkm(&[
-        "send",
+    let out = send(
+        a,
         "sh1",
-        &dest(b),
-        "--tls-dir",
-        a.tls_dir.to_str().unwrap(),
-        "--max-bandwidth",
-        "1MB/s",
-        "--report",
-        report.to_str().unwrap(),
-    ]);
+        b,
+        &[
+            "--max-bandwidth",
+            "1MB/s",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
     assert!(
         out.status.success(),
         "{}",

@@ -27,7 +27,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Backing, Clocks, CpuInfo, Mm, Vkernel, Vma};
+use crate::model::{Clocks, CpuInfo, Mm, Vkernel};
 
 /// Version of the conversation above; both sides must speak the same.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -168,40 +168,22 @@ impl VmaDelta {
     }
 }
 
-/// Two VMAs are the same mapping when everything restore maps them by is equal.
-pub fn same_vma(a: &Vma, b: &Vma) -> bool {
-    a.start == b.start
-        && a.end == b.end
-        && a.prot == b.prot
-        && a.shared == b.shared
-        && a.growsdown == b.growsdown
-        && a.advise == b.advise
-        && a.backing == b.backing
-}
-
-/// The delta between two layouts of one address space. `fresh` names VMAs of `after` (by
-/// start) to map anew even if unchanged, because their contents were not tracked.
+/// The delta between two layouts of one address space: a VMA is unchanged when all it is
+/// mapped by is equal. `fresh` names VMAs of `after` (by start) to map anew even if
+/// unchanged, because their contents were not tracked.
 pub fn vma_delta(before: &Mm, after: &Mm, fresh: &[u64]) -> VmaDelta {
     let mut d = VmaDelta::default();
     for b in &before.vmas {
-        if !after.vmas.iter().any(|a| same_vma(a, b)) {
+        if !after.vmas.contains(b) {
             d.unmap.push((b.start, b.end));
         }
     }
     for (i, a) in after.vmas.iter().enumerate() {
-        if fresh.contains(&a.start) || !before.vmas.iter().any(|b| same_vma(a, b)) {
+        if fresh.contains(&a.start) || !before.vmas.contains(a) {
             d.map.push(i);
         }
     }
     d
-}
-
-/// Special mappings the kernel places (vDSO, vvar, vsyscall): a delta cannot move them.
-pub fn is_special(v: &Vma) -> bool {
-    matches!(
-        v.backing,
-        Backing::Vdso | Backing::Vvar | Backing::VvarVclock | Backing::Vsyscall
-    )
 }
 
 /// Whether the skeleton built from `before` can become `after` by per-VMA deltas: the same
@@ -231,7 +213,7 @@ pub fn skeleton_fits(before: &Vkernel, after: &Vkernel) -> bool {
                 let specials = |m: &Mm| -> Vec<(u64, u64)> {
                     m.vmas
                         .iter()
-                        .filter(|v| is_special(v))
+                        .filter(|v| v.backing.is_special())
                         .map(|v| (v.start, v.end))
                         .collect()
                 };
@@ -299,7 +281,7 @@ impl Convergence {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{prot, MmFields};
+    use crate::model::{prot, Backing, MmFields, Vma};
 
     fn vma(start: u64, end: u64, backing: Backing) -> Vma {
         Vma {

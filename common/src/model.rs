@@ -248,6 +248,23 @@ pub struct Vma {
     pub backing: Backing,
 }
 
+impl Vma {
+    /// Whether the mapping's own pages carry state, and so travel as its pages: `Some(false)`
+    /// for private anonymous memory (every present page), `Some(true)` for a private mapping
+    /// of a file or memory object (only the pages it copied on write), `None` otherwise
+    /// (shared mappings travel as their object or file, special ones not at all).
+    pub fn own_pages(&self) -> Option<bool> {
+        if self.shared {
+            return None;
+        }
+        match self.backing {
+            Backing::Anon => Some(false),
+            Backing::File { .. } | Backing::Object { .. } => Some(true),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Backing {
     /// Private anonymous memory (heap, stacks, malloc arenas). Its present pages travel.
@@ -268,6 +285,17 @@ pub enum Backing {
     Vvar,
     VvarVclock,
     Vsyscall,
+}
+
+impl Backing {
+    /// A mapping the kernel places itself (vDSO, vvar, vsyscall): restore asks for it, it is
+    /// never mapped like the others, and a layout delta cannot move it.
+    pub fn is_special(&self) -> bool {
+        matches!(
+            self,
+            Backing::Vdso | Backing::Vvar | Backing::VvarVclock | Backing::Vsyscall
+        )
+    }
 }
 
 /// A memory object whose contents travel (memfd, O_TMPFILE or unlinked tmpfs/shm file, SysV

@@ -58,23 +58,7 @@ impl DirtyTracker {
     /// Page-aligned ranges written since the previous call (or since `attach`), merged. New
     /// or grown mappings are reported whole, once, and tracked from then on.
     pub fn collect(&mut self) -> Result<Vec<(u64, u64)>, SrcError> {
-        let mut dirty = Vec::new();
-        let mut stale = Vec::new();
-        for (i, &(s, e)) in self.tracked.iter().enumerate() {
-            match uffd::scan_written(self.pagemap.as_fd(), s, e) {
-                Ok(regions) => dirty.extend(regions.iter().map(|r| (r.start, r.end))),
-                // The range no longer is one registered VMA (unmapped, moved, replaced): keep
-                // what the scan saw and look at the layout again below.
-                Err((regions, err)) if err.raw_os_error() == Some(libc::EPERM) => {
-                    dirty.extend(regions.iter().map(|r| (r.start, r.end)));
-                    stale.push(i);
-                }
-                Err((_, err)) => return Err(err.into()),
-            }
-        }
-        for i in stale.into_iter().rev() {
-            self.tracked.remove(i);
-        }
+        let mut dirty = self.collect_tracked()?;
         dirty.extend(self.track_new_mappings()?);
         Ok(crate::merge_ranges(dirty))
     }

@@ -18,8 +18,8 @@ use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use vkm_common::image::{encode_pages, encode_pages_keep_zero, Space, PAGE_SIZE};
-use vkm_common::live::{same_vma, skeleton_fits};
-use vkm_common::model::{Backing, Vkernel, Vma};
+use vkm_common::live::skeleton_fits;
+use vkm_common::model::{Vkernel, Vma};
 use vkm_sys::proc;
 
 use crate::capture::{capture, data_extents, state_runs, CaptureOptions, Captured};
@@ -64,9 +64,6 @@ struct TrackedMm {
     id: u32,
     pid: i32,
     tracker: Option<DirtyTracker>,
-    /// The skeleton's VMAs of this address space: pages outside them have nowhere to go
-    /// until the final delta.
-    vmas: Vec<Vma>,
 }
 
 struct TrackedObject {
@@ -125,17 +122,10 @@ impl Precopy {
                     None
                 }
             };
-            let vmas = vk
-                .mms
-                .iter()
-                .find(|x| x.id == m.id)
-                .map(|x| x.vmas.clone())
-                .unwrap_or_default();
             mms.push(TrackedMm {
                 id: m.id,
                 pid: m.pid,
                 tracker,
-                vmas,
             });
         }
         let objects = memory
@@ -163,10 +153,6 @@ impl Precopy {
         ))
     }
 
-    pub fn streams(&self) -> usize {
-        self.frames.len()
-    }
-
     /// Frames sent so far on each stream.
     pub fn frames(&self) -> &[u64] {
         &self.frames
@@ -181,10 +167,12 @@ impl Precopy {
             let Some(tracker) = m.tracker.as_mut() else {
                 continue;
             };
+            // Pages outside the skeleton's VMAs have nowhere to go until the final delta.
+            let vmas = skeleton_vmas(&self.skeleton, m.id);
             let found = if first {
-                round0_runs(m.pid, &m.vmas)
+                state_runs_now(m.pid, vmas)
             } else {
-                tracker.collect().map(|d| clip(&d, &m.vmas))
+                tracker.collect().map(|d| clip(&d, vmas))
             };
             let ranges = match found {
                 Ok(r) => r,
@@ -205,7 +193,7 @@ impl Precopy {
         }
         let mut stats = self.send(sink, &chunks, !first, false)?;
         stats.round = self.round;
-        stats.duration_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        stats.duration_ms = ms(t0.elapsed());
         self.round += 1;
         Ok(stats)
     }
@@ -282,7 +270,7 @@ impl Precopy {
         let t_frozen = t0.elapsed();
         let mut copts = self.opts.capture.clone();
         copts.skip_page_runs = true;
-        let captured = capture(&frozen, &copts)?;
+        let mut captured = capture(&frozen, &copts)?;
         tracing::info!(
             freeze_ms = ms(t_frozen),
             capture_ms = ms(t0.elapsed() - t_frozen),
@@ -294,7 +282,11 @@ impl Precopy {
         if rebuild {
             // Everything, as a checkpoint would.
             for (m, fm) in captured.memory.mms.iter().zip(&captured.vk.mms) {
-                push_chunks(&mut chunks, Space::Mm(m.id), &round0_runs(m.pid, &fm.vmas)?);
+                push_chunks(
+                    &mut chunks,
+                    Space::Mm(m.id),
+                    &state_runs_now(m.pid, &fm.vmas)?,
+                );
             }
             for o in &captured.memory.objects {
                 push_chunks(
@@ -315,19 +307,24 @@ impl Precopy {
                     Some(t) => (t.collect_tracked()?, t.tracked().to_vec()),
                     None => (Vec::new(), Vec::new()),
                 };
+                let before = skeleton_vmas(&self.skeleton, fm.id);
                 let mut ranges = Vec::new();
+                let mut untracked = Vec::new();
                 for v in &fm.vmas {
-                    if state_kind(v).is_none() {
+                    if v.own_pages().is_none() {
                         continue;
                     }
-                    let kept = m.vmas.iter().any(|b| same_vma(b, v))
+                    let kept = before.contains(v)
                         && tracked.iter().any(|&(s, e)| s <= v.start && v.end <= e);
                     if kept {
                         ranges.extend(clip(&dirty, std::slice::from_ref(v)));
                     } else {
                         fresh.push((fm.id, v.start));
-                        ranges.extend(round0_runs(pid, std::slice::from_ref(v))?);
+                        untracked.push(v.clone());
                     }
+                }
+                if !untracked.is_empty() {
+                    ranges.extend(state_runs_now(pid, &untracked)?);
                 }
                 push_chunks(&mut chunks, Space::Mm(m.id), &merge_ranges(ranges));
             }
@@ -337,18 +334,14 @@ impl Precopy {
             }
         }
         if rebuild {
-            // The new skeleton's objects are the final capture's.
-            self.objects = captured
-                .memory
-                .objects
-                .iter()
-                .filter_map(|o| {
-                    Some(TrackedObject {
-                        id: o.id,
-                        file: o.file.try_clone().ok()?,
-                        size: o.size,
-                        hashes: Vec::new(),
-                    })
+            // The final pages are read through the final capture's processes and objects.
+            self.objects = std::mem::take(&mut captured.memory.objects)
+                .into_iter()
+                .map(|o| TrackedObject {
+                    id: o.id,
+                    file: o.file,
+                    size: o.size,
+                    hashes: Vec::new(),
                 })
                 .collect();
             self.mms = captured
@@ -359,7 +352,6 @@ impl Precopy {
                     id: m.id,
                     pid: m.pid,
                     tracker: None,
-                    vmas: Vec::new(),
                 })
                 .collect();
         }
@@ -396,18 +388,13 @@ impl Final {
         self.precopy.frames.clone()
     }
 
-    /// Bytes the final pages will read (before zero elision).
-    pub fn pending_bytes(&self) -> u64 {
-        self.chunks.iter().map(|c| c.end - c.start).sum()
-    }
-
     /// Send the last pages. Returns the stats and the frames per stream in total.
     pub fn send_pages(&mut self, sink: &dyn PageSink) -> Result<(RoundStats, Vec<u64>), SrcError> {
         let t0 = Instant::now();
         let chunks = std::mem::take(&mut self.chunks);
         let mut s = self.precopy.send(sink, &chunks, !self.rebuild, true)?;
         s.round = self.precopy.round;
-        s.duration_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        s.duration_ms = ms(t0.elapsed());
         Ok((s, self.precopy.frames.clone()))
     }
 
@@ -431,22 +418,16 @@ impl Final {
         }
         crate::checkpoint::redeliver(&self.captured.held);
     }
-
-    /// How long the vkernel has been frozen is measured by the caller; this is a hint of how
-    /// much page data follows.
-    pub fn chunks(&self) -> usize {
-        self.chunks.len()
-    }
 }
 
-/// Pages with state in the skeleton's VMAs, as they are now (round 0 runs after tracking
-/// began).
-fn round0_runs(pid: i32, vmas: &[Vma]) -> Result<Vec<(u64, u64)>, SrcError> {
+/// Pages of `vmas` that carry state, as pagemap shows them now (round 0 reads this after
+/// tracking began; the final round for mappings it did not track).
+fn state_runs_now(pid: i32, vmas: &[Vma]) -> Result<Vec<(u64, u64)>, SrcError> {
     let path = proc::pid_path(pid, "pagemap");
     let pagemap = File::open(&path).map_err(|e| vkm_sys::SysError::Path { path, source: e })?;
     let mut runs = Vec::new();
     for v in vmas {
-        if let Some(file_backed) = state_kind(v) {
+        if let Some(file_backed) = v.own_pages() {
             runs.extend(state_runs(&pagemap, v.start, v.end, file_backed)?);
         }
     }
@@ -457,16 +438,13 @@ fn proc_exists(pid: i32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// For a VMA whose own pages carry state: `Some(file_backed)` as [`state_runs`] wants it.
-fn state_kind(v: &Vma) -> Option<bool> {
-    if v.shared {
-        return None;
-    }
-    match v.backing {
-        Backing::Anon => Some(false),
-        Backing::File { .. } | Backing::Object { .. } => Some(true),
-        _ => None,
-    }
+/// The skeleton's VMAs of address space `mm`.
+fn skeleton_vmas(skeleton: &Vkernel, mm: u32) -> &[Vma] {
+    skeleton
+        .mms
+        .iter()
+        .find(|m| m.id == mm)
+        .map_or(&[], |m| m.vmas.as_slice())
 }
 
 /// The parts of `ranges` inside the VMAs.
@@ -575,7 +553,7 @@ fn encode_stream(
                     .iter()
                     .find(|(m, _)| *m == id)
                     .map_or(0, |(_, p)| *p);
-                read_vm(pid, c.start, data).map_err(|e| (e, "process_vm_readv"))
+                proc::read_vm(pid, c.start, data).map_err(|e| (e, "process_vm_readv"))
             }
             Space::Object(id) => {
                 let (_, f, size) = objects
@@ -632,34 +610,6 @@ fn encode_stream(
     Ok((stats, frames))
 }
 
-/// Copy pages out of `pid` at `addr`. `process_vm_readv` copies once, straight from the
-/// target's pages; a read of /proc/PID/mem goes through a bounce page (measured here: about
-/// a third slower), and page data is what a migration moves by the gigabyte.
-fn read_vm(pid: i32, addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
-    use nix::sys::uio::{process_vm_readv, RemoteIoVec};
-    let mut done = 0;
-    while done < buf.len() {
-        let base = usize::try_from(addr)
-            .unwrap_or(usize::MAX)
-            .saturating_add(done);
-        let remote = [RemoteIoVec {
-            base,
-            len: buf.len() - done,
-        }];
-        let mut local = [std::io::IoSliceMut::new(&mut buf[done..])];
-        let n = process_vm_readv(nix::unistd::Pid::from_raw(pid), &mut local, &remote)
-            .map_err(std::io::Error::from)?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "pages no longer mapped",
-            ));
-        }
-        done += n;
-    }
-    Ok(())
-}
-
 fn add(a: &mut RoundStats, b: &RoundStats) {
     a.pages += b.pages;
     a.zero_pages += b.zero_pages;
@@ -667,7 +617,6 @@ fn add(a: &mut RoundStats, b: &RoundStats) {
     a.bytes_encoded += b.bytes_encoded;
 }
 
-/// How long ago something happened, for logs.
-pub fn ms(d: Duration) -> f64 {
+fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }

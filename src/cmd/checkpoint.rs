@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use vkm_migrate_src::{CaptureOptions, CheckpointOptions};
+use vkm_migrate_src::CheckpointOptions;
 
 use crate::cli::CheckpointArgs;
 use crate::human;
@@ -15,21 +15,9 @@ use crate::state::StateDir;
 
 pub fn checkpoint(state: &StateDir, args: CheckpointArgs) -> Result<()> {
     check_output(&args.output, args.force)?;
-    let rec = state.alive(&args.name)?;
-    if !super::init_is_ours(&rec) {
-        bail!(
-            "vkernel {} is not running (its init {} is gone)",
-            rec.name,
-            rec.init_pid
-        );
-    }
+    let rec = super::running(state, &args.name)?;
     let opts = CheckpointOptions {
-        capture: CaptureOptions {
-            name: rec.name.clone(),
-            argv: rec.argv.clone(),
-            console_tty: Some(rec.console_tty.clone()),
-            skip_page_runs: false,
-        },
+        capture: super::capture_options(&rec),
         init_pid: rec.init_pid,
         output: args.output.clone(),
         leave_running: args.leave_running,

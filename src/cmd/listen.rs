@@ -9,9 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use vkm_common::image::{decode_meta, encode_meta};
 use vkm_common::live::{FromDaemon, Offer, ToDaemon};
-use vkm_transport::{Control, Server, Session, TlsDir, Tuning};
+use vkm_transport::{Server, Session, TlsDir, Tuning};
 
 use crate::cli::{ListenArgs, LogFormat};
 use crate::shim::{Reply, Shim};
@@ -26,11 +25,7 @@ pub fn listen(state: &StateDir, log_format: LogFormat, args: ListenArgs) -> Resu
             state.root().display()
         )
     })?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("Cannot start the network runtime")?;
+    let rt = crate::net_runtime()?;
     rt.block_on(async {
         let server = Server::bind(args.addr, &tls, &Tuning::bulk())
             .with_context(|| format!("Cannot listen on {}", args.addr))?;
@@ -90,11 +85,7 @@ async fn handle(ctx: Arc<Ctx>, session: Session) -> Result<()> {
     let peer = conn
         .peer_name()
         .unwrap_or_else(|| conn.remote_address().to_string());
-    let bytes = control
-        .recv()
-        .await?
-        .context("The peer closed the connection without a request")?;
-    let msg: ToDaemon = decode_meta(&bytes).context("Cannot decode the request")?;
+    let msg: ToDaemon = crate::wire::recv(&mut control, "sender").await?;
     let reply = match msg {
         ToDaemon::Offer(offer) => {
             tracing::info!(%peer, vkernel = %offer.name, mem_mib = offer.mem_bytes >> 20, "offer");
@@ -129,15 +120,10 @@ async fn handle(ctx: Arc<Ctx>, session: Session) -> Result<()> {
     if let FromDaemon::Refuse { reason } = &reply {
         tracing::warn!(%peer, %reason, "offer refused");
     }
-    reply_with(&mut control, &reply).await?;
+    crate::wire::send(&mut control, &reply, "sender").await?;
     let _ = control.finish();
     // Let the reply reach the peer before the connection goes.
     let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
-    Ok(())
-}
-
-async fn reply_with(control: &mut Control, msg: &FromDaemon) -> Result<()> {
-    control.send(&encode_meta(msg)?).await?;
     Ok(())
 }
 

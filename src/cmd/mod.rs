@@ -34,6 +34,29 @@ pub fn dispatch(state: &StateDir, log_format: LogFormat, command: Command) -> Re
     }
 }
 
+/// The record of vkernel `name`, which must be running (its init alive and ours).
+fn running(state: &StateDir, name: &str) -> Result<crate::state::Record> {
+    let rec = state.alive(name)?;
+    if !init_is_ours(&rec) {
+        anyhow::bail!(
+            "vkernel {} is not running (its init {} is gone)",
+            rec.name,
+            rec.init_pid
+        );
+    }
+    Ok(rec)
+}
+
+/// What a capture of the vkernel of `rec` records besides its processes.
+fn capture_options(rec: &crate::state::Record) -> vkm_migrate_src::CaptureOptions {
+    vkm_migrate_src::CaptureOptions {
+        name: rec.name.clone(),
+        argv: rec.argv.clone(),
+        console_tty: Some(rec.console_tty.clone()),
+        skip_page_runs: false,
+    }
+}
+
 /// A field of `/proc/PID/status` (the text after `Key:`), trimmed.
 fn status_field(pid: i32, key: &str) -> Option<String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

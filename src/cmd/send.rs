@@ -14,7 +14,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use tokio::sync::mpsc;
-use vkm_common::image::{decode_meta, encode_meta};
 use vkm_common::live::{
     Convergence, FromDaemon, FromReceiver, MappedFile, Next, Offer, ToDaemon, ToReceiver,
     PROTOCOL_VERSION,
@@ -22,7 +21,7 @@ use vkm_common::live::{
 use vkm_common::model::{Backing, Vkernel};
 use vkm_migrate_src::live::{Final, LiveOptions, PageSink, Precopy, RoundStats};
 use vkm_migrate_src::throttle::Throttle;
-use vkm_migrate_src::{CaptureOptions, SrcError};
+use vkm_migrate_src::SrcError;
 use vkm_transport::{Control, Session, TlsDir, Tuning};
 
 use crate::cli::SendArgs;
@@ -71,22 +70,11 @@ struct Downtime {
 
 pub fn send(state: &StateDir, args: SendArgs) -> Result<()> {
     let t0 = Instant::now();
-    let rec = state.alive(&args.name)?;
-    if !super::init_is_ours(&rec) {
-        bail!(
-            "vkernel {} is not running (its init {} is gone)",
-            rec.name,
-            rec.init_pid
-        );
-    }
+    let rec = super::running(state, &args.name)?;
     let (addr, server_name) = resolve(&args.dest)?;
     let tls = TlsDir::load(&args.tls_dir)
         .with_context(|| format!("Cannot load the TLS files in {}", args.tls_dir.display()))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("Cannot start the network runtime")?;
+    let rt = crate::net_runtime()?;
     let migration_id = format!("{:032x}", rand::random::<u128>());
     let mut report = Report {
         throttle_percent: 100,
@@ -107,12 +95,7 @@ pub fn send(state: &StateDir, args: SendArgs) -> Result<()> {
         ))
         .with_context(|| format!("Cannot connect to {}", args.dest))?;
     let opts = LiveOptions {
-        capture: CaptureOptions {
-            name: rec.name.clone(),
-            argv: rec.argv.clone(),
-            console_tty: Some(rec.console_tty.clone()),
-            skip_page_runs: false,
-        },
+        capture: super::capture_options(&rec),
         init_pid: rec.init_pid,
         compression: !args.no_compress,
         streams: STREAMS,
@@ -491,35 +474,24 @@ fn settle(
 
 async fn ask_daemon(session: Session, msg: ToDaemon) -> Result<FromDaemon> {
     let Session { conn, mut control } = session;
-    control.send(&encode_meta(&msg)?).await?;
-    let bytes = control
-        .recv()
-        .await?
-        .ok_or_else(|| anyhow!("The destination closed the connection without an answer"))?;
+    crate::wire::send(&mut control, &msg, "destination").await?;
+    let answer = crate::wire::recv(&mut control, "destination").await;
     conn.close(vkm_transport::CLOSE_OK, "done");
-    decode_meta(&bytes).context("Cannot decode the destination's answer")
+    answer
 }
 
 async fn send_msg(control: &mut Control, msg: &ToReceiver) -> Result<()> {
-    control
-        .send(&encode_meta(msg)?)
-        .await
-        .context("Cannot send to the destination")?;
-    Ok(())
+    crate::wire::send(control, msg, "destination").await
 }
 
+/// The destination's next message; its `Failed` is an error with its chain.
 async fn recv_msg(control: &mut Control) -> Result<FromReceiver> {
-    let bytes = control
-        .recv()
-        .await
-        .context("The link to the destination failed")?
-        .ok_or_else(|| anyhow!("The destination closed the connection"))?;
-    let msg: FromReceiver =
-        decode_meta(&bytes).context("Cannot decode the destination's message")?;
-    if let FromReceiver::Failed { chain } = msg {
-        return Err(anyhow!(chain.join(": ")).context("The destination failed"));
+    match crate::wire::recv(control, "destination").await? {
+        FromReceiver::Failed { chain } => {
+            Err(anyhow!(chain.join(": ")).context("The destination failed"))
+        }
+        msg => Ok(msg),
     }
-    Ok(msg)
 }
 
 fn unexpected(m: FromReceiver) -> anyhow::Error {
@@ -548,24 +520,12 @@ fn make_offer(vk: &Vkernel, migration_id: &str) -> Result<Offer> {
         .collect();
     files.sort();
     files.dedup();
-    let mem_bytes: u64 = vk
-        .mms
-        .iter()
-        .flat_map(|m| m.vmas.iter())
-        .filter(|v| matches!(v.backing, Backing::Anon))
-        .map(|v| v.end - v.start)
-        .sum::<u64>()
-        .min(u64::MAX / 2)
-        + vk.objects.iter().map(|o| o.size).sum::<u64>();
-    // Address-space sizes overstate what is resident; the destination only needs room for
-    // what pre-copy will write, which the skeleton's page count bounds. Use the resident
-    // estimate from the objects and the anonymous VMAs, capped at what is mapped.
     let clocks = now_clocks(vk);
     Ok(Offer {
         version: PROTOCOL_VERSION,
         name: vk.name.clone(),
         migration_id: migration_id.to_owned(),
-        mem_bytes: mem_bytes.min(resident_hint(vk)),
+        mem_bytes: mem_needed(vk),
         cpu: vk.cpu.clone(),
         vdso_hash: vkm_migrate_dst::vdso_hash()?,
         kernel_release: vkm_sys::host::kernel_release(),
@@ -584,16 +544,21 @@ fn now_clocks(vk: &Vkernel) -> vkm_common::model::Clocks {
     c
 }
 
-/// Bytes of anonymous and object memory the vkernel can have resident: bounded by the host's
-/// view of it, which the capture does not keep; use the mapped size of writable private VMAs.
-fn resident_hint(vk: &Vkernel) -> u64 {
-    vk.mms
-        .iter()
-        .flat_map(|m| m.vmas.iter())
+/// Memory the destination must have for the vkernel: its memory objects, and the smaller of
+/// its anonymous mappings and its writable private mappings (both bound what can be resident
+/// there; the capture keeps no resident size).
+fn mem_needed(vk: &Vkernel) -> u64 {
+    let vmas = || vk.mms.iter().flat_map(|m| m.vmas.iter());
+    let size = |v: &vkm_common::model::Vma| v.end - v.start;
+    let anon: u64 = vmas()
+        .filter(|v| matches!(v.backing, Backing::Anon))
+        .map(size)
+        .sum();
+    let writable_private: u64 = vmas()
         .filter(|v| !v.shared && v.prot & vkm_common::model::prot::WRITE != 0)
-        .map(|v| v.end - v.start)
-        .sum::<u64>()
-        + vk.objects.iter().map(|o| o.size).sum::<u64>()
+        .map(size)
+        .sum();
+    anon.min(writable_private) + vk.objects.iter().map(|o| o.size).sum::<u64>()
 }
 
 /// HOST:PORT → the address and the name the server's certificate must carry.

@@ -9,36 +9,24 @@
 //! the skeleton's memory (`/proc/PID/mem` needs no tracer).
 
 use std::fs::File;
-use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use vkm_common::image::{decode_meta, decode_run, encode_meta};
+use vkm_common::image::decode_run;
 use vkm_common::live::{FromReceiver, ToReceiver};
 use vkm_common::model::Clocks;
 use vkm_migrate_dst::{InitMode, PageTargets, Sandbox, Skeleton};
 use vkm_transport::{Control, Server, Session, TlsDir, Tuning};
 
-use super::serve::{block_sigpipe, open_console, send_reply, Running};
+use super::serve::{block_sigpipe, restored_console, send_reply, Running};
 use super::{Reply, RestoreStats};
+use crate::cli::ReceiveArgs;
 
 /// How long the sender has to connect after `listen` accepted its offer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-
-pub struct ReceiveArgs {
-    /// The vkernel's state directory and name, to publish it the moment it runs.
-    pub dir: PathBuf,
-    pub name: String,
-    pub bind: SocketAddr,
-    pub tls_dir: PathBuf,
-    pub migration_id: String,
-    pub mono_ns: i128,
-    pub boot_ns: i128,
-    pub at_ns: i128,
-}
 
 /// Pages applied per stream, and the first error of any stream.
 #[derive(Default)]
@@ -111,7 +99,7 @@ impl Applied {
 
 /// Create the sandbox, then receive the vkernel into it. `status` gets a `receiving` line
 /// with the port the sender must connect to.
-pub fn setup_receive(args: ReceiveArgs, status: &mut File) -> Result<Running> {
+pub fn setup_receive(args: &ReceiveArgs, dir: &Path, status: &mut File) -> Result<Running> {
     // The vkernel's clocks go on from where the offer said they were, plus the time since.
     let since = vkm_sys::calls::clock_ns(libc::CLOCK_MONOTONIC) - args.at_ns;
     let clocks = Clocks {
@@ -125,7 +113,7 @@ pub fn setup_receive(args: ReceiveArgs, status: &mut File) -> Result<Running> {
         .context("Cannot create the vkernel's sandbox");
     block_sigpipe();
     let mut sandbox = sandbox?;
-    match receive(&args, &mut sandbox, status) {
+    match receive(args, dir, &mut sandbox, status) {
         Ok(r) => Ok(r.into_running(sandbox)),
         Err(e) => {
             sandbox.kill();
@@ -159,13 +147,14 @@ impl Received {
     }
 }
 
-fn receive(args: &ReceiveArgs, sandbox: &mut Sandbox, status: &mut File) -> Result<Received> {
+fn receive(
+    args: &ReceiveArgs,
+    dir: &Path,
+    sandbox: &mut Sandbox,
+    status: &mut File,
+) -> Result<Received> {
     let t0 = Instant::now();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("Cannot start the network runtime")?;
+    let rt = crate::net_runtime()?;
     let tls = TlsDir::load(&args.tls_dir)
         .with_context(|| format!("Cannot load the TLS files in {}", args.tls_dir.display()))?;
     let server = {
@@ -189,7 +178,7 @@ fn receive(args: &ReceiveArgs, sandbox: &mut Sandbox, status: &mut File) -> Resu
     let peer = conn.remote_address();
     tracing::info!(%peer, "sender connected");
 
-    let result = converse(args, sandbox, &rt, &conn, &mut control);
+    let result = converse(args, dir, sandbox, &rt, &conn, &mut control);
     match &result {
         Ok(_) => {}
         Err(e) => {
@@ -214,6 +203,7 @@ fn receive(args: &ReceiveArgs, sandbox: &mut Sandbox, status: &mut File) -> Resu
 
 fn converse(
     args: &ReceiveArgs,
+    dir: &Path,
     sandbox: &mut Sandbox,
     rt: &tokio::runtime::Runtime,
     conn: &vkm_transport::Connection,
@@ -228,14 +218,7 @@ fn converse(
         ToReceiver::Skeleton(vk) => vk,
         other => bail!("Expected the vkernel's skeleton, got {}", name_of(&other)),
     };
-    let (master, slave, tty) = open_console(vk.console.as_ref().map(|c| (c.rows, c.cols)))?;
-    if let Some(c) = &vk.console {
-        vkm_sys::calls::tcsets(&slave, &c.termios).context("Cannot apply the console settings")?;
-        if c.rows > 0 && c.cols > 0 {
-            vkm_sys::calls::set_winsize(&slave, c.rows, c.cols)
-                .context("Cannot apply the console size")?;
-        }
-    }
+    let (master, slave, tty) = restored_console(vk.console.as_ref())?;
     let argv = vk.argv.clone();
     let processes = vk.processes.len();
     let threads = vk.processes.iter().map(|p| p.threads.len()).sum();
@@ -335,11 +318,8 @@ fn converse(
     // From here on the vkernel runs here, whatever happens to the connection. Publish it
     // before the sender hears so: when `send` returns, `ps` here shows it.
     drop(slave);
-    if let Err(e) = nix::unistd::chdir("/") {
-        tracing::warn!(error = %e, "cannot change to /");
-    }
     let listener = super::serve::publish(
-        &args.dir,
+        dir,
         crate::state::Record {
             name: args.name.clone(),
             shim_pid: i32::try_from(std::process::id()).unwrap_or(-1),
@@ -423,12 +403,18 @@ async fn apply_stream(
     targets: Arc<RwLock<Arc<PageTargets>>>,
     applied: Arc<Applied>,
 ) {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
     let applier = {
         let applied = Arc::clone(&applied);
         std::thread::Builder::new()
             .name(format!("pages-{idx}"))
-            .spawn(move || apply_messages(idx, &rx, &targets, &applied))
+            .spawn(move || {
+                while let Some(buf) = rx.blocking_recv() {
+                    if !apply_message(idx, &buf, &targets, &applied) {
+                        return;
+                    }
+                }
+            })
     };
     if let Err(e) = applier {
         applied.fail(format!("page stream {idx}: cannot start a thread: {e}"));
@@ -455,64 +441,44 @@ async fn apply_stream(
             applied.fail(format!("page stream {idx}: {e}"));
             return;
         }
-        // A full queue means the applier is behind: wait for it without holding a runtime
-        // thread.
-        let mut msg = buf;
-        loop {
-            match tx.try_send(msg) {
-                Ok(()) => break,
-                Err(std::sync::mpsc::TrySendError::Full(m)) => {
-                    msg = m;
-                    tokio::time::sleep(Duration::from_micros(200)).await;
-                }
-                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return,
-            }
+        // The applier stopped on an error it has reported.
+        if tx.send(buf).await.is_err() {
+            return;
         }
     }
 }
 
-fn apply_messages(
+/// Decode, verify and write one run; false (with the error reported) to stop.
+fn apply_message(
     idx: usize,
-    rx: &std::sync::mpsc::Receiver<Vec<u8>>,
+    buf: &[u8],
     targets: &RwLock<Arc<PageTargets>>,
     applied: &Applied,
-) {
-    while let Ok(buf) = rx.recv() {
-        let (space, addr, data) = match decode_run(&buf) {
-            Ok(x) => x,
-            Err(e) => {
-                applied.fail(format!("page stream {idx}: {e}"));
-                return;
-            }
-        };
-        let t = match targets.read() {
-            Ok(t) => Arc::clone(&t),
-            Err(_) => return,
-        };
-        if let Err(e) = t.apply(space, addr, &data) {
-            applied.fail(format!("page stream {idx}: {space} at {addr:#x}: {e}"));
-            return;
+) -> bool {
+    let (space, addr, data) = match decode_run(buf) {
+        Ok(x) => x,
+        Err(e) => {
+            applied.fail(format!("page stream {idx}: {e}"));
+            return false;
         }
-        applied.add(idx, (data.len() / vkm_common::image::PAGE_SIZE) as u64);
+    };
+    let Ok(t) = targets.read().map(|t| Arc::clone(&t)) else {
+        return false;
+    };
+    if let Err(e) = t.apply(space, addr, &data) {
+        applied.fail(format!("page stream {idx}: {space} at {addr:#x}: {e}"));
+        return false;
     }
+    applied.add(idx, (data.len() / vkm_common::image::PAGE_SIZE) as u64);
+    true
 }
 
 async fn recv(control: &mut Control) -> Result<ToReceiver> {
-    let bytes = control
-        .recv()
-        .await
-        .context("The connection to the sender failed")?
-        .ok_or_else(|| anyhow!("The sender closed the connection"))?;
-    decode_meta(&bytes).context("Cannot decode the sender's message")
+    crate::wire::recv(control, "sender").await
 }
 
 async fn send(control: &mut Control, msg: &FromReceiver) -> Result<()> {
-    let bytes = encode_meta(msg)?;
-    control
-        .send(&bytes)
-        .await
-        .context("Cannot send to the sender")?;
-    Ok(())
+    crate::wire::send(control, msg, "sender").await
 }
 
 fn name_of(m: &ToReceiver) -> &'static str {

@@ -67,7 +67,9 @@ pub fn main(state: &StateDir, args: ShimArgs, log_format: LogFormat) -> ExitCode
     let (name, dir) = match &args.mode {
         ShimMode::Run { name, .. }
         | ShimMode::Restore { name, .. }
-        | ShimMode::Receive { name, .. } => (name.clone(), state.dir(name)),
+        | ShimMode::Receive(crate::cli::ReceiveArgs { name, .. }) => {
+            (name.clone(), state.dir(name))
+        }
     };
     let span = tracing::info_span!("shim", vkernel = %name, pid = std::process::id());
     let _enter = span.enter();
@@ -83,27 +85,7 @@ pub fn main(state: &StateDir, args: ShimArgs, log_format: LogFormat) -> ExitCode
         .and_then(|()| match args.mode {
             ShimMode::Run { command, .. } => setup_run(command),
             ShimMode::Restore { image, .. } => setup_restore(image),
-            ShimMode::Receive {
-                bind,
-                tls_dir,
-                migration_id,
-                mono_ns,
-                boot_ns,
-                at_ns,
-                ..
-            } => super::receive::setup_receive(
-                super::receive::ReceiveArgs {
-                    dir: dir.clone(),
-                    name: name.clone(),
-                    bind,
-                    tls_dir,
-                    migration_id,
-                    mono_ns,
-                    boot_ns,
-                    at_ns,
-                },
-                &mut status,
-            ),
+            ShimMode::Receive(r) => super::receive::setup_receive(&r, &dir, &mut status),
         })
         .and_then(|mut running| {
             // Init and the vkernel have their own working directories now: do not pin the
@@ -225,7 +207,7 @@ fn check_single_threaded() -> Result<()> {
     }
 }
 
-pub(super) fn open_console(winsize: Option<(u16, u16)>) -> Result<(OwnedFd, OwnedFd, String)> {
+fn open_console(winsize: Option<(u16, u16)>) -> Result<(OwnedFd, OwnedFd, String)> {
     let (rows, cols) = winsize.filter(|&(r, c)| r > 0 && c > 0).unwrap_or((24, 80));
     let ws = Winsize {
         ws_row: rows,
@@ -250,6 +232,22 @@ pub(super) fn open_console(winsize: Option<(u16, u16)>) -> Result<(OwnedFd, Owne
         .to_string_lossy()
         .into_owned();
     Ok((pty.master, pty.slave, tty))
+}
+
+/// A console pty for a vkernel that had `saved`: its size and terminal settings again.
+pub(super) fn restored_console(
+    saved: Option<&vkm_common::model::Console>,
+) -> Result<(OwnedFd, OwnedFd, String)> {
+    let (master, slave, tty) = open_console(saved.map(|c| (c.rows, c.cols)))?;
+    if let Some(c) = saved {
+        vkm_sys::calls::tcsets(&slave, &c.termios)
+            .context("Cannot apply the saved console settings")?;
+        if c.rows > 0 && c.cols > 0 {
+            vkm_sys::calls::set_winsize(&slave, c.rows, c.cols)
+                .context("Cannot apply the saved console size")?;
+        }
+    }
+    Ok((master, slave, tty))
 }
 
 /// After init is forked: the shim itself must not die of SIGPIPE when a console client or the
@@ -300,15 +298,7 @@ fn setup_restore(image: PathBuf) -> Result<Running> {
     let vk = read_meta(&mut reader)
         .with_context(|| format!("Cannot read the image {}", image.display()))?;
     tracing::info!(image = %image.display(), source = %vk.name, processes = vk.processes.len(), "restoring");
-    let (master, slave, tty) = open_console(vk.console.as_ref().map(|c| (c.rows, c.cols)))?;
-    if let Some(c) = &vk.console {
-        vkm_sys::calls::tcsets(&slave, &c.termios)
-            .context("Cannot apply the saved console settings")?;
-        if c.rows > 0 && c.cols > 0 {
-            vkm_sys::calls::set_winsize(&slave, c.rows, c.cols)
-                .context("Cannot apply the saved console size")?;
-        }
-    }
+    let (master, slave, tty) = restored_console(vk.console.as_ref())?;
     // SAFETY: the shim is single-threaded (checked by `check_single_threaded`; it starts no
     // threads), which is what `Sandbox::create` needs to fork init from it.
     let sandbox = unsafe { Sandbox::create(InitMode::Restore, Some(vk.clocks)) }

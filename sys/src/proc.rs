@@ -81,3 +81,52 @@ pub fn parse_error(path: impl Into<PathBuf>, source: vkm_common::error::CommonEr
         source,
     }
 }
+
+/// Copy `buf.len()` bytes out of `pid` at `addr` with `process_vm_readv`: one copy straight
+/// from the target's pages (a read of /proc/PID/mem goes through a bounce page). Fails on an
+/// address that is not mapped.
+pub fn read_vm(pid: i32, addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let remote = [nix::sys::uio::RemoteIoVec {
+            base: remote_base(addr, done),
+            len: buf.len() - done,
+        }];
+        let mut local = [std::io::IoSliceMut::new(&mut buf[done..])];
+        let n =
+            nix::sys::uio::process_vm_readv(nix::unistd::Pid::from_raw(pid), &mut local, &remote)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "pages no longer mapped",
+            ));
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// Copy `data` into `pid` at `addr` with `process_vm_writev`. Unlike a write to
+/// /proc/PID/mem it honours the target's protections: read-only pages fail.
+pub fn write_vm(pid: i32, addr: u64, data: &[u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < data.len() {
+        let remote = [nix::sys::uio::RemoteIoVec {
+            base: remote_base(addr, done),
+            len: data.len() - done,
+        }];
+        let local = [std::io::IoSlice::new(&data[done..])];
+        let n = nix::sys::uio::process_vm_writev(nix::unistd::Pid::from_raw(pid), &local, &remote)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+fn remote_base(addr: u64, done: usize) -> usize {
+    usize::try_from(addr)
+        .unwrap_or(usize::MAX)
+        .saturating_add(done)
+}

@@ -128,18 +128,13 @@ pub fn init_ca(dir: &Path, common_name: &str, days: u32) -> Result<CaFiles, PkiE
         cert: dir.join(CA_CERT),
         key: dir.join(CA_KEY),
     };
-    for f in [&files.cert, &files.key] {
-        if exists(f)? {
-            return Err(PkiError::CaExists {
-                dir: dir.to_path_buf(),
-                file: f.clone(),
-            });
-        }
+    if let Some(file) = first_existing(&[&files.cert, &files.key])? {
+        return Err(PkiError::CaExists {
+            dir: dir.to_path_buf(),
+            file,
+        });
     }
-    let key = KeyPair::generate().map_err(|source| PkiError::Generate {
-        step: "generate the key of",
-        source,
-    })?;
+    let key = new_key()?;
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     params
@@ -260,19 +255,14 @@ pub fn issue(
         names,
     };
     if !force {
-        for f in [&files.cert, &files.key] {
-            if exists(f)? {
-                return Err(PkiError::CertExists {
-                    dir: out.to_path_buf(),
-                    file: f.clone(),
-                });
-            }
+        if let Some(file) = first_existing(&[&files.cert, &files.key])? {
+            return Err(PkiError::CertExists {
+                dir: out.to_path_buf(),
+                file,
+            });
         }
     }
-    let key = KeyPair::generate().map_err(|source| PkiError::Generate {
-        step: "generate the key of",
-        source,
-    })?;
+    let key = new_key()?;
     let cert = params
         .signed_by(&key, &issuer)
         .map_err(|source| PkiError::Generate {
@@ -320,10 +310,24 @@ fn set_validity(params: &mut CertificateParams, days: u32) -> Result<(), PkiErro
     Ok(())
 }
 
-fn exists(path: &Path) -> Result<bool, PkiError> {
-    path.try_exists().map_err(|source| PkiError::Io {
-        step: "check",
-        path: path.to_path_buf(),
+/// The first of `paths` that exists: what writing them would overwrite.
+fn first_existing(paths: &[&PathBuf]) -> Result<Option<PathBuf>, PkiError> {
+    for p in paths {
+        let exists = p.try_exists().map_err(|source| PkiError::Io {
+            step: "check",
+            path: p.to_path_buf(),
+            source,
+        })?;
+        if exists {
+            return Ok(Some(p.to_path_buf()));
+        }
+    }
+    Ok(None)
+}
+
+fn new_key() -> Result<KeyPair, PkiError> {
+    KeyPair::generate().map_err(|source| PkiError::Generate {
+        step: "generate the key of",
         source,
     })
 }

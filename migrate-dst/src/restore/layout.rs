@@ -115,7 +115,7 @@ impl Restorer {
                 .vmas
                 .get(i)
                 .ok_or_else(|| DstError::Inconsistent("bad VMA index".into()))?;
-            if vkm_common::live::is_special(v) {
+            if v.backing.is_special() {
                 return Err(DstError::Inconsistent(format!(
                     "the special mapping at {:#x} moved during pre-copy",
                     v.start

@@ -268,7 +268,7 @@ impl PageTargets {
                 })?;
                 // process_vm_writev copies once; it refuses pages the target may not write
                 // (read-only mappings), which /proc/PID/mem writes with FOLL_FORCE.
-                if write_vm(*pid, addr, data).is_ok() {
+                if proc::write_vm(*pid, addr, data).is_ok() {
                     return Ok(());
                 }
                 mem.write_all_at(data, addr).map_err(|e| {
@@ -296,29 +296,6 @@ impl PageTargets {
             }
         }
     }
-}
-
-/// Copy `data` into `pid` at `addr` with process_vm_writev.
-fn write_vm(pid: i32, addr: u64, data: &[u8]) -> std::io::Result<()> {
-    use nix::sys::uio::{process_vm_writev, RemoteIoVec};
-    let mut done = 0;
-    while done < data.len() {
-        let base = usize::try_from(addr)
-            .unwrap_or(usize::MAX)
-            .saturating_add(done);
-        let remote = [RemoteIoVec {
-            base,
-            len: data.len() - done,
-        }];
-        let local = [std::io::IoSlice::new(&data[done..])];
-        let n = process_vm_writev(nix::unistd::Pid::from_raw(pid), &local, &remote)
-            .map_err(std::io::Error::from)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        done += n;
-    }
-    Ok(())
 }
 
 /// Apply every page frame of an image. A reader thread reads, decompresses and verifies

@@ -292,30 +292,14 @@ impl MemoryCapture {
                         return Err(unsupported("shared mapping of an unknown kind"));
                     }
                 }
-                "" | "[heap]" | "[stack]" => {
-                    if page_runs {
-                        runs.extend(state_runs(&pagemap, e.start, e.end, false)?);
-                    }
-                    Backing::Anon
-                }
-                _ if path.starts_with("[anon:") || path.starts_with("[stack:") => {
-                    if page_runs {
-                        runs.extend(state_runs(&pagemap, e.start, e.end, false)?);
-                    }
-                    Backing::Anon
-                }
+                "" | "[heap]" | "[stack]" => Backing::Anon,
+                _ if path.starts_with("[anon:") || path.starts_with("[stack:") => Backing::Anon,
                 _ if path.starts_with('/') && !path.ends_with(" (deleted)") => {
-                    if page_runs {
-                        runs.extend(state_runs(&pagemap, e.start, e.end, true)?);
-                    }
                     file_backing(pid, e, &path)?
                 }
                 // A private mapping of a memfd or unlinked file: the object's contents travel
                 // as an object, the pages this mapping copied on write as its own.
                 _ if is_object_path(&path) && !is_sysv_path(&path) => {
-                    if page_runs {
-                        runs.extend(state_runs(&pagemap, e.start, e.end, true)?);
-                    }
                     let oid = self.object(pid, e, &path)?;
                     Backing::Object {
                         id: oid,
@@ -324,7 +308,7 @@ impl MemoryCapture {
                 }
                 _ => return Err(unsupported(&format!("private mapping of {path}"))),
             };
-            vmas.push(Vma {
+            let vma = Vma {
                 start: e.start,
                 end: e.end,
                 prot: p,
@@ -337,7 +321,13 @@ impl MemoryCapture {
                     .cloned()
                     .collect(),
                 backing,
-            });
+            };
+            if page_runs {
+                if let Some(file_backed) = vma.own_pages() {
+                    runs.extend(state_runs(&pagemap, e.start, e.end, file_backed)?);
+                }
+            }
+            vmas.push(vma);
         }
         let fields = mm_fields(pid)?;
         let exe = proc::readlink(proc::pid_path(pid, "exe")).unwrap_or_default();

@@ -1,0 +1,26 @@
+//! Protocol messages ([`vkm_common::live`]) on a control stream: one CBOR value per control
+//! message, for `send`, `listen` and the receiving shim alike.
+
+use anyhow::{anyhow, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use vkm_common::image::{decode_meta, encode_meta};
+use vkm_transport::Control;
+
+/// Send `msg` to `peer` (named in errors: "destination", "sender").
+pub async fn send<T: Serialize>(control: &mut Control, msg: &T, peer: &str) -> Result<()> {
+    control
+        .send(&encode_meta(msg)?)
+        .await
+        .with_context(|| format!("Cannot send to the {peer}"))
+}
+
+/// The next message from `peer`; its closing the stream is an error.
+pub async fn recv<T: DeserializeOwned>(control: &mut Control, peer: &str) -> Result<T> {
+    let bytes = control
+        .recv()
+        .await
+        .with_context(|| format!("The link to the {peer} failed"))?
+        .ok_or_else(|| anyhow!("The {peer} closed the connection"))?;
+    decode_meta(&bytes).with_context(|| format!("Cannot decode the {peer}'s message"))
+}
