@@ -44,6 +44,7 @@ fn write_image(path: &Path, name: &str) {
         files: Vec::new(),
         pipes: Vec::new(),
         console: None,
+        net: Vec::new(),
     };
     let f = File::create(path).expect("create");
     let mut w =

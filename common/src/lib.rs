@@ -5,4 +5,5 @@ pub mod error;
 pub mod image;
 pub mod live;
 pub mod model;
+pub mod net;
 pub mod procfs;

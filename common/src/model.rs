@@ -43,6 +43,10 @@ pub struct Vkernel {
     pub pipes: Vec<Pipe>,
     /// Terminal settings of the console pty that the shim held.
     pub console: Option<Console>,
+    /// The tun/tap devices the vkernel holds open and their host-side configuration, which
+    /// restore recreates before it opens [`FileKind::Tun`] fds on them.
+    #[serde(default)]
+    pub net: Vec<crate::net::NetDev>,
 }
 
 /// The vkernel's view of its clocks at the freeze, so that CLOCK_MONOTONIC and CLOCK_BOOTTIME
@@ -523,6 +527,16 @@ pub enum FileKind {
         mask: u64,
     },
     TimerFd(TimerFd),
+    /// A `/dev/net/tun` fd attached (`TUNSETIFF`) to the device [`Vkernel::net`] names.
+    Tun {
+        ifname: String,
+        /// `TUNGETIFF` flags (see [`crate::net::tun_flags`]), `IFF_PERSIST` included.
+        flags: u16,
+        /// `TUNGETVNETHDRSZ` (only meaningful with `IFF_VNET_HDR`).
+        vnet_hdr_sz: i32,
+        /// `TUNGETSNDBUF`.
+        sndbuf: i32,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -146,6 +146,11 @@ pub(crate) fn prepare(
             }
             FileKind::SignalFd { mask } => calls::signalfd(*mask, libc::SFD_CLOEXEC)?,
             FileKind::TimerFd(t) => timerfd(t, hosts)?,
+            FileKind::Tun { ifname, .. } => {
+                return Err(DstError::Inconsistent(format!(
+                    "tun fd on {ifname}: not restorable yet"
+                )))
+            }
         };
         let fl = f.flags as i32
             & (libc::O_APPEND

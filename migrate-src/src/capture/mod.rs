@@ -156,6 +156,7 @@ pub fn capture(frozen: &Frozen, opts: &CaptureOptions) -> Result<Captured, SrcEr
         files,
         pipes,
         console,
+        net: Vec::new(),
     };
     Ok(Captured {
         vk,
