@@ -236,6 +236,7 @@ fn file_kind(k: &FileKind) -> String {
             "timerfd clock {} (next in {} ns, interval {} ns, {} unread)",
             t.clockid, t.value_ns, t.interval_ns, t.ticks
         ),
+        FileKind::Tun { ifname, flags, .. } => format!("tun/tap {ifname} (flags {flags:#x})"),
     }
 }
 
