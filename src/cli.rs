@@ -352,6 +352,9 @@ pub enum ShimMode {
         /// Name of the vkernel.
         #[arg(long, value_parser = parse_name)]
         name: String,
+        /// A tap `run` created for it (`TAP`, or `TAP@BRIDGE` when it created the bridge too).
+        #[arg(long)]
+        owned_tap: Vec<String>,
         /// The command and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,

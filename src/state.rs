@@ -65,6 +65,9 @@ pub struct Record {
     /// The live migration that brought it here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration_id: Option<String>,
+    /// Network devices vkmigrate created for it here, removed by the shim when it ends.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub owned_net: Vec<vkm_common::net::OwnedNet>,
 }
 
 /// A vkernel's directory as seen by a command other than its shim.
@@ -351,6 +354,7 @@ mod tests {
                 created: 0,
                 restored_from: None,
                 migration_id: None,
+                owned_net: Vec::new(),
             },
         )?;
         let err = sd.claim("vk").err().map(|e| e.to_string());

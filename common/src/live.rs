@@ -49,6 +49,10 @@ pub struct Offer {
     pub files: Vec<MappedFile>,
     /// The vkernel's CLOCK_MONOTONIC/BOOTTIME when the offer was sent.
     pub clocks: Clocks,
+    /// Its tun/tap devices: the destination checks that it can recreate them (name free,
+    /// bridge there, no address clash) before accepting.
+    #[serde(default)]
+    pub net: Vec<crate::net::NetDev>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]

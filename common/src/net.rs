@@ -121,7 +121,68 @@ pub struct NetDev {
     pub owned: bool,
 }
 
+/// What vkmigrate created on a host for one vkernel (`run --tap`, or recreated from an owned
+/// [`NetDev`] by a restore or a move): removed when the vkernel ends there or moves away.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OwnedNet {
+    pub tap: String,
+    /// The bridge, when vkmigrate created that too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+}
+
+impl OwnedNet {
+    /// As much of a [`NetDev`] as removing it needs (name, owned bridge).
+    pub fn as_dev(&self) -> NetDev {
+        NetDev {
+            name: self.tap.clone(),
+            tun_flags: tun_flags::IFF_TAP,
+            persist: true,
+            owner: None,
+            group: None,
+            mac: None,
+            mtu: 0,
+            up: false,
+            addrs: Vec::new(),
+            routes: Vec::new(),
+            bridge: self.bridge.as_ref().map(|b| Bridge {
+                name: b.clone(),
+                mtu: 0,
+                addrs: Vec::new(),
+                owned: true,
+            }),
+            guest_macs: Vec::new(),
+            guest_ips: Vec::new(),
+            owned: true,
+        }
+    }
+
+    /// What of `devs` this host owns and must remove when the vkernel ends here.
+    pub fn of(devs: &[NetDev]) -> Vec<OwnedNet> {
+        devs.iter()
+            .filter(|d| d.owned)
+            .map(|d| OwnedNet {
+                tap: d.name.clone(),
+                bridge: d
+                    .bridge
+                    .as_ref()
+                    .filter(|b| b.owned)
+                    .map(|b| b.name.clone()),
+            })
+            .collect()
+    }
+}
+
 impl NetDev {
+    /// Mark what `owned` says vkmigrate created for this vkernel.
+    pub fn set_owned(&mut self, owned: &[OwnedNet]) {
+        let o = owned.iter().find(|o| o.tap == self.name);
+        self.owned = o.is_some();
+        if let Some(b) = self.bridge.as_mut() {
+            b.owned = o.and_then(|o| o.bridge.as_deref()) == Some(b.name.as_str());
+        }
+    }
+
     pub fn is_tap(&self) -> bool {
         self.tun_flags & tun_flags::IFF_TAP != 0
     }

@@ -19,7 +19,11 @@ pub(crate) fn prepare(
     objects: &BTreeMap<u32, OwnedFd>,
     hosts: &BTreeMap<i32, i32>,
     console: Option<&OwnedFd>,
+    net: &crate::Network,
 ) -> Result<Prepared, DstError> {
+    // The first description on each device is the agent's own (which created it); later ones
+    // are further queues of a multi-queue device.
+    let mut attached_once = std::collections::BTreeSet::new();
     let mut pipes: BTreeMap<u32, (Option<OwnedFd>, Option<OwnedFd>)> = BTreeMap::new();
     // Named pipes: one read-write open that neither blocks nor needs a peer holds the buffer
     // while each description is opened from it; it lives until the vkernel holds its own.
@@ -146,10 +150,34 @@ pub(crate) fn prepare(
             }
             FileKind::SignalFd { mask } => calls::signalfd(*mask, libc::SFD_CLOEXEC)?,
             FileKind::TimerFd(t) => timerfd(t, hosts)?,
-            FileKind::Tun { ifname, .. } => {
-                return Err(DstError::Inconsistent(format!(
-                    "tun fd on {ifname}: not restorable yet"
-                )))
+            FileKind::Tun {
+                ifname,
+                flags,
+                vnet_hdr_sz,
+                sndbuf,
+            } => {
+                let fd = match net.attached(ifname) {
+                    Some(fd) if attached_once.insert(ifname.as_str()) => {
+                        fd.try_clone_to_owned().map_err(|e| {
+                            DstError::Sys(vkm_sys::SysError::Syscall {
+                                op: "dup(tun)",
+                                pid: 0,
+                                source: e,
+                            })
+                        })?
+                    }
+                    Some(_) => vkm_sys::tun::open_tun(
+                        ifname,
+                        *flags & !vkm_common::net::tun_flags::IFF_PERSIST,
+                    )?,
+                    None => {
+                        return Err(DstError::Inconsistent(format!(
+                            "a tun fd on {ifname}, a device the image does not describe"
+                        )))
+                    }
+                };
+                crate::net::configure_fd(&fd, *flags, *vnet_hdr_sz, *sndbuf)?;
+                fd
             }
         };
         let fl = f.flags as i32

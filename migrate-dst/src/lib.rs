@@ -2,10 +2,12 @@
 //! under a shim, with every PID/TID, mapping, fd and register as it was.
 
 mod files;
+pub mod net;
 mod restore;
 pub mod sandbox;
 
 pub use restore::{check_offer, restore, vdso_hash, PageTargets, RestoreReport, Skeleton};
+pub use net::Network;
 pub use sandbox::{InitMode, Sandbox};
 
 /// Everything that can make a restore fail. A failed restore leaves nothing behind: the
@@ -31,4 +33,10 @@ pub enum DstError {
     Incompatible(String),
     #[error("The sandbox's init failed: {0}")]
     Init(String),
+    #[error("Cannot recreate {ifname}, a tun/tap device of the vkernel")]
+    Net {
+        ifname: String,
+        #[source]
+        source: vkm_netconf::NetconfError,
+    },
 }

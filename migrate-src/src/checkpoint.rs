@@ -75,8 +75,38 @@ pub fn checkpoint(
         redeliver(&captured.held);
     } else {
         frozen.kill()?;
+        // The image holds the network too; a restore recreates it.
+        release_net(&captured.vk.net);
     }
     Ok(report)
+}
+
+/// The vkernel is gone from this host (moved, or checkpointed and stopped): remove the
+/// tun/tap devices it held that outlive it (persistent ones), with their addresses, and the
+/// bridges vkmigrate created for it once nothing else is enslaved to them. A restore or the
+/// destination recreates them; left here they would keep routes to a vkernel that is not here.
+pub(crate) fn release_net(devs: &[vkm_common::net::NetDev]) {
+    for d in devs {
+        if let Err(e) = vkm_netconf::remove(d) {
+            tracing::warn!(
+                ifname = %d.name,
+                error = %error_chain(&e),
+                "cannot remove the vkernel's tap here; remove it with `ip link del {}`",
+                d.name
+            );
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
 }
 
 /// Signals that arrived during capture injections were held back; a vkernel that keeps

@@ -51,6 +51,12 @@ pub enum SrcError {
     Link { what: String },
     #[error("The vkernel has no processes")]
     Empty,
+    #[error("Cannot read the configuration of {ifname}, a tun/tap device of the vkernel; the vkernel keeps running")]
+    Net {
+        ifname: String,
+        #[source]
+        source: vkm_netconf::NetconfError,
+    },
     #[error("Cannot write the image")]
     Image(#[from] vkm_common::error::CommonError),
     #[error("Cannot {step} {path}")]

@@ -404,10 +404,11 @@ impl Final {
         for m in &mut self.precopy.mms {
             m.tracker = None;
         }
-        match self.frozen.take() {
-            Some(f) => f.kill(),
-            None => Ok(()),
+        if let Some(f) = self.frozen.take() {
+            f.kill()?;
         }
+        crate::checkpoint::release_net(&self.captured.vk.net);
+        Ok(())
     }
 
     /// The migration failed before the destination ran anything: the vkernel runs on here,

@@ -54,6 +54,7 @@ fn capture_options(rec: &crate::state::Record) -> vkm_migrate_src::CaptureOption
         argv: rec.argv.clone(),
         console_tty: Some(rec.console_tty.clone()),
         skip_page_runs: false,
+        owned_net: rec.owned_net.clone(),
     }
 }
 

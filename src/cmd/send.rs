@@ -531,6 +531,7 @@ fn make_offer(vk: &Vkernel, migration_id: &str) -> Result<Offer> {
         kernel_release: vkm_sys::host::kernel_release(),
         files,
         clocks,
+        net: vk.net.clone(),
     })
 }
 

@@ -129,6 +129,7 @@ struct Received {
     console_tty: String,
     argv: Vec<String>,
     stats: RestoreStats,
+    owned_net: Vec<vkm_common::net::OwnedNet>,
 }
 
 impl Received {
@@ -143,6 +144,7 @@ impl Received {
             restore: Some(self.stats),
             migration_id: Some(self.migration_id),
             listener: Some(self.listener),
+            owned_net: self.owned_net,
         }
     }
 }
@@ -262,6 +264,7 @@ fn converse(
         wait_ms = t.elapsed().as_secs_f64() * 1e3,
         "pre-copy pages applied"
     );
+    let owned_net = vkm_common::net::OwnedNet::of(&vk.net);
     if rebuild {
         tracing::info!("the process tree changed during pre-copy: building a new skeleton");
         skel.discard(sandbox)?;
@@ -314,7 +317,10 @@ fn converse(
         other => bail!("Expected go, got {}", name_of(&other)),
     }
     let t = Instant::now();
-    let report = skel.go().context("Cannot resume the vkernel")?;
+    let (report, net) = skel.go().context("Cannot resume the vkernel")?;
+    // The switches between here and the clients learn the guest's new port now, while the
+    // source still waits for `running`.
+    net.announce();
     // From here on the vkernel runs here, whatever happens to the connection. Publish it
     // before the sender hears so: when `send` returns, `ps` here shows it.
     drop(slave);
@@ -329,6 +335,7 @@ fn converse(
             created: 0,
             restored_from: None,
             migration_id: Some(args.migration_id.clone()),
+            owned_net: owned_net.clone(),
         },
     );
     let listener = match listener {
@@ -366,6 +373,7 @@ fn converse(
             pages: report.pages,
             elapsed_us: 0,
         },
+        owned_net,
     })
 }
 

@@ -43,6 +43,8 @@ pub(super) struct Running {
     /// The console socket, when the record was already written (a received vkernel is
     /// published the moment it runs, before the sender hears that it does).
     pub(super) listener: Option<UnixListener>,
+    /// Network devices created for this vkernel here: removed when it ends.
+    pub(super) owned_net: Vec<vkm_common::net::OwnedNet>,
 }
 
 /// Entry point of `vkmigrate __shim`. Never prints to the CLI's terminal: its stdout is the
@@ -83,7 +85,9 @@ pub fn main(state: &StateDir, args: ShimArgs, log_format: LogFormat) -> ExitCode
     }
     let result = check_single_threaded()
         .and_then(|()| match args.mode {
-            ShimMode::Run { command, .. } => setup_run(command),
+            ShimMode::Run {
+                command, owned_tap, ..
+            } => setup_run(command, &owned_tap),
             ShimMode::Restore { image, .. } => setup_restore(image),
             ShimMode::Receive(r) => super::receive::setup_receive(&r, &dir, &mut status),
         })
@@ -142,9 +146,38 @@ pub fn main(state: &StateDir, args: ShimArgs, log_format: LogFormat) -> ExitCode
             ExitCode::FAILURE
         }
     };
+    release_owned_net(&running.owned_net);
     state::remove_vkernel_dir(&dir);
     drop(lock);
     code
+}
+
+/// The vkernel ended here (or moved away): remove the devices created for it. Those the
+/// source of a move removes itself are gone already, which is fine.
+pub(super) fn release_owned_net(owned: &[vkm_common::net::OwnedNet]) {
+    for o in owned {
+        if let Err(e) = vkm_netconf::remove(&o.as_dev()) {
+            tracing::warn!(tap = %o.tap, error = %format!("{:#}", anyhow::Error::from(e)),
+                "cannot remove the vkernel's tap; remove it with `ip link del`");
+        }
+    }
+}
+
+/// `TAP` or `TAP@BRIDGE` (the bridge is owned too), as `run` passes them.
+fn parse_owned(specs: &[String]) -> Vec<vkm_common::net::OwnedNet> {
+    specs
+        .iter()
+        .map(|s| match s.split_once('@') {
+            Some((tap, bridge)) => vkm_common::net::OwnedNet {
+                tap: tap.to_owned(),
+                bridge: Some(bridge.to_owned()),
+            },
+            None => vkm_common::net::OwnedNet {
+                tap: s.clone(),
+                bridge: None,
+            },
+        })
+        .collect()
 }
 
 /// Take the lock (stdin) and the status pipe (stdout) as owned, close-on-exec fds, and put
@@ -261,7 +294,7 @@ pub(super) fn block_sigpipe() {
     }
 }
 
-fn setup_run(argv: Vec<String>) -> Result<Running> {
+fn setup_run(argv: Vec<String>, owned_tap: &[String]) -> Result<Running> {
     let (master, slave, tty) = open_console(None)?;
     // SAFETY: the shim is single-threaded (checked by `check_single_threaded`; it starts no
     // threads), which is what `Sandbox::create` needs to fork init from it.
@@ -286,6 +319,7 @@ fn setup_run(argv: Vec<String>) -> Result<Running> {
         restore: None,
         migration_id: None,
         listener: None,
+        owned_net: parse_owned(owned_tap),
     })
 }
 
@@ -305,7 +339,8 @@ fn setup_restore(image: PathBuf) -> Result<Running> {
         .context("Cannot create the vkernel's sandbox");
     block_sigpipe();
     let mut sandbox = sandbox?;
-    let report = match vkm_migrate_dst::restore(&mut reader, &vk, &mut sandbox, Some(&slave)) {
+    let (report, net) = match vkm_migrate_dst::restore(&mut reader, &vk, &mut sandbox, Some(&slave))
+    {
         Ok(r) => r,
         Err(e) => {
             sandbox.kill();
@@ -314,8 +349,9 @@ fn setup_restore(image: PathBuf) -> Result<Running> {
         }
     };
     sandbox.done();
-    // The restored processes hold their own console fds now.
+    // The restored processes hold their own console and tap fds now.
     drop(slave);
+    net.announce();
     tracing::info!(
         processes = report.processes,
         threads = report.threads,
@@ -338,6 +374,7 @@ fn setup_restore(image: PathBuf) -> Result<Running> {
         }),
         migration_id: None,
         listener: None,
+        owned_net: vkm_common::net::OwnedNet::of(&vk.net),
     })
 }
 
@@ -365,6 +402,7 @@ fn finish_setup(dir: &Path, name: &str, running: &Running) -> Result<UnixListene
             created: 0,
             restored_from: running.restored_from.clone(),
             migration_id: running.migration_id.clone(),
+            owned_net: running.owned_net.clone(),
         },
     )
 }

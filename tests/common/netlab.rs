@@ -21,7 +21,8 @@ use super::{field_u64, last_tick_line, vkload_bin, vkmigrate_bin, COMMAND_TIMEOU
 
 /// The host side of a host's veth pair (its lan side is `vhI` in the lan namespace).
 pub const HOST_IF: &str = "eth0";
-/// The bridge in the lan namespace.
+/// The bridge in the lan namespace, and in a [`NetLab::bridged`] lab each host's own bridge,
+/// which enslaves the host's uplink and the taps of its vkernels.
 pub const BRIDGE: &str = "br0";
 /// The client's address: on the bridge in the lan namespace.
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
@@ -89,7 +90,7 @@ pub fn must(cmd: &mut Command) -> String {
 }
 
 /// `ip -n NETNS ARGS` (ARGS split at spaces), which must succeed.
-fn ip(netns: &str, args: &str) -> String {
+pub fn ip(netns: &str, args: &str) -> String {
     must(Command::new("ip").args(["-n", netns]).args(args.split(' ')))
 }
 
@@ -120,6 +121,25 @@ impl Host {
             .args(args)
             .env("VKLOAD_DIR", &self.dir);
         c
+    }
+
+    /// `ip -n NETNS ARGS` in the host's namespace, which must succeed; its stdout.
+    pub fn ip(&self, args: &str) -> String {
+        ip(&self.netns, args)
+    }
+
+    /// `ip -n NETNS ARGS` in the host's namespace, whatever its outcome.
+    pub fn try_ip(&self, args: &str) -> Output {
+        let mut c = Command::new("ip");
+        c.args(["-n", &self.netns]).args(args.split(' '));
+        output_within(&mut c, COMMAND_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Whether interface `ifname` exists on this host.
+    pub fn has_link(&self, ifname: &str) -> bool {
+        self.try_ip(&format!("link show dev {ifname}"))
+            .status
+            .success()
     }
 
     fn vkm_cmd(&self, args: &[&str]) -> Command {
@@ -314,6 +334,16 @@ pub struct NetLab {
 
 impl NetLab {
     pub fn new(test: &str, hosts: &[&str]) -> NetLab {
+        NetLab::build(test, hosts, false)
+    }
+
+    /// A lab whose hosts each have a bridge [`BRIDGE`] with their uplink [`HOST_IF`] enslaved
+    /// and their address on the bridge, so that a vkernel's tap on that bridge is on the LAN.
+    pub fn bridged(test: &str, hosts: &[&str]) -> NetLab {
+        NetLab::build(test, hosts, true)
+    }
+
+    fn build(test: &str, hosts: &[&str], bridged: bool) -> NetLab {
         assert!(hosts.len() < 99, "at most 98 hosts");
         let tag: String = test
             .chars()
@@ -356,7 +386,14 @@ impl NetLab {
             let veth = format!("link add {HOST_IF} type veth peer name {lan_if} netns {lan}");
             ip(&netns, &veth);
             ip(&lan, &format!("link set {lan_if} master {BRIDGE} up"));
-            ip(&netns, &format!("addr add {addr}/24 dev {HOST_IF}"));
+            if bridged {
+                ip(&netns, &format!("link add {BRIDGE} type bridge"));
+                ip(&netns, &format!("link set {HOST_IF} master {BRIDGE}"));
+                ip(&netns, &format!("addr add {addr}/24 dev {BRIDGE}"));
+                ip(&netns, &format!("link set {BRIDGE} up"));
+            } else {
+                ip(&netns, &format!("addr add {addr}/24 dev {HOST_IF}"));
+            }
             ip(&netns, &format!("link set {HOST_IF} up"));
             let hdir = lab.dir.path().join(name);
             let (state_dir, tls_dir) = (hdir.join("state"), hdir.join("tls"));

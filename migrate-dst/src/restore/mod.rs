@@ -32,7 +32,7 @@ use vkm_sys::proc;
 use vkm_sys::ptrace::{self, Stop};
 
 use crate::sandbox::AGENT_PIDFD;
-use crate::{DstError, Sandbox};
+use crate::{DstError, Network, Sandbox};
 
 mod layout;
 mod state;
@@ -57,22 +57,23 @@ pub struct RestoreReport {
 
 /// Recreate `vk` in `sandbox` (created in [`crate::InitMode::Restore`] with `vk.clocks`),
 /// reading its pages from `reader`, which is positioned just after the Meta frame. `console`
-/// is the pty slave that replaces the one the vkernel had. On success every process runs; on
-/// error the caller must [`Sandbox::kill`] the sandbox.
+/// is the pty slave that replaces the one the vkernel had. On success every process runs, and
+/// the network it holds is returned for announcing; on error the caller must
+/// [`Sandbox::kill`] the sandbox (the network is already removed again).
 pub fn restore<R: Read + Send>(
     reader: &mut ImageReader<R>,
     vk: &Vkernel,
     sandbox: &mut Sandbox,
     console: Option<&OwnedFd>,
-) -> Result<RestoreReport, DstError> {
+) -> Result<(RestoreReport, Network), DstError> {
     let t0 = Instant::now();
     let mut skel = Skeleton::build(vk.clone(), sandbox)?;
     let targets = skel.page_targets()?;
     skel.r.pages = receive_pages(reader, &targets)?;
     skel.finish(console)?;
-    let mut report = skel.go()?;
+    let (mut report, net) = skel.go()?;
     report.elapsed = t0.elapsed();
-    Ok(report)
+    Ok((report, net))
 }
 
 /// A vkernel being restored, built in stages so that a live migration can fill its memory
@@ -82,6 +83,8 @@ pub fn restore<R: Read + Send>(
 pub struct Skeleton {
     r: Restorer,
     order: Vec<usize>,
+    /// The tun/tap devices, once [`Skeleton::finish`] created them (removed if dropped).
+    net: Network,
 }
 
 impl Skeleton {
@@ -107,7 +110,11 @@ impl Skeleton {
             r.layout(mm, rep)
                 .map_err(|e| step("layout", vk.processes[rep].pid, e))?;
         }
-        Ok(Skeleton { r, order })
+        Ok(Skeleton {
+            r,
+            order,
+            net: Network::empty(),
+        })
     }
 
     /// Where pages go: each address space through `/proc/PID/mem` of a process using it, each
@@ -178,7 +185,12 @@ impl Skeleton {
         let r = &mut self.r;
         let vk = Arc::clone(&r.vk);
         r.remove_sysv()?;
-        let agent_files = r.prepare_files(console)?;
+        // Devices before the fds attached to them. Created this late (the vkernel is frozen
+        // on the source by now) because a device name can exist only once per host.
+        if self.net.is_empty() {
+            self.net = Network::create(&vk.net)?;
+        }
+        let agent_files = r.prepare_files(console, &self.net)?;
         for table in &vk.fd_tables {
             let rep = rep_of(&vk, &self.order, |p| p.fd_table == table.id)?;
             r.install_fds(rep, table, &agent_files.files)
@@ -196,19 +208,21 @@ impl Skeleton {
         r.prepare_resume(&self.order)
     }
 
-    /// Every thread runs (the barrier: until now none did).
-    pub fn go(self) -> Result<RestoreReport, DstError> {
+    /// Every thread runs (the barrier: until now none did). The network goes to the caller,
+    /// who announces it ([`Network::announce`]).
+    pub fn go(mut self) -> Result<(RestoreReport, Network), DstError> {
         for rp in self.r.procs.values() {
             for r in &rp.threads {
                 ptrace::detach(r.tid, 0)?;
             }
         }
-        Ok(RestoreReport {
+        let report = RestoreReport {
             processes: self.r.vk.processes.len(),
             threads: self.r.vk.processes.iter().map(|p| p.threads.len()).sum(),
             pages: self.r.pages,
             elapsed: Duration::ZERO,
-        })
+        };
+        Ok((report, std::mem::replace(&mut self.net, Network::empty())))
     }
 
     /// Count pages written through [`PageTargets`] for the report.
@@ -703,6 +717,18 @@ pub fn check_offer(offer: &vkm_common::live::Offer) -> Result<(), String> {
             "another CPU state layout (XCR0 {:#x}, {} bytes of xsave; this host {xcr0:#x}, {size} bytes)",
             offer.cpu.xcr0, offer.cpu.xstate_size
         ));
+    }
+    for d in &offer.net {
+        vkm_netconf::check(d).map_err(|e| {
+            let mut why = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(c) = src {
+                why.push_str(": ");
+                why.push_str(&c.to_string());
+                src = c.source();
+            }
+            why
+        })?;
     }
     let avail = vkm_sys::host::mem_available().map_err(|e| e.to_string())?;
     if offer.mem_bytes > avail {

@@ -6,8 +6,9 @@ impl Restorer {
     pub(super) fn prepare_files(
         &mut self,
         console: Option<&OwnedFd>,
+        net: &crate::Network,
     ) -> Result<crate::files::Prepared, DstError> {
-        crate::files::prepare(&self.vk, &self.objects, &self.hosts, console)
+        crate::files::prepare(&self.vk, &self.objects, &self.hosts, console, net)
     }
 
     pub(super) fn install_fds(

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::{IoSliceMut, Read};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 
 use vkm_common::model::{
@@ -333,6 +333,9 @@ impl<'a> FileCapture<'a> {
             let pipe = self.pipe_id(meta.ino(), &fd_path, Some(link))?;
             return Ok(FileKind::Pipe { pipe, write_end });
         }
+        if ft.is_char_device() && link == "/dev/net/tun" {
+            return self.tun(pid, fd, &unsupported);
+        }
         if ft.is_file() {
             Ok(FileKind::Regular {
                 path: link.to_string(),
@@ -349,6 +352,26 @@ impl<'a> FileCapture<'a> {
         } else {
             Err(unsupported(&format!("{link} (a {})", describe(&ft))))
         }
+    }
+
+    /// A `/dev/net/tun` fd: which device it is attached to, and how. One that was never
+    /// attached (`TUNSETIFF` not called yet) has nothing to restore but cannot be told apart
+    /// from a detached queue, so it is refused.
+    fn tun(
+        &mut self,
+        pid: i32,
+        fd: i32,
+        unsupported: &dyn Fn(&str) -> SrcError,
+    ) -> Result<FileKind, SrcError> {
+        let dup = self.dup_fd(pid, fd)?;
+        let (ifname, flags) = vkm_sys::tun::get_iff(dup.as_fd())
+            .map_err(|_| unsupported("/dev/net/tun not attached to a device"))?;
+        Ok(FileKind::Tun {
+            ifname,
+            flags,
+            vnet_hdr_sz: vkm_sys::tun::get_vnet_hdr_sz(dup.as_fd())?,
+            sndbuf: vkm_sys::tun::get_sndbuf(dup.as_fd())?,
+        })
     }
 
     /// An AF_UNIX socket without a name, whose peer (if any) the vkernel holds, with the data

@@ -30,6 +30,9 @@ pub struct CaptureOptions {
     /// capture works them out only where it needs them, and reading pagemap costs
     /// milliseconds per GiB while the vkernel is frozen.
     pub skip_page_runs: bool,
+    /// The network devices vkmigrate created for this vkernel (see
+    /// [`vkm_common::net::NetDev::owned`]).
+    pub owned_net: Vec<vkm_common::net::OwnedNet>,
 }
 
 /// The model plus what the page writer needs to read the memory that goes with it.
@@ -38,6 +41,33 @@ pub struct Captured {
     pub memory: MemoryPlan,
     /// Signals held back during injections: (host tgid, host tid, signal).
     pub held: Vec<(i32, i32, i32)>,
+}
+
+/// The host-side configuration of every tun/tap device the vkernel's fds are attached to.
+fn capture_net(
+    files: &[model::OpenFile],
+    owned: &[vkm_common::net::OwnedNet],
+) -> Result<Vec<vkm_common::net::NetDev>, SrcError> {
+    let mut names: Vec<&str> = files
+        .iter()
+        .filter_map(|f| match &f.kind {
+            model::FileKind::Tun { ifname, .. } => Some(ifname.as_str()),
+            _ => None,
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+        .into_iter()
+        .map(|name| {
+            let mut dev = vkm_netconf::capture(name).map_err(|source| SrcError::Net {
+                ifname: name.to_owned(),
+                source,
+            })?;
+            dev.set_owned(owned);
+            Ok(dev)
+        })
+        .collect()
 }
 
 /// Capture a frozen vkernel.
@@ -141,6 +171,13 @@ pub fn capture(frozen: &Frozen, opts: &CaptureOptions) -> Result<Captured, SrcEr
     }
     let console = fcap.console()?;
     let (files, pipes) = fcap.finish();
+    let t_net = std::time::Instant::now();
+    let net = capture_net(&files, &opts.owned_net)?;
+    tracing::debug!(
+        net_ms = t_net.elapsed().as_secs_f64() * 1e3,
+        devices = net.len(),
+        "network captured"
+    );
     let vk = Vkernel {
         name: opts.name.clone(),
         argv: opts.argv.clone(),
@@ -156,7 +193,7 @@ pub fn capture(frozen: &Frozen, opts: &CaptureOptions) -> Result<Captured, SrcEr
         files,
         pipes,
         console,
-        net: Vec::new(),
+        net,
     };
     Ok(Captured {
         vk,
