@@ -78,6 +78,22 @@ pub struct RunArgs {
     #[arg(long, value_parser = parse_name)]
     pub name: String,
 
+    /// Create a tap device for the vkernel, enslaved to BRIDGE if given, and up. It is
+    /// persistent until the vkernel ends (the vkernel opens it itself, e.g. UML's
+    /// `eth0=tuntap,NAME`), and it moves with the vkernel. Repeatable.
+    #[arg(long = "tap", value_name = "NAME[@BRIDGE]", value_parser = parse_tap)]
+    pub taps: Vec<(String, Option<String>)>,
+
+    /// An address of a tap's host side, `[TAP=]ADDR/PREFIX` (TAP may be left out when there is
+    /// one --tap). Repeatable.
+    #[arg(long = "tap-addr", value_name = "[TAP=]ADDR/PREFIX", value_parser = parse_tap_addr)]
+    pub tap_addrs: Vec<(Option<String>, vkm_common::net::IfAddr)>,
+
+    /// Create a --tap's bridge when it does not exist. It is then the vkernel's: recreated
+    /// where the vkernel moves, and removed with it once no other port is enslaved to it.
+    #[arg(long)]
+    pub bridge_create: bool,
+
     /// The command to run and its arguments (put `--` before it when it has options).
     #[arg(
         required = true,
@@ -395,6 +411,33 @@ pub struct ReceiveArgs {
     pub at_ns: i128,
 }
 
+fn parse_tap(s: &str) -> Result<(String, Option<String>), String> {
+    let (tap, bridge) = match s.split_once('@') {
+        Some((t, b)) => (t, Some(b)),
+        None => (s, None),
+    };
+    for n in std::iter::once(tap).chain(bridge) {
+        // IFNAMSIZ is 16 with the terminating NUL.
+        let ok = !n.is_empty()
+            && n.len() <= 15
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !ok {
+            return Err(format!(
+                "{n:?} is not an interface name (1 to 15 of A-Z a-z 0-9 - _ .)"
+            ));
+        }
+    }
+    Ok((tap.to_owned(), bridge.map(str::to_owned)))
+}
+
+fn parse_tap_addr(s: &str) -> Result<(Option<String>, vkm_common::net::IfAddr), String> {
+    match s.split_once('=') {
+        Some((tap, a)) => Ok((Some(parse_tap(tap)?.0), a.parse()?)),
+        None => Ok((None, s.parse()?)),
+    }
+}
+
 fn parse_name(s: &str) -> Result<String, String> {
     state::validate_name(s).map(|()| s.to_owned())
 }
@@ -473,6 +516,45 @@ mod tests {
         ])
         .expect_err("bad IP refused");
         assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn run_takes_taps_and_their_addresses() {
+        let cli = Cli::try_parse_from([
+            "vkmigrate",
+            "run",
+            "--name",
+            "a",
+            "--tap",
+            "tap0@br0",
+            "--tap",
+            "tap1",
+            "--tap-addr",
+            "tap1=198.18.5.1/24",
+            "--",
+            "sh",
+        ])
+        .expect("parses");
+        match cli.command {
+            Command::Run(r) => {
+                assert_eq!(r.taps[0], ("tap0".into(), Some("br0".into())));
+                assert_eq!(r.taps[1], ("tap1".into(), None));
+                assert_eq!(r.tap_addrs[0].0.as_deref(), Some("tap1"));
+                assert_eq!(r.tap_addrs[0].1.to_string(), "198.18.5.1/24");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        for bad in [
+            ["--tap", "a-name-longer-than-15"],
+            ["--tap", "tap0@"],
+            ["--tap-addr", "198.18.5.1"],
+        ] {
+            let mut argv = vec!["vkmigrate", "run", "--name", "a"];
+            argv.extend(bad);
+            argv.extend(["--", "sh"]);
+            let err = Cli::try_parse_from(argv).expect_err("refused");
+            assert_eq!(err.exit_code(), 2, "{bad:?}");
+        }
     }
 
     #[test]

@@ -399,6 +399,38 @@ fn text_report(path: &Path, s: &Summary, vk: &Vkernel) -> String {
         );
     }
 
+    let _ = writeln!(o, "network devices ({})", vk.net.len());
+    for d in &vk.net {
+        let list = |v: &[vkm_common::net::IfAddr]| {
+            v.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ")
+        };
+        let _ = writeln!(
+            o,
+            "  {} ({}{}{}): mac {}, mtu {}, {}, addresses [{}], {} routes",
+            d.name,
+            if d.is_tap() { "tap" } else { "tun" },
+            if d.persist { ", persistent" } else { "" },
+            if d.owned { ", owned" } else { "" },
+            d.mac.as_ref().map_or("-".into(), vkm_common::net::fmt_mac),
+            d.mtu,
+            if d.up { "up" } else { "down" },
+            list(&d.addrs),
+            d.routes.len()
+        );
+        if let Some(b) = &d.bridge {
+            let _ = writeln!(
+                o,
+                "    bridge {}{}: mtu {}, addresses [{}]",
+                b.name,
+                if b.owned { " (owned)" } else { "" },
+                b.mtu,
+                list(&b.addrs)
+            );
+        }
+        let macs: Vec<String> = d.guest_macs.iter().map(vkm_common::net::fmt_mac).collect();
+        let _ = writeln!(o, "    guest MACs [{}]", macs.join(" "));
+    }
+
     let _ = writeln!(
         o,
         "pages: {} stored ({}), {} encoded in {} frames ({} compressed)",
