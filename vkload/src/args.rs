@@ -1,8 +1,10 @@
 //! Command-line parsing, by hand: the grammar is tiny and vkload should stay dependency-free.
 
+use std::net::Ipv4Addr;
+
 pub const USAGE: &str = "\
 usage: vkload [--mem MIB] [--threads N] [--children N] [--ram-file-mib M] [--dirty-mbps R]
-              [--without FEAT[,FEAT...]] [--tick-ms MS]
+              [--without FEAT[,FEAT...]] [--tick-ms MS] [--net TAP,IP/PREFIX[,MAC]]
   --mem MIB            private anonymous pattern region (default 16, 0 = none)
   --threads N          TLS worker threads (default 2)
   --children N         forked child processes (default 1, at most 63)
@@ -12,6 +14,9 @@ usage: vkload [--mem MIB] [--threads N] [--children N] [--ram-file-mib M] [--dir
                        posix-timer, signals, children, eventfd, file
   --tick-ms MS         console tick period (default 100)
   --verify-s S         seconds per full verification pass of the region (default 2)
+  --net TAP,IP/PREFIX[,MAC]
+                       attach to the existing tap TAP and answer ARP and ping for IP with
+                       MAC (default 02:00 followed by the four bytes of IP); off by default
 ";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +80,28 @@ pub struct Config {
     pub dirty_mbps: u64,
     pub tick_ms: u64,
     pub verify_s: u64,
+    pub net: Option<NetConfig>,
     disabled: u32,
+}
+
+/// `--net`: the tap to attach to and the guest identity to answer for on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    pub ip: Ipv4Addr,
+    /// Only reported: the responder answers for `ip` alone and never routes.
+    pub prefix: u8,
+    pub mac: [u8; 6],
+}
+
+impl NetConfig {
+    pub fn mac_string(&self) -> String {
+        let m = self.mac;
+        format!(
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
 }
 
 impl Default for Config {
@@ -88,6 +114,7 @@ impl Default for Config {
             dirty_mbps: 0,
             tick_ms: 100,
             verify_s: 2,
+            net: None,
             disabled: 0,
         }
     }
@@ -154,6 +181,7 @@ pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Parsed, String> {
                     cfg.disabled |= f.bit();
                 }
             }
+            "--net" => cfg.net = Some(net(name, value()?)?),
             _ => return Err(format!("unknown option '{name}'")),
         }
     }
@@ -168,6 +196,80 @@ fn number(name: &str, value: &str, min: u64, max: u64) -> Result<u64, String> {
         return Err(format!("{name}: {n} is outside {min}..={max}"));
     }
     Ok(n)
+}
+
+/// `TAP,IP/PREFIX[,MAC]`.
+fn net(name: &str, value: &str) -> Result<NetConfig, String> {
+    let err = |what: String| format!("{name}: {what} in '{value}' (expected TAP,IP/PREFIX[,MAC])");
+    let parts: Vec<&str> = value.split(',').collect();
+    if !(2..=3).contains(&parts.len()) {
+        return Err(err("wrong number of comma-separated fields".to_string()));
+    }
+    let tap = parts[0];
+    if !valid_ifname(tap) {
+        return Err(err(format!("'{tap}' is not a valid interface name")));
+    }
+    let (ip, prefix) = parts[1]
+        .split_once('/')
+        .ok_or_else(|| err(format!("'{}' has no /PREFIX", parts[1])))?;
+    let ip: Ipv4Addr = ip
+        .parse()
+        .map_err(|_| err(format!("'{ip}' is not an IPv4 address")))?;
+    // A guest address must be one a neighbour can send unicast frames to.
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+        return Err(err(format!("{ip} is not a unicast address")));
+    }
+    let prefix = prefix
+        .parse::<u8>()
+        .ok()
+        .filter(|p| (1..=32).contains(p))
+        .ok_or_else(|| err(format!("prefix '{prefix}' is not in 1..=32")))?;
+    let mac = match parts.get(2) {
+        None => default_mac(ip),
+        Some(m) => {
+            mac(m).ok_or_else(|| err(format!("'{m}' is not a unicast MAC aa:bb:cc:dd:ee:ff")))?
+        }
+    };
+    Ok(NetConfig {
+        tap: tap.to_string(),
+        ip,
+        prefix,
+        mac,
+    })
+}
+
+/// Locally administered and derived from the IP, so that a guest keeps its MAC across
+/// restarts and two guests on one segment differ whenever their IPs do.
+pub fn default_mac(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x02, 0x00, o[0], o[1], o[2], o[3]]
+}
+
+fn mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    // A multicast source MAC is invalid and all-zero is no station; neighbours would drop
+    // or misuse our replies.
+    let unicast = mac[0] & 1 == 0 && mac != [0; 6];
+    (parts.next().is_none() && unicast).then_some(mac)
+}
+
+/// The kernel's dev_valid_name, minus what the `,` separator already excludes.
+fn valid_ifname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() < libc::IFNAMSIZ
+        && s != "."
+        && s != ".."
+        && !s
+            .chars()
+            .any(|c| c == '/' || c == ':' || c == '\0' || c.is_whitespace())
 }
 
 #[cfg(test)]
@@ -237,5 +339,84 @@ mod tests {
         );
         assert!(parse(&["stray"]).is_err());
         assert_eq!(parse(&["--help"]), Ok(Parsed::Help));
+    }
+
+    fn net_of(value: &str) -> Result<NetConfig, String> {
+        match parse(&["--net", value])? {
+            Parsed::Run(c) => Ok(c.net.expect("--net given")),
+            Parsed::Help => panic!("help"),
+        }
+    }
+
+    #[test]
+    fn net_off_by_default() {
+        assert_eq!(run(&[]).net, None);
+    }
+
+    #[test]
+    fn net_valid_with_default_mac() {
+        let n = net_of("tap0,198.18.7.2/24").expect("valid");
+        assert_eq!(n.tap, "tap0");
+        assert_eq!(n.ip, Ipv4Addr::new(198, 18, 7, 2));
+        assert_eq!(n.prefix, 24);
+        assert_eq!(n.mac, [0x02, 0x00, 0xc6, 0x12, 0x07, 0x02]);
+        assert_eq!(n.mac_string(), "02:00:c6:12:07:02");
+        // The = form and the other options still parse alongside.
+        let c = run(&["--tick-ms", "50", "--net=vk-tap.1,198.19.0.9/32"]);
+        assert_eq!(c.tick_ms, 50);
+        let n = c.net.expect("--net given");
+        assert_eq!((n.tap.as_str(), n.prefix), ("vk-tap.1", 32));
+    }
+
+    #[test]
+    fn net_valid_with_mac() {
+        let n = net_of("tap0,198.18.7.2/24,0a:BC:de:00:00:01").expect("valid");
+        assert_eq!(n.mac, [0x0a, 0xbc, 0xde, 0x00, 0x00, 0x01]);
+        assert_eq!(n.mac_string(), "0a:bc:de:00:00:01");
+    }
+
+    #[test]
+    fn net_errors() {
+        for bad in [
+            "",
+            "tap0",
+            // missing prefix
+            "tap0,198.18.7.2",
+            "tap0,198.18.7.2/",
+            "tap0,198.18.7.2/0",
+            "tap0,198.18.7.2/33",
+            "tap0,198.18.7.2/x",
+            // bad IP
+            "tap0,198.18.7/24",
+            "tap0,198.18.7.256/24",
+            "tap0,0.0.0.0/24",
+            "tap0,255.255.255.255/24",
+            "tap0,224.0.0.1/24",
+            // bad MAC
+            "tap0,198.18.7.2/24,",
+            "tap0,198.18.7.2/24,02:00:00:00:00",
+            "tap0,198.18.7.2/24,02:00:00:00:00:00:01",
+            "tap0,198.18.7.2/24,02:00:00:00:00:0",
+            "tap0,198.18.7.2/24,02:00:00:00:00:0g",
+            "tap0,198.18.7.2/24,02-00-00-00-00-01",
+            "tap0,198.18.7.2/24,01:00:5e:00:00:01",
+            "tap0,198.18.7.2/24,00:00:00:00:00:00",
+            // bad tap name
+            ",198.18.7.2/24",
+            "a-name-too-long-16,198.18.7.2/24",
+            "tap/0,198.18.7.2/24",
+            "tap:0,198.18.7.2/24",
+            "tap 0,198.18.7.2/24",
+            "..,198.18.7.2/24",
+            // too many fields
+            "tap0,198.18.7.2/24,02:00:00:00:00:01,x",
+        ] {
+            assert!(net_of(bad).is_err(), "'{bad}' was accepted");
+        }
+        assert!(parse(&["--net"]).is_err());
+        let e = net_of("tap0,198.18.7.2").expect_err("no prefix");
+        assert!(e.contains("no /PREFIX"), "{e}");
+        let e = net_of("tap0,198.18.7.2/24,zz:00:00:00:00:01").expect_err("bad MAC");
+        assert!(e.contains("MAC"), "{e}");
     }
 }

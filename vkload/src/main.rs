@@ -11,7 +11,7 @@
 //!
 //! ```text
 //! vkload [--mem MIB] [--threads N] [--children N] [--ram-file-mib M] [--dirty-mbps R]
-//!        [--without FEAT[,FEAT...]] [--tick-ms MS]
+//!        [--without FEAT[,FEAT...]] [--tick-ms MS] [--net TAP,IP/PREFIX[,MAC]]
 //! FEAT: threads memfd pipe socketpair itimer posix-timer signals children eventfd file
 //! ```
 //!
@@ -20,12 +20,15 @@
 //! ```text
 //! vkload tick=<n> pid=<getpid> mono_ms=<CLOCK_MONOTONIC ms> tls=<c0,c1,...> pipe=<records>
 //!   sock=<records> alrm=<SIGALRM count> ptimer=<POSIX timer signals> usr2=<SIGUSR2 count>
-//!   mem=<pages verified> child=<sum of child counters> file=<bytes> maxgap_ms=<n> ok
+//!   mem=<pages verified> child=<sum of child counters> file=<bytes>
+//!   [net_rx=<frames read> net_tx=<frames sent> net_arp=<ARP replies> net_icmp=<echo replies>]
+//!   maxgap_ms=<n> ok
 //! ```
 //!
 //! (one line, single spaces, keys in this order). `tick` starts at 1 and grows by exactly 1
 //! per line. `tls` lists the per-worker TLS counters (`0` without workers). Disabled features
-//! print 0. `maxgap_ms` is the largest gap between two consecutive ticks seen so far: vkload
+//! print 0, except that the `net_*` keys appear only with `--net`, so that the line without
+//! it stays as it was. `maxgap_ms` is the largest gap between two consecutive ticks seen so far: vkload
 //! never fails on gaps (a stopped or frozen process sees them); tests decide. Counters that
 //! must keep moving fail only after 3 s of CLOCK_MONOTONIC *and* enough ticks without
 //! progress, so SIGSTOP/SIGCONT or a freeze does not trip them.
@@ -33,6 +36,11 @@
 //! `--without threads` makes vkload single-threaded: the main thread then drives the pipe,
 //! socketpair, eventfd, memory writer and SIGUSR2 itself once per tick. With threads, the
 //! asynchronous signals are blocked in every thread but the main one.
+//!
+//! `--net TAP,IP/PREFIX[,MAC]` attaches to the existing tap TAP and answers ARP and ICMP echo
+//! for IP (see `net.rs`); it first prints `vkload net tap=<TAP> ip=<IP/PREFIX> mac=<MAC>
+//! fd=<tun fd>`. A thread sleeps in poll on the tap, or without threads the main thread
+//! drains it once per tick.
 
 #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
 compile_error!("vkload supports x86_64 Linux only");
@@ -43,6 +51,7 @@ mod check;
 mod children;
 mod datafile;
 mod mem;
+mod net;
 mod pattern;
 mod ramfile;
 mod signals;
@@ -118,6 +127,8 @@ fn run(cfg: &Config) -> ! {
         .has(Feature::File)
         .then(|| datafile::DataFile::open(pid).or_fail("opening the data file"));
     signals::install(cfg).or_fail("signal setup");
+    // After the fork, so that the children do not share the tun descriptor.
+    let mut tap = cfg.net.as_ref().map(net::Responder::open);
 
     let mut inline = Inline::default();
     let mut tls: &'static [AtomicU64] = &[];
@@ -145,6 +156,9 @@ fn run(cfg: &Config) -> ! {
         }
         if cfg.has(Feature::Signals) {
             workers::spawn_usr2_sender();
+        }
+        if let Some(t) = tap.take() {
+            t.spawn();
         }
         sys::sigmask(libc::SIG_UNBLOCK, &mask);
     } else {
@@ -245,6 +259,9 @@ fn run(cfg: &Config) -> ! {
         if inline.usr2 {
             sys::kill(pid as libc::pid_t, libc::SIGUSR2).or_fail("kill SIGUSR2");
         }
+        if let Some(t) = &mut tap {
+            t.tick();
+        }
         if let Some(v) = &mut verifier {
             v.tick().or_fail_as_is();
         }
@@ -272,10 +289,15 @@ fn run(cfg: &Config) -> ! {
                 .collect();
             v.join(",")
         };
+        let net_fields = if cfg.net.is_some() {
+            net::tick_fields()
+        } else {
+            String::new()
+        };
         let line = format!(
             "vkload tick={tick} pid={pid} mono_ms={now_ms} tls={tls_list} pipe={} sock={} \
-             alrm={} ptimer={} usr2={} mem={} child={child_sum} file={} maxgap_ms={max_gap_ms} \
-             ok\n",
+             alrm={} ptimer={} usr2={} mem={} child={child_sum} file={} {net_fields}\
+             maxgap_ms={max_gap_ms} ok\n",
             PIPE_RECV.load(Ordering::Relaxed),
             SOCK_RECV.load(Ordering::Relaxed),
             signals::ALRM.load(Ordering::Relaxed),

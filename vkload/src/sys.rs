@@ -362,3 +362,59 @@ pub fn exit_now(code: c_int) -> ! {
     // SAFETY: _exit has no preconditions; nothing after it runs.
     unsafe { libc::_exit(code) }
 }
+
+/// Whether a network interface `name` exists in the calling thread's network namespace.
+pub fn interface_exists(name: &str) -> io::Result<bool> {
+    let name = std::ffi::CString::new(name).map_err(io::Error::other)?;
+    // SAFETY: `name` is a valid NUL-terminated string; the call only reads it.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index != 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENODEV) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// Attaches a new tun descriptor to the tap `name` as a tap without packet information,
+/// non-blocking and close-on-exec, the way UML opens its tap. TUNSETIFF would create a
+/// missing device, so callers check that it exists first.
+pub fn open_tap(name: &str) -> io::Result<File> {
+    // SAFETY: the path is a valid NUL-terminated string; the call only creates a descriptor.
+    let fd = cvt(unsafe {
+        libc::open(
+            c"/dev/net/tun".as_ptr(),
+            libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
+    })?;
+    let file = File::from(owned(fd));
+    // SAFETY: ifreq is plain data for which all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= ifr.ifr_name.len() || name.as_bytes().contains(&0) {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // The array is zeroed, so the name stays NUL-terminated.
+    for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes back one struct ifreq, which `ifr` is; `fd` is the
+    // tun descriptor just opened and still owned by `file`.
+    cvt(unsafe { libc::ioctl(fd, libc::TUNSETIFF, &mut ifr) })?;
+    Ok(file)
+}
+
+/// poll(2) one descriptor for input; returns its revents, 0 on timeout.
+pub fn poll_in(fd: RawFd, timeout_ms: c_int) -> io::Result<libc::c_short> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one valid pollfd, matching the count passed.
+    cvt(unsafe { libc::poll(&mut pfd, 1, timeout_ms) })?;
+    Ok(pfd.revents)
+}
