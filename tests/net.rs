@@ -106,7 +106,7 @@ fn net_rx(host: &Host, name: &str) -> u64 {
 fn the_guest_stays_reachable_at_its_address_through_a_move() {
     let lab = NetLab::bridged("net-move", &["a", "b"]);
     let (a, b) = (lab.host("a"), lab.host("b"));
-    let _listener = b.spawn_listen();
+    let listener = b.spawn_listen();
     let taps = ["--tap", "tap0@br0", "--tap-addr", TAP_ADDR];
     let out = run_guest(a, "g1", &taps, &guest_net());
     assert!(
@@ -132,8 +132,9 @@ fn the_guest_stays_reachable_at_its_address_through_a_move() {
     let ping_out = output_of(&mut ping);
     assert!(
         out.status.success(),
-        "send failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        "send failed: {}\nthe listener's log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        listener.stderr()
     );
 
     // The tap left A with the vkernel and is on B as it was: MAC, bridge, address, up.
