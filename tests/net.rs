@@ -143,8 +143,14 @@ fn the_guest_stays_reachable_at_its_address_through_a_move() {
     assert_eq!(mac_b, mac_a, "the tap's MAC changed");
     assert_eq!(master_b, BRIDGE);
     let addrs = b.ip("-o addr show dev tap0");
-    assert!(addrs.contains(TAP_ADDR), "tap0 on B lacks {TAP_ADDR}: {addrs}");
-    assert!(b.ip("-o link show dev tap0").contains(",UP"), "tap0 is down");
+    assert!(
+        addrs.contains(TAP_ADDR),
+        "tap0 on B lacks {TAP_ADDR}: {addrs}"
+    );
+    assert!(
+        b.ip("-o link show dev tap0").contains(",UP"),
+        "tap0 is down"
+    );
 
     // The LAN learnt the guest's new port from the announcement, and the guest answers.
     assert_eq!(lan_port_of_guest(&lab).as_deref(), Some("vh1"));
@@ -179,10 +185,17 @@ fn a_destination_that_cannot_wire_the_vkernel_refuses_it_and_an_owned_bridge_mov
     // B already has a device of that name.
     b.ip("tuntap add dev tap0 mode tap");
     let out = run_guest(a, "g1", &["--tap", "tap0@br0"], &guest_net());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     a.wait_tick("g1", 2, Duration::from_secs(20));
     let out = send(a, "g1", b);
-    assert!(!out.status.success(), "send to a host with tap0 taken succeeded");
+    assert!(
+        !out.status.success(),
+        "send to a host with tap0 taken succeeded"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("refused") && err.contains("tap0"), "{err}");
     let t = last_tick_line(&a.console_log("g1")).map(|l| field_u64(&l, "tick"));
@@ -198,7 +211,11 @@ fn a_destination_that_cannot_wire_the_vkernel_refuses_it_and_an_owned_bridge_mov
         &["--tap", "tap2@brx"],
         "tap2,198.18.0.201/24,02:00:00:00:02:01",
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     a.wait_tick("g2", 2, Duration::from_secs(20));
     let err = String::from_utf8_lossy(&send(a, "g2", b).stderr).into_owned();
     assert!(err.contains("refused") && err.contains("brx"), "{err}");
@@ -208,15 +225,32 @@ fn a_destination_that_cannot_wire_the_vkernel_refuses_it_and_an_owned_bridge_mov
     let out = run_guest(
         a,
         "g3",
-        &["--tap", "tap3@bry", "--bridge-create", "--tap-addr", "198.18.10.1/24"],
+        &[
+            "--tap",
+            "tap3@bry",
+            "--bridge-create",
+            "--tap-addr",
+            "198.18.10.1/24",
+        ],
         "tap3,198.18.10.2/24,02:00:00:00:02:02",
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(a.has_link("bry"), "run --bridge-create made no bridge");
     a.wait_tick("g3", 2, Duration::from_secs(20));
     let out = send(a, "g3", b);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!a.has_link("tap3") && !a.has_link("bry"), "tap3/bry left on A");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !a.has_link("tap3") && !a.has_link("bry"),
+        "tap3/bry left on A"
+    );
     assert!(b.has_link("tap0"), "B's own tap0 was touched");
     let master = {
         let line = b.ip("-o link show dev tap3");
@@ -231,7 +265,10 @@ fn a_destination_that_cannot_wire_the_vkernel_refuses_it_and_an_owned_bridge_mov
 
     // When it ends on B, what it owned goes with it.
     b.ok(&["kill", "g3"]);
-    assert!(!b.has_link("tap3") && !b.has_link("bry"), "tap3/bry left on B");
+    assert!(
+        !b.has_link("tap3") && !b.has_link("bry"),
+        "tap3/bry left on B"
+    );
 }
 
 #[test]
@@ -241,7 +278,10 @@ fn run_tap_refuses_a_missing_bridge_and_leaves_nothing() {
     let out = run_guest(a, "g1", &["--tap", "tap0@nobr"], &guest_net());
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("nobr") && err.contains("--bridge-create"), "{err}");
+    assert!(
+        err.contains("nobr") && err.contains("--bridge-create"),
+        "{err}"
+    );
     assert!(!a.has_link("tap0"));
     assert!(a.ps_names().unwrap().is_empty());
     // A tap given an address without saying which one among two.
@@ -262,7 +302,11 @@ fn checkpoint_and_restore_bring_the_tap_back() {
     let a = lab.host("a");
     let taps = ["--tap", "tap0@br0", "--tap-addr", TAP_ADDR];
     let out = run_guest(a, "g1", &taps, &guest_net());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     a.wait_tick("g1", 3, Duration::from_secs(20));
     client_pings(&lab, 2);
     let (mac, _) = tap_link(a);

@@ -57,7 +57,9 @@ impl std::str::FromStr for IfAddr {
         let (a, p) = s
             .split_once('/')
             .ok_or_else(|| format!("{s:?} is not ADDR/PREFIX (e.g. 198.18.5.1/24)"))?;
-        let addr: IpAddr = a.parse().map_err(|_| format!("{a:?} is not an IP address"))?;
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("{a:?} is not an IP address"))?;
         let prefix_len: u8 = p
             .parse()
             .map_err(|_| format!("{p:?} is not a prefix length"))?;

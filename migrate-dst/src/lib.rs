@@ -6,8 +6,8 @@ pub mod net;
 mod restore;
 pub mod sandbox;
 
-pub use restore::{check_offer, restore, vdso_hash, PageTargets, RestoreReport, Skeleton};
 pub use net::Network;
+pub use restore::{check_offer, restore, vdso_hash, PageTargets, RestoreReport, Skeleton};
 pub use sandbox::{InitMode, Sandbox};
 
 /// Everything that can make a restore fail. A failed restore leaves nothing behind: the

@@ -7,7 +7,6 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-
 use vkm_common::net::NetDev;
 use vkm_netconf::Created;
 

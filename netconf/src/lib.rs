@@ -540,7 +540,11 @@ async fn configure(h: &Handle, dev: &NetDev, created: &mut Created) -> Result<()
         // tap's MAC is the same on every host the vkernel visits, so enslaving it could give
         // two hosts' bridges one MAC (and the host's neighbours a stale one): pin the
         // bridge's MAC to what it is now first.
-        if let Some(mac) = rt::link_by_index(h, br_index).await?.as_ref().and_then(rt::mac) {
+        if let Some(mac) = rt::link_by_index(h, br_index)
+            .await?
+            .as_ref()
+            .and_then(rt::mac)
+        {
             h.link()
                 .set(
                     LinkUnspec::new_with_index(br_index)

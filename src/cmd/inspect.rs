@@ -402,7 +402,10 @@ fn text_report(path: &Path, s: &Summary, vk: &Vkernel) -> String {
     let _ = writeln!(o, "network devices ({})", vk.net.len());
     for d in &vk.net {
         let list = |v: &[vkm_common::net::IfAddr]| {
-            v.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ")
+            v.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
         };
         let _ = writeln!(
             o,

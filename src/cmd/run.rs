@@ -96,7 +96,10 @@ fn tap_devices(args: &RunArgs) -> Result<Vec<NetDev>> {
             None => bail!("--tap-addr {addr}: say which tap, as TAP={addr}"),
         };
         let Some(dev) = dev else {
-            bail!("--tap-addr {addr}: there is no --tap {}", tap.as_deref().unwrap_or(""));
+            bail!(
+                "--tap-addr {addr}: there is no --tap {}",
+                tap.as_deref().unwrap_or("")
+            );
         };
         dev.addrs.push(*addr);
     }
