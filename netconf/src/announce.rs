@@ -2,9 +2,9 @@
 //! ARP and unsolicited neighbour advertisements, written into the tap as if the guest sent
 //! them, so that the bridge learns the guest MAC on the new port and floods it to the LAN.
 //!
-//! The frames are built by hand: they are three fixed layouts of 60 and 86 bytes, and the
-//! frame crates we looked at (etherparse) build ICMPv6 NA without the target link-layer
-//! option helpers, so a dependency would save nothing; the unit tests pin every offset.
+//! The frames are built by hand: they are three fixed layouts of 60 and 86 bytes with one
+//! checksum, small enough that a frame-building dependency (etherparse) was not worth adding;
+//! the unit tests pin every offset and the checksum against an independently computed value.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, BorrowedFd};

@@ -15,8 +15,9 @@ pub enum NetconfError {
     Netlink {
         step: &'static str,
         ifname: String,
+        /// Boxed: rtnetlink's error embeds a whole netlink message.
         #[source]
-        source: rtnetlink::Error,
+        source: Box<rtnetlink::Error>,
     },
     /// A tun ioctl failed; `step` as in [`NetconfError::Netlink`].
     #[error("Cannot {step} {ifname}")]
@@ -24,7 +25,7 @@ pub enum NetconfError {
         step: &'static str,
         ifname: String,
         #[source]
-        source: vkm_sys::SysError,
+        source: Box<vkm_sys::SysError>,
     },
     #[error("Cannot write an announcement frame to {ifname}")]
     Announce {

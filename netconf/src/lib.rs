@@ -417,7 +417,7 @@ pub fn create(dev: &NetDev) -> Result<Created> {
         move |source| NetconfError::Tun {
             step,
             ifname,
-            source,
+            source: Box::new(source),
         }
     };
     let fd = vkm_sys::tun::open_tun(&dev.name, dev.tun_flags & !tun_flags::IFF_PERSIST)
@@ -452,7 +452,7 @@ fn setup(dev: &NetDev, created: &mut Created) -> Result<()> {
         move |source| NetconfError::Tun {
             step,
             ifname,
-            source,
+            source: Box::new(source),
         }
     };
     if let Some(fd) = created.fd.as_ref().map(AsFd::as_fd) {

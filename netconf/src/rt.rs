@@ -66,7 +66,7 @@ pub(crate) fn nl(
     move |source| NetconfError::Netlink {
         step,
         ifname,
-        source,
+        source: Box::new(source),
     }
 }
 
