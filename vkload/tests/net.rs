@@ -3,7 +3,7 @@
 //! vkload, and nothing else may answer. Needs root (network namespaces, taps) and `ip`,
 //! `nsenter` and `ping`, which scripts/test installs.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,27 +20,48 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// Runs `cmd` to the end, killed after COMMAND_TIMEOUT so that a hang fails the test.
 fn output(cmd: &mut Command) -> Output {
-    let child = cmd
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(COMMAND_TIMEOUT) {
-        Ok(out) => out.unwrap_or_else(|e| panic!("waiting for {cmd:?}: {e}")),
-        Err(_) => {
-            // By PID: the thread still owns the Child, and reaps it once it dies.
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            panic!("{cmd:?} hung for {COMMAND_TIMEOUT:?}");
-        }
+    fn drain(r: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
     }
+    let (out, err) = (drain(child.stdout.take()), drain(child.stderr.take()));
+    let t0 = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) if t0.elapsed() > COMMAND_TIMEOUT => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{cmd:?} hung for {COMMAND_TIMEOUT:?}");
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("waiting for {cmd:?}: {e}"),
+        }
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+/// kill(2), so that the test needs no kill(1) (procps is not in every minimal image).
+fn signal(pid: u32, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(pid).expect("PID fits pid_t");
+    // SAFETY: plain system call without pointer arguments. The caller owns the Child of `pid`
+    // and has not reaped it, so the PID cannot have been reused by another process.
+    unsafe { libc::kill(pid, sig) };
 }
 
 fn must(cmd: &mut Command) -> String {
@@ -80,6 +101,12 @@ impl Lab {
         lab.ip(&["tuntap", "add", "dev", TAP, "mode", "tap"]);
         lab.ip(&["addr", "add", HOST_ADDR, "dev", TAP]);
         lab.ip(&["link", "set", TAP, "up"]);
+        // A root ping on a raw socket counts replies whose ICMP checksum is wrong; on an
+        // ICMP datagram socket the kernel drops them first. The range is per namespace.
+        must(
+            lab.in_ns("sh")
+                .args(["-c", "echo '0 0' > /proc/sys/net/ipv4/ping_group_range"]),
+        );
         lab
     }
 
@@ -155,7 +182,7 @@ impl Lab {
     /// SIGTERM, which vkload answers with `vkload exit` and status 0.
     fn stop_vkload(&mut self) -> ExitStatus {
         let mut child = self.vkload.take().expect("vkload running");
-        must(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+        signal(child.id(), libc::SIGTERM);
         let t0 = Instant::now();
         loop {
             if let Some(st) = child.try_wait().expect("waiting for vkload") {
