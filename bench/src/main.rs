@@ -162,6 +162,7 @@ fn run_case(case: &Case, work: &Path, run: usize) -> Result<Row> {
             console_tty: None,
             skip_page_runs: false,
             owned_net: Vec::new(),
+            known_net: Vec::new(),
         },
         init_pid: guard.0.init_pid,
         output: img.clone(),

@@ -113,3 +113,16 @@ impl CommonError {
         move |source| CommonError::Io { step, source }
     }
 }
+
+/// `e` and its causes as one line, outermost first (`a: b: c`), for crates that report errors
+/// as text without anyhow (logs, a refusal's reason).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}

@@ -134,31 +134,6 @@ pub struct OwnedNet {
 }
 
 impl OwnedNet {
-    /// As much of a [`NetDev`] as removing it needs (name, owned bridge).
-    pub fn as_dev(&self) -> NetDev {
-        NetDev {
-            name: self.tap.clone(),
-            tun_flags: tun_flags::IFF_TAP,
-            persist: true,
-            owner: None,
-            group: None,
-            mac: None,
-            mtu: 0,
-            up: false,
-            addrs: Vec::new(),
-            routes: Vec::new(),
-            bridge: self.bridge.as_ref().map(|b| Bridge {
-                name: b.clone(),
-                mtu: 0,
-                addrs: Vec::new(),
-                owned: true,
-            }),
-            guest_macs: Vec::new(),
-            guest_ips: Vec::new(),
-            owned: true,
-        }
-    }
-
     /// What of `devs` this host owns and must remove when the vkernel ends here.
     pub fn of(devs: &[NetDev]) -> Vec<OwnedNet> {
         devs.iter()

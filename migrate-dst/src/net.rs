@@ -2,7 +2,7 @@
 //! before the fds attached to them, kept by the agent until the vkernel runs, then announced
 //! so that the LAN's switches learn where the guest is now.
 //!
-//! Until [`Network::keep`] or [`Network::announce`], dropping a [`Network`] removes everything
+//! Until [`Network::announce`], dropping a [`Network`] removes everything
 //! it created: a restore that fails leaves no tap behind.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -53,15 +53,8 @@ impl Network {
             .and_then(|(_, c)| c.fd())
     }
 
-    /// The vkernel runs with its own fds: let go of ours, leaving the devices in place.
-    pub fn keep(mut self) {
-        for (_, c) in self.devs.drain(..) {
-            drop(c.into_fd());
-        }
-    }
-
     /// The vkernel runs: announce each guest's MAC (and IPs) through its tap, a few times with
-    /// back-off, on a thread of its own, then let go as [`Network::keep`] does. The thread ends
+    /// back-off, on a thread of its own, then let go of the agent's fds (the devices stay). The thread ends
     /// within a second; failures are logged (the guest runs either way, the LAN learns its
     /// port from its next frame).
     pub fn announce(mut self) {
@@ -92,11 +85,6 @@ impl Network {
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "cannot start announcing the guests");
         }
-    }
-
-    /// Remove what was created (a restore that will not run).
-    pub fn undo(mut self) {
-        self.undo_all();
     }
 
     fn undo_all(&mut self) {

@@ -87,26 +87,20 @@ pub fn checkpoint(
 /// destination recreates them; left here they would keep routes to a vkernel that is not here.
 pub(crate) fn release_net(devs: &[vkm_common::net::NetDev]) {
     for d in devs {
-        if let Err(e) = vkm_netconf::remove(d) {
+        let owned_bridge = d
+            .bridge
+            .as_ref()
+            .filter(|b| b.owned)
+            .map(|b| b.name.as_str());
+        if let Err(e) = vkm_netconf::remove(&d.name, owned_bridge) {
             tracing::warn!(
                 ifname = %d.name,
-                error = %error_chain(&e),
+                error = %vkm_common::error::chain(&e),
                 "cannot remove the vkernel's tap here; remove it with `ip link del {}`",
                 d.name
             );
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 /// Signals that arrived during capture injections were held back; a vkernel that keeps

@@ -265,11 +265,20 @@ impl Precopy {
     /// Stop the vkernel and work out what is left: the final state, and which pages the
     /// destination's skeleton lacks.
     pub fn freeze(mut self) -> Result<Final, SrcError> {
+        let mut copts = self.opts.capture.clone();
+        copts.skip_page_runs = true;
+        // Netlink dumps cost milliseconds: read the devices the vkernel holds while it runs
+        // (guest MACs learnt until now included); only a device new since the skeleton is
+        // read while frozen.
+        copts.known_net = self
+            .skeleton
+            .net
+            .iter()
+            .map(|d| crate::capture::read_net(&d.name))
+            .collect::<Result<_, _>>()?;
         let t0 = Instant::now();
         let frozen = Frozen::freeze(self.opts.init_pid)?;
         let t_frozen = t0.elapsed();
-        let mut copts = self.opts.capture.clone();
-        copts.skip_page_runs = true;
         let mut captured = capture(&frozen, &copts)?;
         tracing::info!(
             freeze_ms = ms(t_frozen),

@@ -469,6 +469,11 @@ fn setup(dev: &NetDev, created: &mut Created) -> Result<()> {
     with_handle(|h| async move { configure(&h, dev, created).await })
 }
 
+/// One `RTM_SETLINK`; `step` and `ifname` name it in the error.
+async fn set_link(h: &Handle, msg: LinkMessage, step: &'static str, ifname: &str) -> Result<()> {
+    h.link().set(msg).execute().await.map_err(nl(step, ifname))
+}
+
 async fn configure(h: &Handle, dev: &NetDev, created: &mut Created) -> Result<()> {
     let name = dev.name.as_str();
     let link = rt::link_by_name(h, name)
@@ -479,22 +484,24 @@ async fn configure(h: &Handle, dev: &NetDev, created: &mut Created) -> Result<()
     let index = link.header.index;
     created.tap_index = index;
     if let (true, Some(mac)) = (dev.is_tap(), dev.mac) {
-        h.link()
-            .set(
-                LinkUnspec::new_with_index(index)
-                    .address(mac.to_vec())
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl("set the MAC address of", name))?;
+        set_link(
+            h,
+            LinkUnspec::new_with_index(index)
+                .address(mac.to_vec())
+                .build(),
+            "set the MAC address of",
+            name,
+        )
+        .await?;
     }
     if dev.mtu != 0 {
-        h.link()
-            .set(LinkUnspec::new_with_index(index).mtu(dev.mtu).build())
-            .execute()
-            .await
-            .map_err(nl("set the MTU of", name))?;
+        set_link(
+            h,
+            LinkUnspec::new_with_index(index).mtu(dev.mtu).build(),
+            "set the MTU of",
+            name,
+        )
+        .await?;
     }
     if let Some(b) = &dev.bridge {
         let (br_index, made) = match rt::link_by_name(h, &b.name).await? {
@@ -522,11 +529,13 @@ async fn configure(h: &Handle, dev: &NetDev, created: &mut Created) -> Result<()
                         .await
                         .map_err(nl("add an address to", &b.name))?;
                 }
-                h.link()
-                    .set(LinkUnspec::new_with_index(l.header.index).up().build())
-                    .execute()
-                    .await
-                    .map_err(nl("bring up", &b.name))?;
+                set_link(
+                    h,
+                    LinkUnspec::new_with_index(l.header.index).up().build(),
+                    "bring up",
+                    &b.name,
+                )
+                .await?;
                 (l.header.index, true)
             }
             None => {
@@ -545,33 +554,35 @@ async fn configure(h: &Handle, dev: &NetDev, created: &mut Created) -> Result<()
             .as_ref()
             .and_then(rt::mac)
         {
-            h.link()
-                .set(
-                    LinkUnspec::new_with_index(br_index)
-                        .address(mac.to_vec())
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(nl("pin the MAC address of", &b.name))?;
-        }
-        h.link()
-            .set(
-                LinkUnspec::new_with_index(index)
-                    .controller(br_index)
+            set_link(
+                h,
+                LinkUnspec::new_with_index(br_index)
+                    .address(mac.to_vec())
                     .build(),
+                "pin the MAC address of",
+                &b.name,
             )
-            .execute()
-            .await
-            .map_err(nl("enslave to its bridge", name))?;
+            .await?;
+        }
+        set_link(
+            h,
+            LinkUnspec::new_with_index(index)
+                .controller(br_index)
+                .build(),
+            "enslave to its bridge",
+            name,
+        )
+        .await?;
         if made && b.mtu != 0 {
             // A bridge follows its smallest port's MTU until one is set explicitly, so set the
             // recorded one again now that the tap is a port.
-            h.link()
-                .set(LinkUnspec::new_with_index(br_index).mtu(b.mtu).build())
-                .execute()
-                .await
-                .map_err(nl("set the MTU of", &b.name))?;
+            set_link(
+                h,
+                LinkUnspec::new_with_index(br_index).mtu(b.mtu).build(),
+                "set the MTU of",
+                &b.name,
+            )
+            .await?;
         }
     }
     for a in &dev.addrs {
@@ -582,11 +593,13 @@ async fn configure(h: &Handle, dev: &NetDev, created: &mut Created) -> Result<()
             .map_err(nl("add an address to", name))?;
     }
     if dev.up {
-        h.link()
-            .set(LinkUnspec::new_with_index(index).up().build())
-            .execute()
-            .await
-            .map_err(nl("bring up", name))?;
+        set_link(
+            h,
+            LinkUnspec::new_with_index(index).up().build(),
+            "bring up",
+            name,
+        )
+        .await?;
     }
     for r in &dev.routes {
         let mut b = RouteMessageBuilder::<IpAddr>::new()
@@ -611,19 +624,19 @@ async fn configure(h: &Handle, dev: &NetDev, created: &mut Created) -> Result<()
 /// On the source after a move: delete the tap if it still exists (a persistent or owned one
 /// outlives the vkernel), and an owned bridge once no port is left on it. Missing things are
 /// not errors.
-pub fn remove(dev: &NetDev) -> Result<()> {
+pub fn remove(tap: &str, owned_bridge: Option<&str>) -> Result<()> {
     with_handle(|h| async move {
-        if let Some(l) = rt::link_by_name(&h, &dev.name).await? {
-            del(&h, l.header.index, &dev.name).await?;
+        if let Some(l) = rt::link_by_name(&h, tap).await? {
+            del(&h, l.header.index, tap).await?;
         }
-        if let Some(b) = dev.bridge.as_ref().filter(|b| b.owned) {
-            if let Some(l) = rt::link_by_name(&h, &b.name).await? {
+        if let Some(b) = owned_bridge {
+            if let Some(l) = rt::link_by_name(&h, b).await? {
                 let br = l.header.index;
                 let ports = rt::links(&h).await?;
                 if rt::kind(&l) == Some(&InfoKind::Bridge)
                     && !ports.iter().any(|p| rt::controller(p) == Some(br))
                 {
-                    del(&h, br, &b.name).await?;
+                    del(&h, br, b).await?;
                 }
             }
         }

@@ -292,9 +292,9 @@ fn remove_deletes_tap_and_empty_owned_bridge_only() {
     let created = ns.run(|| create(&dev)).expect("create");
     drop(created.into_fd());
     assert!(ns.has_link(&tap) && ns.has_link(&br));
-    ns.run(|| remove(&dev)).expect("remove");
+    ns.run(|| remove(&tap, Some(&br))).expect("remove");
     assert!(!ns.has_link(&tap) && !ns.has_link(&br));
-    ns.run(|| remove(&dev))
+    ns.run(|| remove(&tap, Some(&br)))
         .expect("missing things are not errors");
 
     // A bridge with another port stays.
@@ -303,16 +303,12 @@ fn remove_deletes_tap_and_empty_owned_bridge_only() {
     let other = unique("dm");
     ns.ip(&["tuntap", "add", "dev", &other, "mode", "tap"]);
     ns.ip(&["link", "set", &other, "master", &br]);
-    ns.run(|| remove(&dev)).expect("remove");
+    ns.run(|| remove(&tap, Some(&br))).expect("remove");
     assert!(!ns.has_link(&tap));
     assert!(ns.has_link(&br), "a bridge with another port was deleted");
     // Not owned: never deleted, even when empty.
     ns.ip(&["link", "del", &other]);
-    let mut not_owned = dev.clone();
-    if let Some(b) = not_owned.bridge.as_mut() {
-        b.owned = false;
-    }
-    ns.run(|| remove(&not_owned)).expect("remove");
+    ns.run(|| remove(&tap, None)).expect("remove");
     assert!(ns.has_link(&br), "a bridge not owned was deleted");
 }
 

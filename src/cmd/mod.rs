@@ -55,6 +55,7 @@ fn capture_options(rec: &crate::state::Record) -> vkm_migrate_src::CaptureOption
         console_tty: Some(rec.console_tty.clone()),
         skip_page_runs: false,
         owned_net: rec.owned_net.clone(),
+        known_net: Vec::new(),
     }
 }
 

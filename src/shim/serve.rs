@@ -156,7 +156,7 @@ pub fn main(state: &StateDir, args: ShimArgs, log_format: LogFormat) -> ExitCode
 /// source of a move removes itself are gone already, which is fine.
 pub(super) fn release_owned_net(owned: &[vkm_common::net::OwnedNet]) {
     for o in owned {
-        if let Err(e) = vkm_netconf::remove(&o.as_dev()) {
+        if let Err(e) = vkm_netconf::remove(&o.tap, o.bridge.as_deref()) {
             tracing::warn!(tap = %o.tap, error = %format!("{:#}", anyhow::Error::from(e)),
                 "cannot remove the vkernel's tap; remove it with `ip link del`");
         }

@@ -187,9 +187,7 @@ impl Skeleton {
         r.remove_sysv()?;
         // Devices before the fds attached to them. Created this late (the vkernel is frozen
         // on the source by now) because a device name can exist only once per host.
-        if self.net.is_empty() {
-            self.net = Network::create(&vk.net)?;
-        }
+        self.net = Network::create(&vk.net)?;
         let agent_files = r.prepare_files(console, &self.net)?;
         for table in &vk.fd_tables {
             let rep = rep_of(&vk, &self.order, |p| p.fd_table == table.id)?;
@@ -719,16 +717,7 @@ pub fn check_offer(offer: &vkm_common::live::Offer) -> Result<(), String> {
         ));
     }
     for d in &offer.net {
-        vkm_netconf::check(d).map_err(|e| {
-            let mut why = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(c) = src {
-                why.push_str(": ");
-                why.push_str(&c.to_string());
-                src = c.source();
-            }
-            why
-        })?;
+        vkm_netconf::check(d).map_err(|e| vkm_common::error::chain(&e))?;
     }
     let avail = vkm_sys::host::mem_available().map_err(|e| e.to_string())?;
     if offer.mem_bytes > avail {

@@ -33,6 +33,9 @@ pub struct CaptureOptions {
     /// The network devices vkmigrate created for this vkernel (see
     /// [`vkm_common::net::NetDev::owned`]).
     pub owned_net: Vec<vkm_common::net::OwnedNet>,
+    /// Devices read just before the freeze: used as they are instead of being read again
+    /// while the vkernel is frozen (a live migration's final capture).
+    pub known_net: Vec<vkm_common::net::NetDev>,
 }
 
 /// The model plus what the page writer needs to read the memory that goes with it.
@@ -46,7 +49,7 @@ pub struct Captured {
 /// The host-side configuration of every tun/tap device the vkernel's fds are attached to.
 fn capture_net(
     files: &[model::OpenFile],
-    owned: &[vkm_common::net::OwnedNet],
+    opts: &CaptureOptions,
 ) -> Result<Vec<vkm_common::net::NetDev>, SrcError> {
     let mut names: Vec<&str> = files
         .iter()
@@ -60,14 +63,22 @@ fn capture_net(
     names
         .into_iter()
         .map(|name| {
-            let mut dev = vkm_netconf::capture(name).map_err(|source| SrcError::Net {
-                ifname: name.to_owned(),
-                source,
-            })?;
-            dev.set_owned(owned);
+            let mut dev = match opts.known_net.iter().find(|d| d.name == name) {
+                Some(d) => d.clone(),
+                None => read_net(name)?,
+            };
+            dev.set_owned(&opts.owned_net);
             Ok(dev)
         })
         .collect()
+}
+
+/// The host-side configuration of tun/tap device `name`, read now.
+pub(crate) fn read_net(name: &str) -> Result<vkm_common::net::NetDev, SrcError> {
+    vkm_netconf::capture(name).map_err(|source| SrcError::Net {
+        ifname: name.to_owned(),
+        source,
+    })
 }
 
 /// Capture a frozen vkernel.
@@ -172,7 +183,7 @@ pub fn capture(frozen: &Frozen, opts: &CaptureOptions) -> Result<Captured, SrcEr
     let console = fcap.console()?;
     let (files, pipes) = fcap.finish();
     let t_net = std::time::Instant::now();
-    let net = capture_net(&files, &opts.owned_net)?;
+    let net = capture_net(&files, opts)?;
     tracing::debug!(
         net_ms = t_net.elapsed().as_secs_f64() * 1e3,
         devices = net.len(),
