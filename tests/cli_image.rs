@@ -45,6 +45,7 @@ fn write_image(path: &Path, name: &str) {
         pipes: Vec::new(),
         console: None,
         net: Vec::new(),
+        mconsole: None,
     };
     let f = File::create(path).expect("create");
     let mut w =

@@ -77,6 +77,19 @@ pub enum CommonError {
     #[error("Cannot encode the CBOR metadata")]
     CborEncode(#[source] ciborium::ser::Error<std::io::Error>),
 
+    /// A UML's mconsole answered a request with its error flag set.
+    #[error("UML's mconsole refused {command:?}: {reply}")]
+    Mconsole { command: String, reply: String },
+
+    /// Talking to a UML's mconsole socket failed (it is not running, or does not answer).
+    #[error("Cannot {step} the UML mconsole at {socket}")]
+    MconsoleIo {
+        socket: String,
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+
     /// A /proc file's text is malformed. `file` is the kind (`"smaps"`, `"status"`, ...), `line`
     /// the offending line (shortened to [`MAX_LINE_IN_ERROR`] bytes), `reason` what is wrong.
     #[error("Malformed /proc/PID/{file}: {reason} in line {line:?}")]

@@ -4,6 +4,7 @@
 pub mod error;
 pub mod image;
 pub mod live;
+pub mod mconsole;
 pub mod model;
 pub mod net;
 pub mod procfs;

@@ -47,6 +47,10 @@ pub struct Vkernel {
     /// restore recreates before it opens [`FileKind::Tun`] fds on them.
     #[serde(default)]
     pub net: Vec<crate::net::NetDev>,
+    /// The mconsole socket of a User-Mode Linux that was quiesced (`stop`) for the capture:
+    /// the restored UML waits for `go` on it.
+    #[serde(default)]
+    pub mconsole: Option<String>,
 }
 
 /// The vkernel's view of its clocks at the freeze, so that CLOCK_MONOTONIC and CLOCK_BOOTTIME
@@ -108,6 +112,11 @@ pub struct Process {
     /// The console's foreground process group (namespace pgid), when `ctty`.
     #[serde(default)]
     pub tty_pgrp: i32,
+    /// The process of the vkernel that traces this one (namespace pid): UML's kernel process
+    /// traces every guest process. Restore hands the process to it, stopped, with nothing to
+    /// report (see `vkm_sys::tracee`).
+    #[serde(default)]
+    pub tracer: Option<i32>,
 }
 
 /// Index value meaning "none" for [`Process::mm`] and [`Process::fd_table`].
@@ -452,6 +461,10 @@ pub struct UnixSocket {
     pub peek_off: i32,
     /// `sk_shutdown`: 1 = no more receiving, 2 = no more sending.
     pub shutdown: u8,
+    /// The filesystem path an unconnected datagram socket is bound to (UML's mconsole),
+    /// which restore binds again.
+    #[serde(default)]
+    pub bound: Option<String>,
 }
 
 /// One registration of an epoll instance.

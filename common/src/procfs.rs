@@ -885,3 +885,53 @@ pub fn parse_children(text: &str) -> Result<Vec<i32>> {
         })
         .collect()
 }
+
+// ---------------------------------------------------------------------------------------------
+// net/unix
+
+/// One bound unix socket of `/proc/PID/net/unix`: its inode and its filesystem path (abstract
+/// names and unnamed sockets are left out).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixPath {
+    pub inode: u64,
+    pub path: String,
+}
+
+/// Parses `/proc/PID/net/unix` (`Num RefCount Protocol Flags Type St Inode Path`).
+pub fn parse_net_unix(text: &str) -> Result<Vec<UnixPath>> {
+    let mut out = Vec::new();
+    for line in text.lines().skip(1) {
+        let mut f = line.split_ascii_whitespace();
+        let inode = f
+            .nth(6)
+            .and_then(|i| i.parse().ok())
+            .ok_or_else(|| CommonError::parse("net/unix", line, "no inode"))?;
+        if let Some(path) = f.next().filter(|p| p.starts_with('/')) {
+            out.push(UnixPath {
+                inode,
+                path: path.to_owned(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod net_unix_tests {
+    #[test]
+    fn parses_bound_paths() {
+        let text = "Num       RefCount Protocol Flags    Type St Inode Path\n\
+            0000000000000000: 00000002 00000000 00000000 0002 01 81234 /tmp/umlx/u1/mconsole\n\
+            0000000000000000: 00000002 00000000 00000000 0001 03 81235\n\
+            0000000000000000: 00000002 00000000 00000000 0002 01 81236 @vkmigrate-x\n";
+        let got = super::parse_net_unix(text).expect("test");
+        assert_eq!(
+            got,
+            vec![super::UnixPath {
+                inode: 81234,
+                path: "/tmp/umlx/u1/mconsole".into()
+            }]
+        );
+        assert!(super::parse_net_unix("h\nshort line\n").is_err());
+    }
+}

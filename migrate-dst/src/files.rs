@@ -235,6 +235,10 @@ fn unix_sockets(vk: &Vkernel) -> Result<BTreeMap<u64, OwnedFd>, DstError> {
         let sys = |op: &'static str| {
             move |e: nix::errno::Errno| DstError::Sys(calls::errno(op, 0, e as i32))
         };
+        if let Some(path) = &u.bound {
+            out.insert(u.ino, bind_dgram(path, u)?);
+            continue;
+        }
         if u.peer == 0 && !u.peer_closed {
             if !u.queue.is_empty() {
                 return Err(DstError::Inconsistent(format!(
@@ -292,6 +296,52 @@ fn unix_sockets(vk: &Vkernel) -> Result<BTreeMap<u64, OwnedFd>, DstError> {
         out.insert(u.ino, a);
     }
     Ok(out)
+}
+
+/// A datagram socket bound to `path` again, with the datagrams that were queued on it (their
+/// senders' addresses are not kept). A socket file left at `path` by a vkernel that is gone
+/// (nothing receives on it) is replaced; a live one is not, since another process uses it.
+fn bind_dgram(path: &str, u: &UnixSocket) -> Result<OwnedFd, DstError> {
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::net::UnixDatagram;
+    let p = std::path::Path::new(path);
+    let path_err = |source: std::io::Error| {
+        DstError::Sys(vkm_sys::SysError::Path {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(p) {
+        if !meta.file_type().is_socket() {
+            return Err(DstError::Incompatible(format!(
+                "{path}, where the vkernel's socket is bound, exists and is not a socket"
+            )));
+        }
+        let probe = UnixDatagram::unbound().map_err(path_err)?;
+        match probe.connect(p) {
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                std::fs::remove_file(p).map_err(path_err)?
+            }
+            _ => {
+                return Err(DstError::Incompatible(format!(
+                    "the socket {path} is in use by another process (the vkernel's own socket \
+                     there, e.g. UML's mconsole, must be free: stop what uses it)"
+                )))
+            }
+        }
+    }
+    if let Some(dir) = p.parent() {
+        std::fs::create_dir_all(dir).map_err(path_err)?;
+    }
+    let sock = UnixDatagram::bind(p).map_err(path_err)?;
+    let sender = UnixDatagram::unbound().map_err(path_err)?;
+    for msg in &u.queue {
+        sender.send_to(msg, p).map_err(path_err)?;
+    }
+    // std creates its sockets close-on-exec, as the agent's fds must be.
+    let fd: OwnedFd = sock.into();
+    socket_options(&fd, u)?;
+    Ok(fd)
 }
 
 /// Queue `dest`'s saved data on it by sending it from its peer `from`, whose send buffer is

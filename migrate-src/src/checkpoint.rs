@@ -107,6 +107,7 @@ pub(crate) fn release_net(devs: &[vkm_common::net::NetDev]) {
 /// running gets them now.
 pub(crate) fn redeliver(held: &[(i32, i32, i32)]) {
     for &(tgid, tid, sig) in held {
+        tracing::debug!(tgid, tid, sig, "re-delivering a signal held during capture");
         // tgkill, not the original siginfo: the kernel refuses kernel-generated siginfos from
         // another process, and the handlers of a running vkernel only see the number.
         if let Err(e) = vkm_sys::calls::tgkill(tgid, tid, sig) {

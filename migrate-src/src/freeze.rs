@@ -3,12 +3,22 @@
 //! Every thread is seized and interrupted with ptrace; the task lists are rescanned until no new
 //! thread or process appears, since a thread may clone while we stop its siblings. Seizing does
 //! not change the vkernel: detaching without touching registers lets it continue exactly.
+//!
+//! A task that a process of the vkernel traces (UML's guest processes, traced by the UML kernel
+//! process) cannot be seized. Such a vkernel is first quiesced through UML's mconsole (`stop`:
+//! the UML kernel then only waits for the next mconsole request, every guest process is in a
+//! ptrace stop whose notification UML has consumed, and all their state is in guest memory),
+//! and each traced task is borrowed from its tracer ([`vkm_sys::tracee`]) and given back on
+//! thaw, before `go`. The mconsole was chosen over freezing UML wherever it happens to be
+//! because a UML frozen inside `wait4` for a running guest process has no consistent point.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use vkm_sys::proc;
 use vkm_sys::ptrace::{self, Stop};
+use vkm_sys::tracee;
 
 use crate::SrcError;
 
@@ -24,6 +34,20 @@ pub struct FrozenProcess {
     /// A process that has exited but was not reaped yet: its wait status. It has no threads
     /// left to stop; restore recreates it as a zombie so that its parent can still reap it.
     pub zombie: Option<i32>,
+    /// Host tid of the vkernel's task that traces this (single-threaded) process, which we
+    /// borrowed from it.
+    pub tracer: Option<i32>,
+}
+
+/// A task borrowed from its tracer inside the vkernel: host tids, and the task's tid in the
+/// vkernel's namespace (what the tracer calls it).
+#[derive(Debug, Clone)]
+struct Borrowed {
+    tracer: i32,
+    tid: i32,
+    ns_tid: i32,
+    /// Signals that were pending for it and were taken on the way; sent again on thaw.
+    taken: Vec<i32>,
 }
 
 /// A vkernel whose every thread is in a ptrace stop of ours.
@@ -35,6 +59,10 @@ pub struct Frozen {
     pub processes: Vec<FrozenProcess>,
     /// Seized and interrupted threads that have not stopped yet.
     stopping: Vec<i32>,
+    /// The mconsole socket of the UML that was quiesced (`stop`) before the freeze; thawing
+    /// sends it `go`.
+    pub mconsole: Option<PathBuf>,
+    borrowed: Vec<Borrowed>,
 }
 
 /// How often a freeze is tried when some task cannot stop at the moment.
@@ -49,6 +77,8 @@ impl Frozen {
             init,
             processes: Vec::new(),
             stopping: Vec::new(),
+            mconsole: None,
+            borrowed: Vec::new(),
         };
         // A task that cannot stop now (a vfork parent waits, uninterruptibly, for its child,
         // which we may have stopped already) makes us let go of everything and try again: the
@@ -57,6 +87,10 @@ impl Frozen {
         loop {
             match frozen.freeze_all() {
                 Ok(()) => return Ok(frozen),
+                Err(SrcError::Traced { pid, tracer }) if frozen.mconsole.is_none() => {
+                    frozen.thaw();
+                    frozen.quiesce(pid, tracer)?;
+                }
                 Err(SrcError::NotStopping { pid }) if attempt + 1 < FREEZE_ATTEMPTS => {
                     tracing::debug!(pid, attempt, "a task does not stop; thawing and retrying");
                     frozen.thaw();
@@ -71,9 +105,28 @@ impl Frozen {
         }
     }
 
+    /// Stop the UML whose kernel process `tracer` (host pid) traces `pid` through its mconsole,
+    /// or refuse a vkernel that traces its own processes in any other way.
+    fn quiesce(&mut self, pid: i32, tracer: i32) -> Result<(), SrcError> {
+        let Some(socket) = crate::uml::mconsole_of(tracer)? else {
+            return Err(SrcError::Traced { pid, tracer });
+        };
+        vkm_common::mconsole::request(&socket, "stop").map_err(|source| SrcError::Mconsole {
+            pid: tracer,
+            command: "stop",
+            source,
+        })?;
+        tracing::debug!(socket = %socket.display(), "UML stopped through its mconsole");
+        self.mconsole = Some(socket);
+        Ok(())
+    }
+
     fn freeze_all(&mut self) -> Result<(), SrcError> {
         loop {
             let mut changed = false;
+            // Traced by a task of the vkernel: (process index, tid, tracer), borrowed once
+            // everything else is stopped (the tracer must be).
+            let mut traced: Vec<(usize, i32, i32)> = Vec::new();
             let mut queue = vec![self.init];
             let mut order = Vec::new();
             while let Some(p) = queue.pop() {
@@ -98,6 +151,7 @@ impl Frozen {
                             threads: Vec::new(),
                             stop_signals: BTreeMap::new(),
                             zombie: None,
+                            tracer: None,
                         });
                         self.processes.len() - 1
                     }
@@ -132,6 +186,7 @@ impl Frozen {
                             }
                         }
                         Stopped::Gone => {}
+                        Stopped::Traced(tracer) => traced.push((idx, tid, tracer)),
                         Stopped::Dead(status) if tid == pid => {
                             if tids.len() > 1 {
                                 return Err(SrcError::Unsupported {
@@ -146,6 +201,9 @@ impl Frozen {
                     }
                 }
             }
+            for (idx, tid, tracer) in traced {
+                self.borrow(idx, tid, tracer)?;
+            }
             if !changed {
                 break;
             }
@@ -154,11 +212,59 @@ impl Frozen {
         Ok(())
     }
 
+    /// Take the traced task `tid` of process #`idx` from its `tracer`, which must be a stopped
+    /// task of ours, while the vkernel is quiesced.
+    fn borrow(&mut self, idx: usize, tid: i32, tracer: i32) -> Result<(), SrcError> {
+        let pid = self.processes[idx].ns_pid;
+        let tracer_ours = self
+            .processes
+            .iter()
+            .any(|p| p.threads.contains(&tracer) && p.tracer.is_none());
+        if self.mconsole.is_none() || !tracer_ours || tid != self.processes[idx].host_pid {
+            return Err(SrcError::Traced { pid, tracer });
+        }
+        let ns_tid = proc::ns_pid(tid)?;
+        let taken = tracee::take(tracer, tid, ns_tid)?;
+        self.borrowed.push(Borrowed {
+            tracer,
+            tid,
+            ns_tid,
+            taken,
+        });
+        let p = &mut self.processes[idx];
+        p.tracer = Some(tracer);
+        p.threads.insert(0, tid);
+        Ok(())
+    }
+
     /// Let every thread run again. Errors are logged, not returned: a thaw must try every
     /// thread even when one of them has gone.
     pub fn thaw(&mut self) {
+        // Borrowed tasks go back while their tracers are still stopped (they run the seize).
+        let borrowed = std::mem::take(&mut self.borrowed);
+        for b in &borrowed {
+            match tracee::give(b.tracer, b.tid, b.ns_tid) {
+                Ok(more) => {
+                    // Pending again, as they were: UML takes a stray SIGALRM for a reschedule.
+                    for &sig in b.taken.iter().chain(&more) {
+                        if let Err(e) = vkm_sys::calls::tgkill(b.tid, b.tid, sig) {
+                            tracing::warn!(tid = b.tid, sig, error = %e, "could not re-send a signal");
+                        }
+                    }
+                }
+                Err(e) => tracing::error!(
+                    tid = b.tid,
+                    tracer = b.tracer,
+                    error = %vkm_common::error::chain(&e),
+                    "cannot give a guest process back to its tracer; the UML will kill it when it next runs it"
+                ),
+            }
+        }
         for p in self.processes.drain(..) {
             for t in p.threads {
+                if borrowed.iter().any(|b| b.tid == t) {
+                    continue;
+                }
                 let sig = p.stop_signals.get(&t).map_or(0, |s| s.0);
                 if let Err(e) = ptrace::detach(t, sig) {
                     tracing::warn!(tid = t, error = %e, "detach failed");
@@ -182,6 +288,16 @@ impl Frozen {
                 ),
             }
         }
+        if let Some(socket) = self.mconsole.take() {
+            if let Err(e) = vkm_common::mconsole::request(&socket, "go") {
+                tracing::error!(
+                    socket = %socket.display(),
+                    error = %vkm_common::error::chain(&e),
+                    "cannot resume the UML; run `uml_mconsole {} go`",
+                    socket.display()
+                );
+            }
+        }
     }
 
     /// Kill the whole vkernel: SIGKILL its namespace's init, which makes the kernel kill every
@@ -190,6 +306,8 @@ impl Frozen {
     /// only once its thread group is empty), or they stay zombies and init never exits.
     pub fn kill(mut self) -> Result<(), SrcError> {
         let processes = std::mem::take(&mut self.processes);
+        self.borrowed.clear();
+        self.mconsole = None;
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.init),
             nix::sys::signal::SIGKILL,
@@ -232,6 +350,8 @@ enum Stopped {
     Gone,
     /// The thread has exited (a zombie, or on its way out) with this wait status.
     Dead(i32),
+    /// Another task of the vkernel traces it (host tid of the tracer).
+    Traced(i32),
 }
 
 fn stop_thread(
@@ -246,6 +366,11 @@ fn stop_thread(
             e.raw_os_error() == Some(libc::EPERM) && tracer_of(tid) == Some(std::process::id());
         if ours {
             return wait_for_stop(tid, stop_signals, stopping);
+        }
+        if e.raw_os_error() == Some(libc::EPERM) {
+            if let Some(tracer) = tracer_of(tid).filter(|&t| t != 0) {
+                return Ok(Stopped::Traced(i32::try_from(tracer).unwrap_or(-1)));
+            }
         }
         // Exited tasks cannot be seized: tell a zombie from a real refusal.
         return match e.raw_os_error() {

@@ -7,6 +7,7 @@ pub mod dirty;
 pub mod freeze;
 pub mod live;
 pub mod throttle;
+pub mod uml;
 
 pub use capture::{capture, CaptureOptions, Captured};
 pub use checkpoint::{checkpoint, CheckpointOptions, CheckpointReport};
@@ -49,6 +50,15 @@ pub enum SrcError {
     },
     #[error("The link to the destination failed: {what}")]
     Link { what: String },
+    #[error("Process {pid} is traced by task {tracer} of the vkernel, which is not a UML kernel with an mconsole socket; only UML's own tracing can be checkpointed (the vkernel keeps running)")]
+    Traced { pid: i32, tracer: i32 },
+    #[error("The UML kernel process {pid} did not carry out mconsole {command:?}; the vkernel keeps running")]
+    Mconsole {
+        pid: i32,
+        command: &'static str,
+        #[source]
+        source: vkm_common::error::CommonError,
+    },
     #[error("The vkernel has no processes")]
     Empty,
     #[error("Cannot read the configuration of {ifname}, a tun/tap device of the vkernel; the vkernel keeps running")]

@@ -10,6 +10,7 @@ pub mod inject;
 pub mod proc;
 pub mod ptrace;
 pub mod sockdiag;
+pub mod tracee;
 pub mod tun;
 pub mod uffd;
 

@@ -30,6 +30,7 @@ use vkm_sys::calls::{self, CloneArgs};
 use vkm_sys::inject::Remote;
 use vkm_sys::proc;
 use vkm_sys::ptrace::{self, Stop};
+use vkm_sys::tracee;
 
 use crate::sandbox::AGENT_PIDFD;
 use crate::{DstError, Network, Sandbox};
@@ -209,10 +210,36 @@ impl Skeleton {
     /// Every thread runs (the barrier: until now none did). The network goes to the caller,
     /// who announces it ([`Network::announce`]).
     pub fn go(mut self) -> Result<(RestoreReport, Network), DstError> {
+        let vk = Arc::clone(&self.r.vk);
+        // Traced processes go to their tracers first, while the tracers are still ours.
+        let mut given = Vec::new();
+        for (i, p) in vk.processes.iter().enumerate() {
+            let Some(tracer) = p.tracer else { continue };
+            let (Some(&tracer_host), Some(tracee)) = (
+                self.r.hosts.get(&tracer),
+                self.r.procs.get(&i).and_then(|rp| rp.threads.first()),
+            ) else {
+                return Err(DstError::Inconsistent(format!(
+                    "process {} is traced by {tracer}, which is not restored",
+                    p.pid
+                )));
+            };
+            let taken = tracee::give(tracer_host, tracee.tid, p.pid)
+                .map_err(|e| step("hand to its tracer", p.pid, e.into()))?;
+            for sig in taken {
+                calls::tgkill(tracee.tid, tracee.tid, sig)?;
+            }
+            given.push(tracee.tid);
+        }
         for rp in self.r.procs.values() {
             for r in &rp.threads {
-                ptrace::detach(r.tid, 0)?;
+                if !given.contains(&r.tid) {
+                    ptrace::detach(r.tid, 0)?;
+                }
             }
+        }
+        if let Some(socket) = &vk.mconsole {
+            vkm_common::mconsole::request(std::path::Path::new(socket), "go")?;
         }
         let report = RestoreReport {
             processes: self.r.vk.processes.len(),

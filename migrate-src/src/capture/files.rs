@@ -320,7 +320,26 @@ impl<'a> FileCapture<'a> {
             return Err(unsupported(link));
         }
         if link.ends_with(" (deleted)") {
-            return Err(unsupported(&format!("a deleted file {link}")));
+            // An unlinked file on tmpfs (UML's RAM file, O_TMPFILE) is memory only: it is
+            // carried as a memory object, like a memfd. On a disk its contents would be a
+            // file's, which an image does not carry.
+            let on_tmpfs =
+                nix::sys::statfs::fstatfs(&std::fs::File::open(&fd_path).map_err(|e| {
+                    vkm_sys::SysError::Path {
+                        path: fd_path.clone(),
+                        source: e,
+                    }
+                })?)
+                .is_ok_and(|f| f.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+            if !on_tmpfs {
+                return Err(unsupported(&format!("a deleted file {link}")));
+            }
+            let meta = std::fs::metadata(&fd_path).map_err(|e| vkm_sys::SysError::Path {
+                path: fd_path.clone(),
+                source: e,
+            })?;
+            let id = mem.object_by_inode(meta.dev(), meta.ino(), link, &fd_path)?;
+            return Ok(FileKind::Object { id });
         }
         let meta = std::fs::metadata(&fd_path).map_err(|e| vkm_sys::SysError::Path {
             path: fd_path.clone(),
@@ -402,12 +421,26 @@ impl<'a> FileCapture<'a> {
             Some(diag) => diag.unix(u32::try_from(ino).unwrap_or(0))?,
             None => return Err(unsupported(link)),
         };
-        if let Some(name) = &d.name {
-            return Err(unsupported(&format!(
-                "{link}, a unix socket bound to {}",
-                unix_name(name)
-            )));
-        }
+        // A datagram socket bound to a path and connected to nothing is reached again by
+        // binding the path (UML's mconsole); other named sockets have peers outside.
+        let bound = match &d.name {
+            None => None,
+            Some(name)
+                if name.first() == Some(&b'/')
+                    && i32::from(d.sock_type) == libc::SOCK_DGRAM
+                    && d.peer == 0 =>
+            {
+                // The kernel may count the terminating NUL of a path in the address length.
+                let path = name.split(|&b| b == 0).next().unwrap_or(name);
+                Some(String::from_utf8_lossy(path).into_owned())
+            }
+            Some(name) => {
+                return Err(unsupported(&format!(
+                    "{link}, a unix socket bound to {}",
+                    unix_name(name)
+                )))
+            }
+        };
         if d.state == sockdiag::STATE_LISTEN {
             return Err(unsupported(&format!("{link}, a listening unix socket")));
         }
@@ -445,6 +478,7 @@ impl<'a> FileCapture<'a> {
             rcvbuf: u32::try_from(rcvbuf).unwrap_or(u32::MAX),
             peek_off,
             shutdown: d.shutdown,
+            bound,
         }))
     }
 

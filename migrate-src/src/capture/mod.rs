@@ -205,6 +205,10 @@ pub fn capture(frozen: &Frozen, opts: &CaptureOptions) -> Result<Captured, SrcEr
         pipes,
         console,
         net,
+        mconsole: frozen
+            .mconsole
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned()),
     };
     Ok(Captured {
         vk,

@@ -156,6 +156,7 @@ pub fn capture_process(
         pdeathsig: inj.pdeathsig,
         ctty: st.tty_nr != 0 && st.session == pid,
         tty_pgrp: ns(st.tpgid).unwrap_or(0),
+        tracer: p.tracer.and_then(ns),
     };
     Ok((proc, inj.brk, held))
 }
@@ -431,6 +432,7 @@ pub fn capture_zombie(
         pdeathsig: 0,
         ctty: false,
         tty_pgrp: 0,
+        tracer: None,
     })
 }
 
