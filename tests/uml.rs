@@ -1,0 +1,149 @@
+//! User-Mode Linux under vkmigrate: a real Debian UML (package `user-mode-linux`) is booted
+//! with the host's root as its hostfs root and a small init that prints a counter and its
+//! uptime every second (every tick starts new guest processes: `sleep`, `cut`). Checkpointed
+//! and restored, the guest must go on where it was: same kernel (no reboot: the uptime keeps
+//! growing), the counter continues, new guest processes run under the restored kernel process.
+//! Runs as root; every test has its own directory (the UML's `uml_dir` and init are in it).
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::Lab;
+
+const BOOT: Duration = Duration::from_secs(60);
+const TICKS: Duration = Duration::from_secs(30);
+
+/// The guest's init: `uml-tick N UPTIME` once a second.
+const INIT: &str = "#!/bin/sh\n\
+    mount -t proc proc /proc 2>/dev/null\n\
+    i=0\n\
+    while true; do echo \"uml-tick $i $(cut -d' ' -f1 /proc/uptime)\"; i=$((i+1)); sleep 1; done\n";
+
+/// `(counter, uptime)` of a `uml-tick` line.
+fn tick(line: &str) -> Option<(u64, f64)> {
+    let mut f = line.trim().strip_prefix("uml-tick ")?.split_whitespace();
+    Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+}
+
+/// Boot a UML named `name` in the lab; returns once its init has ticked twice.
+fn boot(lab: &mut Lab, name: &str) -> (u64, f64) {
+    let init = lab.path("init.sh");
+    std::fs::write(&init, INIT).expect("write init");
+    std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod init");
+    let uml_dir = lab.path("uml");
+    std::fs::create_dir_all(&uml_dir).expect("uml dir");
+    let args = [
+        "linux.uml".to_string(),
+        "mem=64M".into(),
+        format!("umid={name}"),
+        format!("uml_dir={}", uml_dir.display()),
+        "rootfstype=hostfs".into(),
+        "rootflags=/".into(),
+        "rw".into(),
+        format!("init={}", init.display()),
+        "con0=fd:0,fd:1".into(),
+        "con=null".into(),
+    ];
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    lab.run(name, &argv);
+    wait_tick(lab, name, |(n, _)| n >= 2, BOOT)
+}
+
+/// Wait for a tick line on `name`'s console that `ok` accepts; returns the last one.
+fn wait_tick(lab: &Lab, name: &str, ok: impl Fn((u64, f64)) -> bool, t: Duration) -> (u64, f64) {
+    lab.wait_line(name, t, |l| tick(l).filter(|&x| ok(x)))
+}
+
+/// The first tick line on `name`'s console (a restored vkernel's console starts empty).
+fn first_tick(lab: &Lab, name: &str) -> (u64, f64) {
+    let t0 = Instant::now();
+    loop {
+        let log = lab.console_log(name);
+        if let Some(t) = log.lines().find_map(tick) {
+            return t;
+        }
+        assert!(t0.elapsed() < TICKS, "{name} never ticked; console:\n{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_uml_goes_on_after_checkpoint_and_restore_twice_from_one_image() {
+    let mut lab = Lab::new();
+    let (n0, up0) = boot(&mut lab, "uml1");
+    let image = lab.path("uml1.vkimg");
+    let image_s = image.to_str().expect("utf-8");
+    lab.ok(&["checkpoint", "uml1", "-o", image_s]);
+    lab.forget("uml1");
+    assert!(
+        !lab.ok(&["ps"]).contains("uml1"),
+        "the checkpointed UML still runs"
+    );
+
+    lab.restore(&image, "uml2");
+    let (k, up_k) = first_tick(&lab, "uml2");
+    assert!(
+        k > n0 && k <= n0 + 3,
+        "the counter did not continue: {n0} before, {k} after the restore"
+    );
+    assert!(
+        up_k > up0,
+        "the guest's uptime went from {up0} to {up_k}: it rebooted"
+    );
+    // Every tick is new guest processes (sleep, cut), i.e. new host processes under the
+    // restored UML kernel process.
+    wait_tick(&lab, "uml2", |(n, _)| n >= k + 3, TICKS);
+    lab.ok(&["kill", "uml2"]);
+
+    lab.restore(&image, "uml3");
+    let (k3, up_k3) = first_tick(&lab, "uml3");
+    assert_eq!(
+        (k3, up_k3.floor()),
+        (k, up_k.floor()),
+        "two restores of one image did not start at the same point"
+    );
+    let (_, up_end) = wait_tick(&lab, "uml3", |(n, _)| n >= k + 3, TICKS);
+    assert!(up_end > up_k3);
+}
+
+/// A vkernel whose process is traced by another of its processes, not UML's way (no mconsole),
+/// cannot be checkpointed: the refusal names the traced process and its tracer, and it runs on.
+#[test]
+fn a_vkernel_that_traces_its_own_process_otherwise_is_refused_and_runs_on() {
+    let mut lab = Lab::new();
+    let py = common::python3();
+    let script = "import ctypes, os, signal, sys, time\n\
+        libc = ctypes.CDLL(None, use_errno=True)\n\
+        pid = os.fork()\n\
+        if pid == 0:\n\
+        \x20   libc.ptrace(0, 0, None, None)\n\
+        \x20   os.kill(os.getpid(), signal.SIGSTOP)\n\
+        \x20   while True: time.sleep(1)\n\
+        os.waitpid(pid, os.WUNTRACED)\n\
+        libc.ptrace(7, pid, None, None)\n\
+        i = 0\n\
+        while True:\n\
+        \x20   print('ok', i, flush=True); i += 1; time.sleep(0.2)\n";
+    lab.run("tr1", &[&py, "-c", script]);
+    lab.wait_line("tr1", TICKS, common::ok_counter);
+    let out = lab.vkm(&[
+        "checkpoint",
+        "tr1",
+        "-o",
+        lab.path("tr1.vkimg").to_str().expect("utf-8"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a traced process was checkpointed");
+    assert!(
+        err.contains("is traced by task") && err.contains("not a UML"),
+        "unclear refusal: {err}"
+    );
+    assert!(!Path::new(&lab.path("tr1.vkimg")).exists());
+    let before = lab.wait_line("tr1", TICKS, common::ok_counter);
+    lab.wait_line("tr1", TICKS, |l| {
+        common::ok_counter(l).filter(|&n| n > before)
+    });
+}
