@@ -10,6 +10,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::netlab::{NetLab, LISTEN_PORT};
 use common::Lab;
 
 const BOOT: Duration = Duration::from_secs(60);
@@ -27,15 +28,15 @@ fn tick(line: &str) -> Option<(u64, f64)> {
     Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
 }
 
-/// Boot a UML named `name` in the lab; returns once its init has ticked twice.
-fn boot(lab: &mut Lab, name: &str) -> (u64, f64) {
-    let init = lab.path("init.sh");
+/// The command line of a UML named `name` whose init and `uml_dir` are in `dir`.
+fn uml_command(dir: &Path, name: &str) -> Vec<String> {
+    let init = dir.join("init.sh");
     std::fs::write(&init, INIT).expect("write init");
     std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .expect("chmod init");
-    let uml_dir = lab.path("uml");
+    let uml_dir = dir.join("uml");
     std::fs::create_dir_all(&uml_dir).expect("uml dir");
-    let args = [
+    vec![
         "linux.uml".to_string(),
         "mem=64M".into(),
         format!("umid={name}"),
@@ -46,10 +47,35 @@ fn boot(lab: &mut Lab, name: &str) -> (u64, f64) {
         format!("init={}", init.display()),
         "con0=fd:0,fd:1".into(),
         "con=null".into(),
-    ];
+    ]
+}
+
+/// Boot a UML named `name` in the lab; returns once its init has ticked twice.
+fn boot(lab: &mut Lab, name: &str) -> (u64, f64) {
+    let args = uml_command(lab.dir.path(), name);
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     lab.run(name, &argv);
     wait_tick(lab, name, |(n, _)| n >= 2, BOOT)
+}
+
+/// The last tick line `log` shows that `ok` accepts, waiting for one.
+fn wait_log_tick(
+    log: impl Fn() -> String,
+    ok: impl Fn((u64, f64)) -> bool,
+    t: Duration,
+) -> (u64, f64) {
+    let t0 = Instant::now();
+    loop {
+        let text = log();
+        if let Some(x) = text.lines().filter_map(tick).filter(|&x| ok(x)).last() {
+            return x;
+        }
+        assert!(
+            t0.elapsed() < t,
+            "no such tick within {t:?}; console:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Wait for a tick line on `name`'s console that `ok` accepts; returns the last one.
@@ -146,4 +172,48 @@ fn a_vkernel_that_traces_its_own_process_otherwise_is_refused_and_runs_on() {
     lab.wait_line("tr1", TICKS, |l| {
         common::ok_counter(l).filter(|&n| n > before)
     });
+}
+
+/// A UML live-migrates from hostA to hostB: its counter goes on there without a reboot, and the
+/// copy on hostA is gone with all its processes.
+#[test]
+fn a_running_uml_moves_to_another_host_and_goes_on() {
+    let lab = NetLab::new("uml-move", &["a", "b"]);
+    let (a, b) = (lab.host("a"), lab.host("b"));
+    let _listener = b.spawn_listen();
+    let args = uml_command(&a.dir, "umlm");
+    let mut run = vec!["run", "--name", "umlm", "--"];
+    run.extend(args.iter().map(String::as_str));
+    a.ok(&run);
+    let (n0, up0) = wait_log_tick(|| a.console_log("umlm"), |(n, _)| n >= 2, BOOT);
+    let to = format!("{}:{LISTEN_PORT}", b.addr);
+    let out = a.vkm(&[
+        "send",
+        "umlm",
+        &to,
+        "--tls-dir",
+        a.tls_dir.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "send failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The summary (rounds, downtime), for whoever runs this with --nocapture.
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(!a.ps_names().expect("ps on a").contains(&"umlm".to_string()));
+    let (n1, up1) = wait_log_tick(|| b.console_log("umlm"), |(n, _)| n > n0 + 3, TICKS);
+    assert!(
+        up1 > up0,
+        "uptime {up0} on A, {up1} on B: the guest rebooted"
+    );
+    let first = b
+        .console_log("umlm")
+        .lines()
+        .find_map(tick)
+        .expect("B's console has ticks");
+    assert!(
+        first.0 > n0 && first.0 <= n1,
+        "B's counter did not go on from A's {n0}: first {first:?}"
+    );
 }

@@ -62,6 +62,8 @@ pub struct Frozen {
     /// The mconsole socket of the UML that was quiesced (`stop`) before the freeze; thawing
     /// sends it `go`.
     pub mconsole: Option<PathBuf>,
+    /// Where [`Frozen::hide_mconsole`] moved the mconsole socket's file.
+    mconsole_hidden: Option<PathBuf>,
     borrowed: Vec<Borrowed>,
 }
 
@@ -78,6 +80,7 @@ impl Frozen {
             processes: Vec::new(),
             stopping: Vec::new(),
             mconsole: None,
+            mconsole_hidden: None,
             borrowed: Vec::new(),
         };
         // A task that cannot stop now (a vfork parent waits, uninterruptibly, for its child,
@@ -212,6 +215,23 @@ impl Frozen {
         Ok(())
     }
 
+    /// Move the quiesced UML's mconsole socket file aside, so that the destination can bind the
+    /// same path when both hosts see one filesystem (a shared /tmp, or the test lab). The socket
+    /// stays bound to the moved file; thawing moves it back, killing removes it.
+    pub fn hide_mconsole(&mut self) -> Result<(), SrcError> {
+        let Some(path) = &self.mconsole else {
+            return Ok(());
+        };
+        let hidden = path.with_file_name(format!("mconsole.vkmigrate-{}", std::process::id()));
+        std::fs::rename(path, &hidden).map_err(|source| SrcError::Output {
+            step: "move aside the mconsole socket",
+            path: path.clone(),
+            source,
+        })?;
+        self.mconsole_hidden = Some(hidden);
+        Ok(())
+    }
+
     /// Take the traced task `tid` of process #`idx` from its `tracer`, which must be a stopped
     /// task of ours, while the vkernel is quiesced.
     fn borrow(&mut self, idx: usize, tid: i32, tracer: i32) -> Result<(), SrcError> {
@@ -288,6 +308,16 @@ impl Frozen {
                 ),
             }
         }
+        if let (Some(hidden), Some(socket)) = (self.mconsole_hidden.take(), &self.mconsole) {
+            // Over whatever the destination bound there: it is gone when we thaw.
+            if let Err(e) = std::fs::rename(&hidden, socket) {
+                tracing::error!(
+                    hidden = %hidden.display(),
+                    error = %e,
+                    "cannot move the mconsole socket back; move it back by hand"
+                );
+            }
+        }
         if let Some(socket) = self.mconsole.take() {
             if let Err(e) = vkm_common::mconsole::request(&socket, "go") {
                 tracing::error!(
@@ -308,6 +338,9 @@ impl Frozen {
         let processes = std::mem::take(&mut self.processes);
         self.borrowed.clear();
         self.mconsole = None;
+        if let Some(hidden) = self.mconsole_hidden.take() {
+            let _ = std::fs::remove_file(hidden);
+        }
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.init),
             nix::sys::signal::SIGKILL,

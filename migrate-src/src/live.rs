@@ -277,7 +277,8 @@ impl Precopy {
             .map(|d| crate::capture::read_net(&d.name))
             .collect::<Result<_, _>>()?;
         let t0 = Instant::now();
-        let frozen = Frozen::freeze(self.opts.init_pid)?;
+        let mut frozen = Frozen::freeze(self.opts.init_pid)?;
+        frozen.hide_mconsole()?;
         let t_frozen = t0.elapsed();
         let mut captured = capture(&frozen, &copts)?;
         tracing::info!(
