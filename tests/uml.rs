@@ -30,8 +30,13 @@ fn tick(line: &str) -> Option<(u64, f64)> {
 
 /// The command line of a UML named `name` whose init and `uml_dir` are in `dir`.
 fn uml_command(dir: &Path, name: &str) -> Vec<String> {
+    uml_command_with(dir, name, INIT, &[])
+}
+
+/// [`uml_command`] with its own init script and extra kernel arguments.
+fn uml_command_with(dir: &Path, name: &str, init_text: &str, extra: &[String]) -> Vec<String> {
     let init = dir.join("init.sh");
-    std::fs::write(&init, INIT).expect("write init");
+    std::fs::write(&init, init_text).expect("write init");
     std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .expect("chmod init");
     let uml_dir = dir.join("uml");
@@ -48,6 +53,9 @@ fn uml_command(dir: &Path, name: &str) -> Vec<String> {
         "con0=fd:0,fd:1".into(),
         "con=null".into(),
     ]
+    .into_iter()
+    .chain(extra.iter().cloned())
+    .collect()
 }
 
 /// Boot a UML named `name` in the lab; returns once its init has ticked twice.
@@ -216,4 +224,156 @@ fn a_running_uml_moves_to_another_host_and_goes_on() {
         first.0 > n0 && first.0 <= n1,
         "B's counter did not go on from A's {n0}: first {first:?}"
     );
+}
+
+/// The guest's address on the lab's LAN, and the port of its TCP echo service.
+const GUEST_IP: &str = "198.18.0.201";
+const ECHO_PORT: u16 = 7000;
+
+/// A TCP service in the guest: echoes every line back.
+const ECHO: &str = "import socket\n\
+s = socket.socket()\n\
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+s.bind(('0.0.0.0', 7000))\n\
+s.listen(4)\n\
+while True:\n\
+\x20   c, _ = s.accept()\n\
+\x20   for line in c.makefile('rb'):\n\
+\x20       c.sendall(line)\n";
+
+/// The client in the lan: one connection, numbered messages every 50 ms, each echo checked in
+/// order; touches READY after 20, stops when STOP exists; `ok N` at the end, `FAIL ...` else.
+const CLIENT: &str = "import os, socket, sys, time\n\
+ip, port, ready, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]\n\
+t0 = time.time()\n\
+while True:\n\
+\x20   try:\n\
+\x20       s = socket.create_connection((ip, port), timeout=5); break\n\
+\x20   except OSError:\n\
+\x20       if time.time() - t0 > 90: print('FAIL no connection', flush=True); sys.exit(1)\n\
+\x20       time.sleep(0.5)\n\
+s.settimeout(60)\n\
+f = s.makefile('rb')\n\
+n = 0\n\
+while not os.path.exists(stop):\n\
+\x20   msg = b'msg %d\\n' % n\n\
+\x20   s.sendall(msg)\n\
+\x20   got = f.readline()\n\
+\x20   if got != msg: print('FAIL sent', msg, 'got', got, flush=True); sys.exit(1)\n\
+\x20   n += 1\n\
+\x20   if n == 20: open(ready, 'w').close()\n\
+\x20   time.sleep(0.05)\n\
+print('ok', n, flush=True)\n";
+
+/// Kills the client if the test fails before it ends.
+struct Client(std::process::Child);
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_file(path: &Path, what: &str, t: Duration) {
+    let t0 = Instant::now();
+    while !path.exists() {
+        assert!(t0.elapsed() < t, "{what} within {t:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The issue's test: a UML on hostA's bridge, with its own address on eth0 and a TCP echo
+/// service; a client in the LAN holds one connection through the whole move to hostB, and no
+/// message is lost or repeated.
+#[test]
+fn a_uml_keeps_its_tcp_connection_through_a_move() {
+    let lab = NetLab::bridged("uml-tcp", &["a", "b"]);
+    let (a, b) = (lab.host("a"), lab.host("b"));
+    let _listener = b.spawn_listen();
+    let echo = a.dir.join("echo.py");
+    std::fs::write(&echo, ECHO).expect("write echo.py");
+    let init = format!(
+        "#!/bin/sh\n\
+         mount -t proc proc /proc 2>/dev/null\n\
+         ip link set lo up\n\
+         ip link set eth0 up\n\
+         ip addr add {GUEST_IP}/24 dev eth0\n\
+         python3 {} &\n\
+         i=0\n\
+         while true; do echo \"uml-tick $i $(cut -d' ' -f1 /proc/uptime)\"; i=$((i+1)); sleep 1; done\n",
+        echo.display()
+    );
+    let extra = ["eth0=tuntap,tap0,02:00:00:00:03:00".to_string()];
+    let args = uml_command_with(&a.dir, "umln", &init, &extra);
+    let mut run = vec!["run", "--name", "umln", "--tap", "tap0@br0", "--"];
+    run.extend(args.iter().map(String::as_str));
+    a.ok(&run);
+    wait_log_tick(|| a.console_log("umln"), |(n, _)| n >= 2, BOOT);
+
+    let (ready, stop) = (lab.dir.path().join("ready"), lab.dir.path().join("stop"));
+    let client_py = lab.dir.path().join("client.py");
+    std::fs::write(&client_py, CLIENT).expect("write client.py");
+    let port = ECHO_PORT.to_string();
+    let mut cmd = lab.client_cmd(
+        "python3",
+        &[
+            client_py.to_str().expect("utf-8"),
+            GUEST_IP,
+            &port,
+            ready.to_str().expect("utf-8"),
+            stop.to_str().expect("utf-8"),
+        ],
+    );
+    let mut client = Client(
+        cmd.stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the client"),
+    );
+    wait_file(
+        &ready,
+        "the client exchanged 20 messages",
+        Duration::from_secs(120),
+    );
+
+    let to = format!("{}:{LISTEN_PORT}", b.addr);
+    let out = a.vkm(&[
+        "send",
+        "umln",
+        &to,
+        "--tls-dir",
+        a.tls_dir.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "send failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    wait_log_tick(|| b.console_log("umln"), |(n, _)| n >= 1, TICKS);
+    // Some more messages after the move, then the client stops and reports.
+    std::thread::sleep(Duration::from_secs(3));
+    std::fs::write(&stop, b"").expect("stop file");
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = client.0.try_wait().expect("wait for the client") {
+            break st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(90), "the client hangs");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut said = String::new();
+    if let Some(mut o) = client.0.stdout.take() {
+        let _ = std::io::Read::read_to_string(&mut o, &mut said);
+    }
+    assert!(status.success(), "the connection broke: {said}");
+    let n: u64 = said
+        .trim()
+        .strip_prefix("ok ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("client said {said:?}"));
+    assert!(n > 40, "only {n} messages went through");
+    // The tap went with the guest.
+    assert!(!a.has_link("tap0"), "tap0 is still on hostA");
+    assert!(b.has_link("tap0"), "tap0 is not on hostB");
 }
