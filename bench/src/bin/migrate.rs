@@ -7,6 +7,10 @@
 //! sudo target/release/migrate --sizes 256,1024,4096 --rates 0,20,50,200,1000 --runs 3
 //! ```
 //!
+//! With `--uml`, the vkernel is a Debian User-Mode Linux of each size (`mem=`) booted with the
+//! host's root as hostfs; "idle" runs a once-a-second counter, any non-zero rate a guest job
+//! that rewrites 32 MiB of its tmpfs with random data in a loop (as fast as the guest can).
+//!
 //! "Idle" (rate 0) is vkload's own minimum of 8 pages per tick. Its verifier reads the whole
 //! region once per `--verify-s` (30 s here, 2 s by default): a guest does not read all of its
 //! RAM every other second, and that reading would compete with the migration for the cores.
@@ -22,6 +26,7 @@ struct Args {
     rates: Vec<u64>,
     runs: usize,
     downtime_ms: u64,
+    uml: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -30,6 +35,7 @@ fn parse_args() -> Result<Args> {
         rates: vec![0, 20],
         runs: 1,
         downtime_ms: 20,
+        uml: false,
     };
     let mut it = std::env::args().skip(1);
     let list = |v: Option<String>| -> Result<Vec<u64>> {
@@ -44,9 +50,10 @@ fn parse_args() -> Result<Args> {
             "--rates" => a.rates = list(it.next())?,
             "--runs" => a.runs = it.next().context("--runs N")?.parse()?,
             "--downtime-ms" => a.downtime_ms = it.next().context("--downtime-ms MS")?.parse()?,
+            "--uml" => a.uml = true,
             "-h" | "--help" => {
                 println!(
-                    "usage: migrate [--sizes MIB,...] [--rates MBPS,...] [--runs N] [--downtime-ms MS]"
+                    "usage: migrate [--sizes MIB,...] [--rates MBPS,...] [--runs N] [--downtime-ms MS] [--uml]"
                 );
                 std::process::exit(0);
             }
@@ -205,7 +212,78 @@ struct Sample {
     throttle: u64,
 }
 
-fn one(lab: &Lab, size: u64, rate: u64, downtime_ms: u64) -> Result<Sample> {
+/// Boot a UML of `size` MiB as vkernel "bench" on hostA and wait for its init to run.
+fn start_uml(lab: &Lab, size: u64, rate: u64) -> Result<()> {
+    let job = if rate > 0 {
+        "while true; do dd if=/dev/urandom of=/dev/shm/blob bs=1M count=32 2>/dev/null; done &\n"
+    } else {
+        ""
+    };
+    let init = lab.work.join("init.sh");
+    std::fs::write(
+        &init,
+        format!(
+            "#!/bin/sh\nmount -t proc proc /proc\nmount -t tmpfs tmpfs /dev/shm\n{job}\
+             i=0\nwhile true; do echo \"uml-tick $i\"; i=$((i+1)); sleep 1; done\n"
+        ),
+    )?;
+    std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let uml_dir = lab.work.join("uml");
+    std::fs::create_dir_all(&uml_dir)?;
+    let (mem, umldir, initarg) = (
+        format!("mem={size}M"),
+        format!("uml_dir={}", path(&uml_dir)?),
+        format!("init={}", path(&init)?),
+    );
+    run(&mut lab.vkm(
+        "a",
+        &[
+            "run",
+            "--name",
+            "bench",
+            "--",
+            "linux.uml",
+            &mem,
+            "umid=bench",
+            &umldir,
+            "rootfstype=hostfs",
+            "rootflags=/",
+            "rw",
+            &initarg,
+            "con0=fd:0,fd:1",
+            "con=null",
+        ],
+    ))?;
+    let log = lab
+        .work
+        .join("a")
+        .join("state")
+        .join("bench")
+        .join("console.log");
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("uml-tick 3")
+    {
+        if t0.elapsed() > Duration::from_secs(120) {
+            bail!("the UML did not boot");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+fn one(lab: &Lab, size: u64, rate: u64, downtime_ms: u64, uml: bool) -> Result<Sample> {
+    if uml {
+        start_uml(lab, size, rate)?;
+    } else {
+        start_vkload(lab, size, rate)?;
+    }
+    send_and_report(lab, downtime_ms)
+}
+
+/// Start vkload of `size` MiB as vkernel "bench" on hostA, once its memory is written.
+fn start_vkload(lab: &Lab, size: u64, rate: u64) -> Result<()> {
     let vkload = lab.bin.join("vkload");
     let (size_s, rate_s) = (size.to_string(), rate.to_string());
     let mut args = vec![
@@ -240,6 +318,11 @@ fn one(lab: &Lab, size: u64, rate: u64, downtime_ms: u64) -> Result<Sample> {
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_secs(1));
+    Ok(())
+}
+
+/// `send` the vkernel "bench" from hostA to hostB, clean both up, and read the report.
+fn send_and_report(lab: &Lab, downtime_ms: u64) -> Result<Sample> {
     let report = lab.work.join("report.json");
     let tls = lab.work.join("a").join("tls");
     let dt = downtime_ms.to_string();
@@ -279,7 +362,7 @@ fn one(lab: &Lab, size: u64, rate: u64, downtime_ms: u64) -> Result<Sample> {
     }
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
     eprintln!(
-        "{size} MiB at {rate} MiB/s: downtime {} ms = {}; final round {}",
+        "downtime {} ms = {}; final round {}",
         r["downtime_ms"], r["downtime"], r["final_round"]
     );
     let r0 = &r["rounds"][0];
@@ -310,7 +393,7 @@ fn main() -> Result<()> {
         for &rate in &args.rates {
             let mut samples = Vec::new();
             for _ in 0..args.runs {
-                match one(&lab, size, rate, args.downtime_ms) {
+                match one(&lab, size, rate, args.downtime_ms, args.uml) {
                     Ok(s) => samples.push(s),
                     Err(e) => eprintln!("{size} MiB at {rate} MB/s: {e:#}"),
                 }
@@ -330,6 +413,8 @@ fn main() -> Result<()> {
             };
             let rate_s = if rate == 0 {
                 "idle".to_string()
+            } else if args.uml {
+                "guest rewrites 32 MiB".to_string()
             } else {
                 format!("{rate} MiB/s")
             };
