@@ -227,6 +227,19 @@ pub fn skeleton_fits(before: &Vkernel, after: &Vkernel) -> bool {
     procs_same && objects_same && mms_same
 }
 
+/// Whether a destination that rebuilds its skeleton (see [`skeleton_fits`]) keeps its memory
+/// objects and their contents: the same objects, none of them a SysV segment (those belong to
+/// the sandbox's IPC namespace and are recreated with the tree). Both ends decide this from
+/// the same two descriptions.
+pub fn objects_kept(before: &Vkernel, after: &Vkernel) -> bool {
+    !after.objects.is_empty()
+        && before.objects == after.objects
+        && !after
+            .objects
+            .iter()
+            .any(|o| matches!(o.kind, crate::model::ObjectKind::SysV(_)))
+}
+
 /// When to stop pre-copy (QEMU's rule, with a floor on what a round can achieve).
 #[derive(Debug, Clone, Copy)]
 pub struct Convergence {

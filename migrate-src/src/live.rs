@@ -18,7 +18,7 @@ use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use vkm_common::image::{encode_pages, encode_pages_keep_zero, Space, PAGE_SIZE};
-use vkm_common::live::skeleton_fits;
+use vkm_common::live::{objects_kept, skeleton_fits};
 use vkm_common::model::{Vkernel, Vma};
 use vkm_sys::proc;
 
@@ -298,12 +298,21 @@ impl Precopy {
                     &state_runs_now(m.pid, &fm.vmas)?,
                 );
             }
-            for o in &captured.memory.objects {
-                push_chunks(
-                    &mut chunks,
-                    Space::Object(o.id),
-                    &data_extents(&o.file, o.size)?,
-                );
+            if objects_kept(&self.skeleton, &captured.vk) {
+                // The destination keeps its memory objects across the rebuild (UML's guest
+                // processes come and go all the time; its RAM file stays): only what changed.
+                for o in &mut self.objects {
+                    let ranges = changed_pages(o)?;
+                    push_chunks(&mut chunks, Space::Object(o.id), &ranges);
+                }
+            } else {
+                for o in &captured.memory.objects {
+                    push_chunks(
+                        &mut chunks,
+                        Space::Object(o.id),
+                        &data_extents(&o.file, o.size)?,
+                    );
+                }
             }
         } else {
             for (m, fm) in self.mms.iter_mut().zip(&captured.vk.mms) {
@@ -344,16 +353,19 @@ impl Precopy {
             }
         }
         if rebuild {
-            // The final pages are read through the final capture's processes and objects.
-            self.objects = std::mem::take(&mut captured.memory.objects)
-                .into_iter()
-                .map(|o| TrackedObject {
-                    id: o.id,
-                    file: o.file,
-                    size: o.size,
-                    hashes: Vec::new(),
-                })
-                .collect();
+            // The final pages are read through the final capture's processes and objects
+            // (kept objects are the same files as the tracked ones).
+            if !objects_kept(&self.skeleton, &captured.vk) {
+                self.objects = std::mem::take(&mut captured.memory.objects)
+                    .into_iter()
+                    .map(|o| TrackedObject {
+                        id: o.id,
+                        file: o.file,
+                        size: o.size,
+                        hashes: Vec::new(),
+                    })
+                    .collect();
+            }
             self.mms = captured
                 .memory
                 .mms

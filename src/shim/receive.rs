@@ -267,8 +267,9 @@ fn converse(
     let owned_net = vkm_common::net::OwnedNet::of(&vk.net);
     if rebuild {
         tracing::info!("the process tree changed during pre-copy: building a new skeleton");
-        skel.discard(sandbox)?;
-        skel = Skeleton::build(*vk, sandbox).context("Cannot rebuild the vkernel's skeleton")?;
+        skel = skel
+            .rebuild(*vk, sandbox)
+            .context("Cannot rebuild the vkernel's skeleton")?;
         let new = Arc::new(skel.page_targets()?);
         match targets.write() {
             Ok(mut t) => *t = new,

@@ -6,6 +6,10 @@ impl Restorer {
     pub(super) fn create_objects(&mut self) -> Result<(), DstError> {
         let mut sysv = Vec::new();
         for o in &self.vk.objects {
+            if self.objects.contains_key(&o.id) {
+                // Kept from the skeleton this one replaces, contents and all.
+                continue;
+            }
             if let ObjectKind::SysV(seg) = &o.kind {
                 sysv.push((o, seg));
                 continue;

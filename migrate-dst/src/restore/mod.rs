@@ -92,6 +92,27 @@ impl Skeleton {
     /// Stages 1 and 2: every process at its PID, every address space laid out, memory
     /// objects created. Nothing runs yet.
     pub fn build(vk: Vkernel, sandbox: &mut Sandbox) -> Result<Skeleton, DstError> {
+        Skeleton::build_with(vk, sandbox, BTreeMap::new())
+    }
+
+    /// Replace this skeleton with one built from `vk` (the process tree changed during
+    /// pre-copy). Memory objects both describe alike are kept with their contents (see
+    /// [`vkm_common::live::objects_kept`]), so only their changed pages need to come again.
+    pub fn rebuild(mut self, vk: Vkernel, sandbox: &mut Sandbox) -> Result<Skeleton, DstError> {
+        let kept = if vkm_common::live::objects_kept(&self.r.vk, &vk) {
+            std::mem::take(&mut self.r.objects)
+        } else {
+            BTreeMap::new()
+        };
+        self.discard(sandbox)?;
+        Skeleton::build_with(vk, sandbox, kept)
+    }
+
+    fn build_with(
+        vk: Vkernel,
+        sandbox: &mut Sandbox,
+        objects: BTreeMap<u32, OwnedFd>,
+    ) -> Result<Skeleton, DstError> {
         check_image(&vk)?;
         let order = process_order(&vk)?;
         let scratch = pick_scratch(&vk)?;
@@ -99,7 +120,7 @@ impl Skeleton {
             vk: Arc::new(vk),
             scratch,
             procs: BTreeMap::new(),
-            objects: BTreeMap::new(),
+            objects,
             hosts: BTreeMap::new(),
             pages: 0,
         };
