@@ -134,10 +134,10 @@ fn a_uml_goes_on_after_checkpoint_and_restore_twice_from_one_image() {
 
     lab.restore(&image, "uml3");
     let (k3, up_k3) = first_tick(&lab, "uml3");
-    assert_eq!(
-        (k3, up_k3.floor()),
-        (k, up_k.floor()),
-        "two restores of one image did not start at the same point"
+    // Same state, same next tick; the uptime differs only by how long each restore took.
+    assert!(
+        k3 == k && (up_k3 - up_k).abs() < 3.0,
+        "two restores of one image did not start at the same point: {k} at {up_k} s, then {k3} at {up_k3} s"
     );
     let (_, up_end) = wait_tick(&lab, "uml3", |(n, _)| n >= k + 3, TICKS);
     assert!(up_end > up_k3);
@@ -186,10 +186,28 @@ fn a_vkernel_that_traces_its_own_process_otherwise_is_refused_and_runs_on() {
 /// copy on hostA is gone with all its processes.
 #[test]
 fn a_running_uml_moves_to_another_host_and_goes_on() {
-    let lab = NetLab::new("uml-move", &["a", "b"]);
+    move_uml("uml-move", INIT);
+}
+
+/// The same while the guest rewrites 32 MiB of its memory (tmpfs) over and over: pre-copy must
+/// still end (throttling the guest if need be) and the guest go on.
+#[test]
+fn a_uml_with_a_memory_heavy_job_moves_and_goes_on() {
+    let init = INIT.replace(
+        "i=0\n",
+        "mount -t tmpfs tmpfs /dev/shm\n\
+         while true; do dd if=/dev/urandom of=/dev/shm/blob bs=1M count=32 2>/dev/null; done &\n\
+         i=0\n",
+    );
+    assert_ne!(init, INIT);
+    move_uml("uml-busy", &init);
+}
+
+fn move_uml(test: &str, init: &str) {
+    let lab = NetLab::new(test, &["a", "b"]);
     let (a, b) = (lab.host("a"), lab.host("b"));
     let _listener = b.spawn_listen();
-    let args = uml_command(&a.dir, "umlm");
+    let args = uml_command_with(&a.dir, "umlm", init, &[]);
     let mut run = vec!["run", "--name", "umlm", "--"];
     run.extend(args.iter().map(String::as_str));
     a.ok(&run);
@@ -211,6 +229,14 @@ fn a_running_uml_moves_to_another_host_and_goes_on() {
     println!("{}", String::from_utf8_lossy(&out.stdout));
     assert!(!a.ps_names().expect("ps on a").contains(&"umlm".to_string()));
     let (n1, up1) = wait_log_tick(|| b.console_log("umlm"), |(n, _)| n > n0 + 3, TICKS);
+    // A page that did not come along shows up as the guest kernel's own complaints.
+    let log = b.console_log("umlm");
+    for sign in ["BUG", "segfault", "Kernel panic", "Oops"] {
+        assert!(
+            !log.contains(sign),
+            "the guest on B is corrupt ({sign}):\n{log}"
+        );
+    }
     assert!(
         up1 > up0,
         "uptime {up0} on A, {up1} on B: the guest rebooted"

@@ -15,6 +15,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use vkm_common::image::{encode_pages, encode_pages_keep_zero, Space, PAGE_SIZE};
@@ -70,8 +71,11 @@ struct TrackedObject {
     id: u32,
     file: File,
     size: u64,
-    /// Hash of each page as last sent (0 for never sent / hole).
-    hashes: Vec<u64>,
+    /// Hash of each page as last sent (0 for never sent), stored by the encoder from the very
+    /// bytes it sent: a hash taken when the page was found changed could match a later content
+    /// that reverted to it (a lock word taken and released) while the destination holds the
+    /// content in between.
+    hashes: Vec<AtomicU64>,
 }
 
 /// One piece of work for an encoder: a page-aligned range of one space.
@@ -133,7 +137,9 @@ impl Precopy {
             .into_iter()
             .map(|o| TrackedObject {
                 id: o.id,
-                hashes: vec![0; usize::try_from(o.size.div_ceil(PAGE)).unwrap_or(0)],
+                hashes: (0..o.size.div_ceil(PAGE))
+                    .map(|_| AtomicU64::new(0))
+                    .collect(),
                 file: o.file,
                 size: o.size,
             })
@@ -212,10 +218,10 @@ impl Precopy {
         let n = self.frames.len();
         let compression = self.opts.compression;
         let mm_pids: Vec<(u32, i32)> = self.mms.iter().map(|m| (m.id, m.pid)).collect();
-        let objects: Vec<(u32, &File, u64)> = self
+        let objects: Vec<SentObject> = self
             .objects
             .iter()
-            .map(|o| (o.id, &o.file, o.size))
+            .map(|o| (o.id, &o.file, o.size, o.hashes.as_slice()))
             .collect();
         let results: Vec<Result<(RoundStats, u64), SrcError>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..n)
@@ -287,6 +293,7 @@ impl Precopy {
             "frozen and captured"
         );
         let rebuild = !skeleton_fits(&self.skeleton, &captured.vk);
+        let kept = rebuild && objects_kept(&self.skeleton, &captured.vk);
         let mut chunks = Vec::new();
         let mut fresh = Vec::new();
         if rebuild {
@@ -298,7 +305,7 @@ impl Precopy {
                     &state_runs_now(m.pid, &fm.vmas)?,
                 );
             }
-            if objects_kept(&self.skeleton, &captured.vk) {
+            if kept {
                 // The destination keeps its memory objects across the rebuild (UML's guest
                 // processes come and go all the time; its RAM file stays): only what changed.
                 for o in &mut self.objects {
@@ -355,7 +362,7 @@ impl Precopy {
         if rebuild {
             // The final pages are read through the final capture's processes and objects
             // (kept objects are the same files as the tracked ones).
-            if !objects_kept(&self.skeleton, &captured.vk) {
+            if !kept {
                 self.objects = std::mem::take(&mut captured.memory.objects)
                     .into_iter()
                     .map(|o| TrackedObject {
@@ -384,6 +391,7 @@ impl Precopy {
             chunks,
             fresh,
             rebuild,
+            zero_is_news: !rebuild || kept,
         })
     }
 }
@@ -398,6 +406,9 @@ pub struct Final {
     pub fresh: Vec<(u32, u64)>,
     /// The process tree or memory objects changed: the destination builds a new skeleton.
     pub rebuild: bool,
+    /// The destination holds earlier contents of the pages that go now, so a page that became
+    /// zero must be sent too (only a freshly built skeleton without kept objects is all zero).
+    zero_is_news: bool,
 }
 
 impl Final {
@@ -414,7 +425,7 @@ impl Final {
     pub fn send_pages(&mut self, sink: &dyn PageSink) -> Result<(RoundStats, Vec<u64>), SrcError> {
         let t0 = Instant::now();
         let chunks = std::mem::take(&mut self.chunks);
-        let mut s = self.precopy.send(sink, &chunks, !self.rebuild, true)?;
+        let mut s = self.precopy.send(sink, &chunks, self.zero_is_news, true)?;
         s.round = self.precopy.round;
         s.duration_ms = ms(t0.elapsed());
         Ok((s, self.precopy.frames.clone()))
@@ -500,6 +511,9 @@ fn push_chunks(out: &mut Vec<Chunk>, space: Space, ranges: &[(u64, u64)]) {
     }
 }
 
+/// An object as the encoders see it: id, file, size, the hashes of what was sent.
+type SentObject<'a> = (u32, &'a File, u64, &'a [AtomicU64]);
+
 /// The stream a chunk goes on: the same for every round.
 fn stream_of(space: Space, addr: u64, n: usize) -> usize {
     let id = match space {
@@ -538,10 +552,11 @@ fn changed_pages(o: &mut TrackedObject) -> Result<Vec<(u64, u64)>, SrcError> {
         }
     }
     let mut out: Vec<(u64, u64)> = Vec::new();
-    for (i, (old, new)) in o.hashes.iter_mut().zip(&now).enumerate() {
-        // 0 = never sent: a zero page need not be sent the first time.
-        let changed = if *old == 0 { *new != zero } else { old != new };
-        *old = *new;
+    for (i, (old, new)) in o.hashes.iter().zip(&now).enumerate() {
+        // 0 = never sent: a zero page need not be sent the first time. The encoder stores what
+        // it sends.
+        let old = old.load(Ordering::Relaxed);
+        let changed = if old == 0 { *new != zero } else { old != *new };
         if changed {
             let a = i as u64 * PAGE;
             match out.last_mut() {
@@ -558,7 +573,7 @@ fn encode_stream(
     stream: usize,
     chunks: &[Chunk],
     mm_pids: &[(u32, i32)],
-    objects: &[(u32, &File, u64)],
+    objects: &[SentObject],
     sink: &dyn PageSink,
     keep_zero: bool,
     compression: bool,
@@ -579,14 +594,24 @@ fn encode_stream(
                 proc::read_vm(pid, c.start, data).map_err(|e| (e, "process_vm_readv"))
             }
             Space::Object(id) => {
-                let (_, f, size) = objects
+                let (_, f, size, hashes) = objects
                     .iter()
-                    .find(|(o, _, _)| *o == id)
+                    .find(|(o, _, _, _)| *o == id)
                     .ok_or(SrcError::Empty)?;
                 let want = n.min(usize::try_from(size.saturating_sub(c.start)).unwrap_or(n));
                 data.fill(0);
-                f.read_exact_at(&mut data[..want], c.start)
-                    .map_err(|e| (e, "pread(memory object)"))
+                let r = f
+                    .read_exact_at(&mut data[..want], c.start)
+                    .map_err(|e| (e, "pread(memory object)"));
+                if r.is_ok() {
+                    let first = usize::try_from(c.start / PAGE).unwrap_or(usize::MAX);
+                    for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
+                        if let Some(h) = hashes.get(first.saturating_add(i)) {
+                            h.store(xxhash_rust::xxh3::xxh3_64(page), Ordering::Relaxed);
+                        }
+                    }
+                }
+                r
             }
         };
         if let Err((e, op)) = read {
