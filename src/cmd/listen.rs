@@ -41,7 +41,7 @@ pub fn listen(state: &StateDir, log_format: LogFormat, args: ListenArgs) -> Resu
             bind_ip: local.ip(),
             log_format,
             max_memory: args.max_memory,
-            reserved: Mutex::new(BTreeMap::new()),
+            ledger: Mutex::new(BTreeMap::new()),
         });
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("Cannot handle SIGTERM")?;
@@ -83,45 +83,63 @@ struct Ctx {
     log_format: LogFormat,
     /// `--max-memory`: what the vkernels here may use in all.
     max_memory: Option<u64>,
-    /// Memory promised to accepted vkernels still arriving (name → bytes of their offer):
-    /// they count against the budget before their pages are here.
-    reserved: Mutex<BTreeMap<String, u64>>,
+    /// Memory of the vkernels this daemon accepted (name → bytes of their offer), counted
+    /// as their offer said rather than as their resident size, so that the budget is spent
+    /// in the same units the senders plan in.
+    ledger: Mutex<BTreeMap<String, Entry>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    bytes: u64,
+    /// Runs here now (else still arriving, and its pages not here yet).
+    arrived: bool,
 }
 
 impl Ctx {
-    fn reserved(&self) -> MutexGuard<'_, BTreeMap<String, u64>> {
+    fn ledger(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
         // A panic elsewhere leaves a map that is still consistent.
-        self.reserved.lock().unwrap_or_else(|e| e.into_inner())
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Memory this host can still give to arriving vkernels: what the kernel says is
     /// available, and within `--max-memory` what the running and arriving vkernels leave.
-    fn free_bytes(&self, reserved: &BTreeMap<String, u64>) -> Result<u64, String> {
+    fn free_bytes(&self, ledger: &mut BTreeMap<String, Entry>) -> Result<u64, String> {
         let avail = vkm_sys::host::mem_available().map_err(|e| e.to_string())?;
         let Some(max) = self.max_memory else {
             return Ok(avail);
         };
-        let used = self.used_by_vkernels() + reserved.values().sum::<u64>();
-        Ok(avail.min(max.saturating_sub(used)))
+        Ok(avail.min(max.saturating_sub(self.used(ledger))))
     }
 
-    /// Resident memory of the vkernels that run here.
-    fn used_by_vkernels(&self) -> u64 {
+    /// What the vkernels here use or were promised: arriving ones and those that came
+    /// through us by their offers, others (started here with `run`) by their resident size.
+    fn used(&self, ledger: &mut BTreeMap<String, Entry>) -> u64 {
         use crate::state::Probe;
-        let names = self.state.names().unwrap_or_default();
-        names
+        let mut used = 0;
+        let mut alive = Vec::new();
+        for name in self.state.names().unwrap_or_default() {
+            if let Ok(Probe::Alive(rec)) = self.state.probe(&name) {
+                match ledger.get(&name) {
+                    Some(e) => used += e.bytes,
+                    None => used += super::ps::vkernel_rss(rec.init_pid),
+                }
+                alive.push(name);
+            }
+        }
+        // A vkernel that arrived and has gone since (killed, or sent on) uses nothing.
+        ledger.retain(|name, e| !e.arrived || alive.contains(name));
+        used + ledger
             .iter()
-            .filter_map(|n| match self.state.probe(n) {
-                Ok(Probe::Alive(rec)) => Some(super::ps::vkernel_rss(rec.init_pid)),
-                _ => None,
-            })
-            .sum()
+            .filter(|(name, e)| !e.arrived && !alive.contains(name))
+            .map(|(_, e)| e.bytes)
+            .sum::<u64>()
     }
 
     /// The answer to a capacity query: room, and per probe whether this host could run it.
     fn capacity(&self, probes: &[Offer]) -> Result<Capacity, String> {
         use crate::state::Probe;
-        let free_bytes = self.free_bytes(&self.reserved())?;
+        let free_bytes = self.free_bytes(&mut self.ledger())?;
         let vkernels: Vec<String> = self
             .state
             .names()
@@ -232,9 +250,9 @@ fn accept_offer(ctx: &Ctx, offer: &Offer) -> (FromDaemon, Option<(String, Shim)>
         return refuse(reason);
     }
     {
-        let mut reserved = ctx.reserved();
+        let mut ledger = ctx.ledger();
         if let Some(max) = ctx.max_memory {
-            let free = match ctx.free_bytes(&reserved) {
+            let free = match ctx.free_bytes(&mut ledger) {
                 Ok(f) => f,
                 Err(e) => return refuse(format!("cannot work out the memory left here: {e}")),
             };
@@ -248,11 +266,17 @@ fn accept_offer(ctx: &Ctx, offer: &Offer) -> (FromDaemon, Option<(String, Shim)>
                 ));
             }
         }
-        reserved.insert(offer.name.clone(), offer.mem_bytes);
+        ledger.insert(
+            offer.name.clone(),
+            Entry {
+                bytes: offer.mem_bytes,
+                arrived: false,
+            },
+        );
     }
     let (reply, shim) = start_receiver(ctx, offer);
     if shim.is_none() {
-        ctx.reserved().remove(&offer.name);
+        ctx.ledger().remove(&offer.name);
     }
     (reply, shim)
 }
@@ -299,8 +323,17 @@ fn start_receiver(ctx: &Ctx, offer: &Offer) -> (FromDaemon, Option<(String, Shim
 
 fn follow(ctx: &Ctx, (name, mut shim): (String, Shim)) {
     let reply = shim.next_reply();
-    // Arrived (its memory now counts as used) or failed (it needs none).
-    ctx.reserved().remove(&name);
+    // Arrived (it keeps its share of the budget while it runs here) or failed (it needs
+    // none).
+    {
+        let mut ledger = ctx.ledger();
+        match (&reply, ledger.get_mut(&name)) {
+            (Ok(Reply::Ready { .. }), Some(e)) => e.arrived = true,
+            _ => {
+                ledger.remove(&name);
+            }
+        }
+    }
     match reply {
         Ok(Reply::Ready { init_pid, .. }) => {
             tracing::info!(vkernel = %name, init_pid, "vkernel arrived and runs");
