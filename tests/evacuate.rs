@@ -132,10 +132,46 @@ fn four_vkloads_are_placed_by_capacity_and_all_move_on() {
     let lab = NetLab::new("evac-four", &["a", "b", "c"]);
     let (a, b, c) = (lab.host("a"), lab.host("b"), lab.host("c"));
     let loads: [(&str, &[&str]); 4] = [
-        ("v1", &["--mem", "48", "--dirty-mbps", "8"]),
-        ("v2", &["--mem", "32", "--dirty-mbps", "2"]),
-        ("v3", &["--mem", "24"]),
-        ("v4", &["--mem", "16", "--dirty-mbps", "4"]),
+        (
+            "v1",
+            &[
+                "--mem",
+                "16",
+                "--dirty-mbps",
+                "4",
+                "--children",
+                "0",
+                "--verify-s",
+                "30",
+            ],
+        ),
+        (
+            "v2",
+            &[
+                "--mem",
+                "12",
+                "--dirty-mbps",
+                "1",
+                "--children",
+                "0",
+                "--verify-s",
+                "30",
+            ],
+        ),
+        ("v3", &["--mem", "8", "--children", "0", "--verify-s", "30"]),
+        (
+            "v4",
+            &[
+                "--mem",
+                "6",
+                "--dirty-mbps",
+                "2",
+                "--children",
+                "0",
+                "--verify-s",
+                "30",
+            ],
+        ),
     ];
     start_loads(a, &loads);
     let sizes = sizes(a, &[b, c]);
@@ -220,7 +256,7 @@ fn four_vkloads_are_placed_by_capacity_and_all_move_on() {
     );
     assert!(
         rate("v1") > rate("v3"),
-        "v1 writes 8 MiB/s, v3 next to nothing: {r}"
+        "v1 writes 4 MiB/s, v3 next to nothing: {r}"
     );
 }
 
@@ -231,10 +267,46 @@ fn a_target_killed_during_the_evacuation_loses_its_vkernels_to_the_other() {
     // v1 is larger than the three others together and writes fastest: it goes first, to B;
     // the others fit only together on C.
     let loads: [(&str, &[&str]); 4] = [
-        ("v1", &["--mem", "96", "--dirty-mbps", "8"]),
-        ("v2", &["--mem", "8", "--dirty-mbps", "4"]),
-        ("v3", &["--mem", "8", "--dirty-mbps", "2"]),
-        ("v4", &["--mem", "8"]),
+        (
+            "v1",
+            &[
+                "--mem",
+                "80",
+                "--dirty-mbps",
+                "4",
+                "--children",
+                "0",
+                "--verify-s",
+                "30",
+            ],
+        ),
+        (
+            "v2",
+            &[
+                "--mem",
+                "2",
+                "--dirty-mbps",
+                "2",
+                "--children",
+                "0",
+                "--threads",
+                "1",
+            ],
+        ),
+        (
+            "v3",
+            &[
+                "--mem",
+                "2",
+                "--dirty-mbps",
+                "1",
+                "--children",
+                "0",
+                "--threads",
+                "1",
+            ],
+        ),
+        ("v4", &["--mem", "2", "--children", "0", "--threads", "1"]),
     ];
     start_loads(a, &loads);
     let sizes = sizes(a, &[b, c]);
@@ -311,8 +383,14 @@ fn a_plan_that_cannot_fit_is_shown_by_dry_run_and_refused_before_anything_moves(
     let lab = NetLab::new("evac-nofit", &["a", "b", "c"]);
     let (a, b, c) = (lab.host("a"), lab.host("b"), lab.host("c"));
     let loads: [(&str, &[&str]); 2] = [
-        ("big", &["--mem", "64", "--dirty-mbps", "2"]),
-        ("small", &["--mem", "8"]),
+        (
+            "big",
+            &["--mem", "48", "--children", "0", "--verify-s", "30"],
+        ),
+        (
+            "small",
+            &["--mem", "2", "--children", "0", "--threads", "1"],
+        ),
     ];
     start_loads(a, &loads);
     let sizes = sizes(a, &[b, c]);
@@ -376,7 +454,7 @@ fn at_waits_and_ctrl_c_before_then_cancels_cleanly() {
     let lab = NetLab::new("evac-at", &["a", "b"]);
     let (a, b) = (lab.host("a"), lab.host("b"));
     let _lb = b.spawn_listen();
-    start_loads(a, &[("v1", &["--mem", "8"])]);
+    start_loads(a, &[("v1", &["--mem", "2", "--children", "0"])]);
     let at = humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(600));
     let args = evacuate_args(a, &[b], &["--at", &at.to_string()]);
     let mut cmd = a.vkm_command(&args.iter().map(String::as_str).collect::<Vec<_>>());
@@ -410,7 +488,7 @@ fn a_drained_host_refuses_arrivals_until_undrain() {
     let lab = NetLab::new("evac-drain", &["a", "b"]);
     let (a, b) = (lab.host("a"), lab.host("b"));
     let _la = a.spawn_listen();
-    start_loads(b, &[("w", &["--mem", "8"])]);
+    start_loads(b, &[("w", &["--mem", "2", "--children", "0"])]);
     // Nothing runs on A: the evacuation only drains it, and it stays so.
     let out = evacuate(a, &[b], &["--stay-drained"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
