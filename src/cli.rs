@@ -350,8 +350,9 @@ pub struct EvacuateArgs {
     )]
     pub to: Vec<String>,
 
-    /// Start at this time (RFC 3339, e.g. 2026-12-01T02:00:00Z) instead of now; Ctrl-C
-    /// before then cancels without touching anything.
+    /// Start at this time (RFC 3339 in UTC, e.g. 2026-12-01T02:00:00Z) instead of now;
+    /// Ctrl-C or SIGTERM before then cancels without touching anything. After the start they
+    /// only keep new migrations from starting: running ones end first.
     #[arg(long, value_parser = parse_time, value_name = "TIME")]
     pub at: Option<std::time::SystemTime>,
 

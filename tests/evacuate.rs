@@ -18,6 +18,20 @@ use common::{field_u64, tick_lines, COMMAND_TIMEOUT};
 
 const MIB: u64 = 1 << 20;
 
+/// The pause the tests' migrations may take: these tests are about where vkernels go, not
+/// about downtime, and on a busy 2-core machine running debug builds a round can take
+/// longer than a vkload needs to rewrite its memory, so pre-copy would not converge with a
+/// tight target.
+const TEST_MIGRATION: [&str; 4] = ["--downtime-ms", "1000", "--max-rounds", "4"];
+
+/// Held by the tests that move several vkernels, one such test at a time: run side by side
+/// on two cores they starve each other's pre-copy.
+static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn dest(h: &Host) -> String {
     format!("{}:{LISTEN_PORT}", h.addr)
 }
@@ -129,6 +143,7 @@ fn entry<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value
 
 #[test]
 fn four_vkloads_are_placed_by_capacity_and_all_move_on() {
+    let _heavy = heavy();
     let lab = NetLab::new("evac-four", &["a", "b", "c"]);
     let (a, b, c) = (lab.host("a"), lab.host("b"), lab.host("c"));
     let loads: [(&str, &[&str]); 4] = [
@@ -190,13 +205,17 @@ fn four_vkloads_are_placed_by_capacity_and_all_move_on() {
         a,
         &[b, c],
         &[
-            "--parallel",
-            "2",
-            "--max-bandwidth",
-            "400MB/s",
-            "--report",
-            report_path.to_str().unwrap(),
-        ],
+            &[
+                "--parallel",
+                "2",
+                "--max-bandwidth",
+                "400MB/s",
+                "--report",
+                report_path.to_str().unwrap(),
+            ][..],
+            &TEST_MIGRATION,
+        ]
+        .concat(),
     );
     let stdout = text(&out.stdout);
     assert!(
@@ -262,6 +281,7 @@ fn four_vkloads_are_placed_by_capacity_and_all_move_on() {
 
 #[test]
 fn a_target_killed_during_the_evacuation_loses_its_vkernels_to_the_other() {
+    let _heavy = heavy();
     let lab = NetLab::new("evac-kill", &["a", "b", "c"]);
     let (a, b, c) = (lab.host("a"), lab.host("b"), lab.host("c"));
     // v1 is larger than the three others together and writes fastest: it goes first, to B;
@@ -311,7 +331,11 @@ fn a_target_killed_during_the_evacuation_loses_its_vkernels_to_the_other() {
     let args = evacuate_args(
         a,
         &[b, c],
-        &["--parallel", "1", "--report", report_path.to_str().unwrap()],
+        &[
+            &["--parallel", "1", "--report", report_path.to_str().unwrap()][..],
+            &TEST_MIGRATION,
+        ]
+        .concat(),
     );
     let mut cmd = a.vkm_command(&args.iter().map(String::as_str).collect::<Vec<_>>());
     cmd.stdin(Stdio::null())
