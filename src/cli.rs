@@ -64,6 +64,8 @@ pub enum Command {
     Pki(PkiArgs),
     Listen(ListenArgs),
     Send(SendArgs),
+    Evacuate(EvacuateArgs),
+    Undrain(UndrainArgs),
     #[command(name = "__shim", hide = true)]
     Shim(ShimArgs),
 }
@@ -274,6 +276,12 @@ pub struct ListenArgs {
     /// Directory with this host's certificate (ca.pem, cert.pem, key.pem; see `vkmigrate pki`).
     #[arg(long, default_value = "/etc/vkmigrate/tls", value_name = "DIR")]
     pub tls_dir: PathBuf,
+
+    /// Memory the vkernels on this host may use in all, e.g. 8GiB (default: whatever the
+    /// host has available). Offers beyond it are refused, and capacity queries (`evacuate`)
+    /// are answered within it.
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub max_memory: Option<u64>,
 }
 
 /// Live-migrate a running vkernel to another host, where `vkmigrate listen` runs.
@@ -318,6 +326,108 @@ pub struct SendArgs {
     /// Do not throttle a vkernel that writes memory faster than the link carries.
     #[arg(long)]
     pub no_throttle: bool,
+}
+
+/// Move every vkernel of this host to other hosts, e.g. before maintenance.
+///
+/// Asks each target's `listen` daemon for its room (free memory, the vkernels it runs,
+/// whether its CPU, kernel build and network can take each vkernel), places the vkernels
+/// largest first on the target that fits each best, and refuses before anything moves if
+/// some vkernel has no place. The vkernels that write memory fastest go first, at most
+/// --parallel at a time, sharing --max-bandwidth evenly. A migration that fails leaves its
+/// vkernel running here, and it is tried on another target. While it runs, this host's own
+/// `listen` refuses arrivals (the state dir's draining marker). Exits non-zero, naming them,
+/// if any vkernel is left here.
+#[derive(Debug, Args)]
+pub struct EvacuateArgs {
+    /// The targets' listen addresses, HOST:PORT,HOST:PORT,... (HOST must match each one's
+    /// certificate).
+    #[arg(
+        long,
+        required = true,
+        value_delimiter = ',',
+        value_name = "HOST:PORT,..."
+    )]
+    pub to: Vec<String>,
+
+    /// Start at this time (RFC 3339 in UTC, e.g. 2026-12-01T02:00:00Z) instead of now;
+    /// Ctrl-C or SIGTERM before then cancels without touching anything. After the start they
+    /// only keep new migrations from starting: running ones end first.
+    #[arg(long, value_parser = parse_time, value_name = "TIME")]
+    pub at: Option<std::time::SystemTime>,
+
+    /// Migrations that run at once.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64), value_name = "N")]
+    pub parallel: u32,
+
+    /// Only print the plan (where each vkernel would go, in which order, and what cannot
+    /// be placed); move nothing. Exits non-zero if the plan does not fit.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Keep this host drained (its `listen` refusing arrivals) after the evacuation, until
+    /// `vkmigrate undrain`.
+    #[arg(long)]
+    pub stay_drained: bool,
+
+    /// Directory with this host's certificate (ca.pem, cert.pem, key.pem; see `vkmigrate pki`).
+    #[arg(long, default_value = "/etc/vkmigrate/tls", value_name = "DIR")]
+    pub tls_dir: PathBuf,
+
+    /// The pause each vkernel may see: pre-copy goes on until the rest fits in it.
+    #[arg(long, default_value_t = 20, value_name = "MS")]
+    pub downtime_ms: u64,
+
+    /// Cap on page data per second for the whole evacuation, split evenly among the
+    /// migrations that run at once, e.g. 1GB/s (default: no cap).
+    #[arg(long, value_parser = parse_rate, value_name = "RATE")]
+    pub max_bandwidth: Option<u64>,
+
+    /// Write a JSON report to FILE: the targets, the plan, and per vkernel where it went,
+    /// how long it took, its downtime and why any attempt failed.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+
+    /// How long to watch each vkernel's writes to order them (fastest writer first).
+    #[arg(long, default_value_t = 500, value_name = "MS")]
+    pub sample_ms: u64,
+
+    /// Send pages uncompressed.
+    #[arg(long)]
+    pub no_compress: bool,
+
+    /// Give up pre-copy after this many rounds and stop-and-copy.
+    #[arg(long, default_value_t = 30, value_name = "N")]
+    pub max_rounds: u32,
+
+    /// Do not throttle a vkernel that writes memory faster than the link carries.
+    #[arg(long)]
+    pub no_throttle: bool,
+}
+
+/// Let this host's `listen` accept vkernels again after `evacuate --stay-drained` (or an
+/// evacuation that was killed).
+#[derive(Debug, Args)]
+pub struct UndrainArgs {}
+
+/// An RFC 3339 time such as 2026-12-01T02:00:00Z.
+fn parse_time(s: &str) -> Result<std::time::SystemTime, String> {
+    humantime::parse_rfc3339_weak(s)
+        .map_err(|e| format!("{s:?} is not a time such as 2026-12-01T02:00:00Z ({e})"))
+}
+
+/// A size in bytes: a number with an optional unit B, KB, MB, GB (powers of 1000) or KiB,
+/// MiB, GiB, and their one-letter forms K, M, G (of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    if s.contains('/') {
+        return Err(format!("{s:?} is not a size such as 512MiB"));
+    }
+    let t = s.trim();
+    let t = match t.strip_suffix(['K', 'M', 'G']) {
+        Some(n) => format!("{n}{}iB", &t[n.len()..]),
+        None => t.to_owned(),
+    };
+    parse_rate(&t).map_err(|e| e.replace("rate such as 500MB/s", "size such as 512MiB"))
 }
 
 /// A rate in bytes per second: a number with an optional unit B, KB, MB, GB (powers of 1000)
@@ -555,6 +665,57 @@ mod tests {
             let err = Cli::try_parse_from(argv).expect_err("refused");
             assert_eq!(err.exit_code(), 2, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn evacuate_takes_a_list_of_targets_and_a_time() {
+        let cli = Cli::try_parse_from([
+            "vkmigrate",
+            "evacuate",
+            "--to",
+            "hostB:4433,hostC:4433",
+            "--at",
+            "2026-12-01T02:00:00Z",
+            "--parallel",
+            "3",
+            "--max-bandwidth",
+            "1GB/s",
+        ])
+        .expect("parses");
+        match cli.command {
+            Command::Evacuate(e) => {
+                assert_eq!(e.to, ["hostB:4433", "hostC:4433"]);
+                assert_eq!(e.parallel, 3);
+                assert_eq!(e.max_bandwidth, Some(1_000_000_000));
+                let at = e.at.expect("a time");
+                let secs = at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .expect("after 1970")
+                    .as_secs();
+                assert_eq!(secs, 1_796_090_400);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        for bad in [
+            &["--to", "b:1", "--at", "tomorrow"][..],
+            &["--to", "b:1", "--parallel", "0"],
+            &[],
+        ] {
+            let mut argv = vec!["vkmigrate", "evacuate"];
+            argv.extend(bad);
+            let err = Cli::try_parse_from(argv).expect_err("refused");
+            assert_eq!(err.exit_code(), 2, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1GB"), Ok(1_000_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("1GB/s").is_err());
+        assert!(parse_size("lots").is_err());
     }
 
     #[test]

@@ -29,13 +29,18 @@ pub const CONSOLE_SOCK: &str = "console.sock";
 pub const SHIM_LOG: &str = "shim.log";
 pub const MAX_NAME_LEN: usize = 64;
 
-/// Names: `[A-Za-z0-9_.-]{1,64}`, and not `.` or `..`.
+/// The marker that says this host is being evacuated: `listen` refuses arrivals while it
+/// exists. A dot file, so that no vkernel (whose names cannot start with a dot) owns it.
+pub const DRAINING_FILE: &str = ".draining";
+
+/// Names: `[A-Za-z0-9_.-]{1,64}`, not starting with a dot (so not `.` or `..` either: the
+/// state directory's own files are dot files).
 pub fn validate_name(s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > MAX_NAME_LEN {
         return Err(format!("a vkernel name has 1 to {MAX_NAME_LEN} characters"));
     }
-    if s == "." || s == ".." {
-        return Err("a vkernel name cannot be '.' or '..'".into());
+    if s.starts_with('.') {
+        return Err("a vkernel name cannot start with '.'".into());
     }
     if let Some(c) = s
         .chars()
@@ -106,6 +111,36 @@ impl StateDir {
 
     pub fn dir(&self, name: &str) -> PathBuf {
         self.root.join(name)
+    }
+
+    /// Why this host refuses arrivals (the draining marker's text), if it does.
+    pub fn draining(&self) -> Option<String> {
+        let text = fs::read_to_string(self.root.join(DRAINING_FILE)).ok()?;
+        let note = text.trim();
+        Some(if note.is_empty() {
+            "this host is being drained".to_owned()
+        } else {
+            note.to_owned()
+        })
+    }
+
+    /// Mark this host as draining, with `note` saying by whom and since when.
+    pub fn set_draining(&self, note: &str) -> Result<()> {
+        self.ensure_root()?;
+        let path = self.root.join(DRAINING_FILE);
+        fs::write(&path, format!("{note}\n"))
+            .with_context(|| format!("Cannot write the draining marker {}", path.display()))
+    }
+
+    /// Accept arrivals again. False if the host was not draining.
+    pub fn clear_draining(&self) -> Result<bool> {
+        let path = self.root.join(DRAINING_FILE);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e)
+                .with_context(|| format!("Cannot remove the draining marker {}", path.display())),
+        }
     }
 
     fn ensure_root(&self) -> Result<()> {
@@ -333,7 +368,17 @@ mod tests {
         for ok in ["a", "web1", "A_b.c-d", &"x".repeat(64)] {
             assert!(validate_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", ".", "..", "a/b", "a b", "é", &"x".repeat(65), "a\n"] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".draining",
+            "a/b",
+            "a b",
+            "é",
+            &"x".repeat(65),
+            "a\n",
+        ] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
     }

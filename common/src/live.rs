@@ -71,6 +71,31 @@ pub enum ToDaemon {
         name: String,
         migration_id: String,
     },
+    /// Appended (the variants above keep their encoding): how much room is there, and could
+    /// this host run each of these vkernels? Nothing is claimed or started; an evacuation
+    /// plans with the answer ([`Capacity`]).
+    Capacity {
+        /// The offers the vkernels would make (their `migration_id` unused).
+        probes: Vec<Offer>,
+    },
+}
+
+/// A daemon's answer to [`ToDaemon::Capacity`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Capacity {
+    /// Memory it can still give to arriving vkernels (the host's available memory, within its
+    /// `--max-memory` budget).
+    pub free_bytes: u64,
+    /// The vkernels it runs (or is receiving) now.
+    pub vkernels: Vec<String>,
+    /// Its CPU state layout: XCR0 and the xsave area's size.
+    pub xcr0: u64,
+    pub xstate_size: u32,
+    /// Set while its own host is being evacuated: it accepts no vkernel, this says why.
+    pub draining: Option<String>,
+    /// Per probe, in order: `None` if it could run it (memory aside: that is `free_bytes`),
+    /// else why not (name taken, CPU, kernel build, network, mapped files).
+    pub refusals: Vec<Option<String>>,
 }
 
 /// Listen daemon → source.
@@ -89,6 +114,8 @@ pub enum FromDaemon {
         running: bool,
         pending: bool,
     },
+    /// Appended: the answer to [`ToDaemon::Capacity`].
+    Capacity(Box<Capacity>),
 }
 
 /// Source → receiver.
@@ -372,5 +399,80 @@ mod tests {
         );
         // The round limit.
         assert_eq!(c.next(30_000_000, 1e9, &[1; 29], 100), Next::StopAndCopy);
+    }
+
+    /// The daemon protocol as it was before `Capacity`: a peer of that build must still
+    /// understand (and be understood in) every message it knows.
+    mod before_capacity {
+        use serde::{Deserialize, Serialize};
+
+        #[derive(Debug, Serialize, Deserialize, PartialEq)]
+        pub enum ToDaemon {
+            Offer(Box<super::Offer>),
+            Query { name: String, migration_id: String },
+        }
+
+        #[derive(Debug, Serialize, Deserialize, PartialEq)]
+        pub enum FromDaemon {
+            Accept { port: u16 },
+            Refuse { reason: String },
+            Outcome { running: bool, pending: bool },
+        }
+    }
+
+    #[test]
+    fn capacity_is_appended_without_changing_the_old_messages() {
+        use crate::image::{decode_meta, encode_meta};
+        let q = ToDaemon::Query {
+            name: "web1".into(),
+            migration_id: "42".into(),
+        };
+        let old = before_capacity::ToDaemon::Query {
+            name: "web1".into(),
+            migration_id: "42".into(),
+        };
+        assert_eq!(
+            encode_meta(&q).expect("encodes"),
+            encode_meta(&old).expect("encodes")
+        );
+        for (new, old) in [
+            (
+                FromDaemon::Refuse { reason: "x".into() },
+                before_capacity::FromDaemon::Refuse { reason: "x".into() },
+            ),
+            (
+                FromDaemon::Accept { port: 7 },
+                before_capacity::FromDaemon::Accept { port: 7 },
+            ),
+            (
+                FromDaemon::Outcome {
+                    running: true,
+                    pending: false,
+                },
+                before_capacity::FromDaemon::Outcome {
+                    running: true,
+                    pending: false,
+                },
+            ),
+        ] {
+            let bytes = encode_meta(&new).expect("encodes");
+            assert_eq!(bytes, encode_meta(&old).expect("encodes"));
+            let back: before_capacity::FromDaemon = decode_meta(&bytes).expect("decodes");
+            assert_eq!(back, old);
+        }
+        // A new answer round-trips; an old daemon cannot decode the new request, which the
+        // sender reports as a failed capacity query (it asks nothing else on that connection).
+        let cap = FromDaemon::Capacity(Box::new(Capacity {
+            free_bytes: 1 << 30,
+            vkernels: vec!["a".into()],
+            xcr0: 7,
+            xstate_size: 832,
+            draining: None,
+            refusals: vec![None, Some("name taken".into())],
+        }));
+        let back: FromDaemon = decode_meta(&encode_meta(&cap).expect("encodes")).expect("decodes");
+        assert_eq!(back, cap);
+        let req = encode_meta(&ToDaemon::Capacity { probes: Vec::new() }).expect("encodes");
+        assert!(decode_meta::<before_capacity::ToDaemon>(&req).is_err());
     }
 }

@@ -7,7 +7,9 @@ mod restore;
 pub mod sandbox;
 
 pub use net::Network;
-pub use restore::{check_offer, restore, vdso_hash, PageTargets, RestoreReport, Skeleton};
+pub use restore::{
+    check_compat, check_offer, restore, vdso_hash, PageTargets, RestoreReport, Skeleton,
+};
 pub use sandbox::{InitMode, Sandbox};
 
 /// Everything that can make a restore fail. A failed restore leaves nothing behind: the

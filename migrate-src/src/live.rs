@@ -159,6 +159,28 @@ impl Precopy {
         ))
     }
 
+    /// Bytes per second the vkernel writes through its own address spaces, measured over
+    /// `over` with the trackers pre-copy uses anyway (an evacuation orders vkernels by it).
+    /// Writes to memory objects are not counted: those are compared by content, which costs
+    /// a hash of every page, too much for an estimate. Call it before the first round only:
+    /// it consumes what the trackers saw.
+    pub fn sample_dirty_rate(&mut self, over: Duration) -> Result<f64, SrcError> {
+        for m in &mut self.mms {
+            if let Some(t) = m.tracker.as_mut() {
+                t.collect_tracked()?;
+            }
+        }
+        let t0 = Instant::now();
+        std::thread::sleep(over);
+        let mut bytes = 0u64;
+        for m in &mut self.mms {
+            if let Some(t) = m.tracker.as_mut() {
+                bytes += t.collect_tracked()?.iter().map(|(s, e)| e - s).sum::<u64>();
+            }
+        }
+        Ok(bytes as f64 / t0.elapsed().as_secs_f64().max(1e-3))
+    }
+
     /// Frames sent so far on each stream.
     pub fn frames(&self) -> &[u64] {
         &self.frames

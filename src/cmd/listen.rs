@@ -4,12 +4,13 @@
 //! runs in it, not here. The daemon also answers a sender that lost its link after `go` and
 //! asks whether the vkernel runs here.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use vkm_common::live::{FromDaemon, Offer, ToDaemon};
+use vkm_common::live::{Capacity, FromDaemon, Offer, ToDaemon};
 use vkm_transport::{Server, Session, TlsDir, Tuning};
 
 use crate::cli::{ListenArgs, LogFormat};
@@ -39,6 +40,8 @@ pub fn listen(state: &StateDir, log_format: LogFormat, args: ListenArgs) -> Resu
             tls_dir: args.tls_dir.clone(),
             bind_ip: local.ip(),
             log_format,
+            max_memory: args.max_memory,
+            ledger: Mutex::new(BTreeMap::new()),
         });
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("Cannot handle SIGTERM")?;
@@ -78,6 +81,94 @@ struct Ctx {
     tls_dir: std::path::PathBuf,
     bind_ip: std::net::IpAddr,
     log_format: LogFormat,
+    /// `--max-memory`: what the vkernels here may use in all.
+    max_memory: Option<u64>,
+    /// Memory of the vkernels this daemon accepted (name → bytes of their offer), counted
+    /// as their offer said rather than as their resident size, so that the budget is spent
+    /// in the same units the senders plan in.
+    ledger: Mutex<BTreeMap<String, Entry>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    bytes: u64,
+    /// Runs here now (else still arriving, and its pages not here yet).
+    arrived: bool,
+}
+
+impl Ctx {
+    fn ledger(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
+        // A panic elsewhere leaves a map that is still consistent.
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Memory this host can still give to arriving vkernels: what the kernel says is
+    /// available, and within `--max-memory` what the running and arriving vkernels leave.
+    fn free_bytes(&self, ledger: &mut BTreeMap<String, Entry>) -> Result<u64, String> {
+        let avail = vkm_sys::host::mem_available().map_err(|e| e.to_string())?;
+        let Some(max) = self.max_memory else {
+            return Ok(avail);
+        };
+        Ok(avail.min(max.saturating_sub(self.used(ledger))))
+    }
+
+    /// What the vkernels here use or were promised: arriving ones and those that came
+    /// through us by their offers, others (started here with `run`) by their resident size.
+    fn used(&self, ledger: &mut BTreeMap<String, Entry>) -> u64 {
+        use crate::state::Probe;
+        let mut used = 0;
+        let mut alive = Vec::new();
+        for name in self.state.names().unwrap_or_default() {
+            if let Ok(Probe::Alive(rec)) = self.state.probe(&name) {
+                match ledger.get(&name) {
+                    Some(e) => used += e.bytes,
+                    None => used += super::ps::vkernel_rss(rec.init_pid),
+                }
+                alive.push(name);
+            }
+        }
+        // A vkernel that arrived and has gone since (killed, or sent on) uses nothing.
+        ledger.retain(|name, e| !e.arrived || alive.contains(name));
+        used + ledger
+            .iter()
+            .filter(|(name, e)| !e.arrived && !alive.contains(name))
+            .map(|(_, e)| e.bytes)
+            .sum::<u64>()
+    }
+
+    /// The answer to a capacity query: room, and per probe whether this host could run it.
+    fn capacity(&self, probes: &[Offer]) -> Result<Capacity, String> {
+        use crate::state::Probe;
+        let free_bytes = self.free_bytes(&mut self.ledger())?;
+        let vkernels: Vec<String> = self
+            .state
+            .names()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| !matches!(self.state.probe(n), Ok(Probe::Absent | Probe::Stale)))
+            .collect();
+        let refusals = probes
+            .iter()
+            .map(|p| {
+                if let Err(e) = validate_name(&p.name) {
+                    return Some(format!("the name {:?} is not valid here: {e}", p.name));
+                }
+                if vkernels.contains(&p.name) {
+                    return Some(format!("a vkernel named {} already exists here", p.name));
+                }
+                vkm_migrate_dst::check_compat(p).err()
+            })
+            .collect();
+        let (xcr0, xstate_size) = vkm_sys::host::xsave_features();
+        Ok(Capacity {
+            free_bytes,
+            vkernels,
+            xcr0,
+            xstate_size,
+            draining: self.state.draining(),
+            refusals,
+        })
+    }
 }
 
 async fn handle(ctx: Arc<Ctx>, session: Session) -> Result<()> {
@@ -94,10 +185,25 @@ async fn handle(ctx: Arc<Ctx>, session: Session) -> Result<()> {
                 .await
                 .context("The offer check panicked")?;
             if let Some(shim) = shim {
-                // Follow the shim until the vkernel runs or the migration fails, for our log.
-                tokio::task::spawn_blocking(move || follow(shim));
+                // Follow the shim until the vkernel runs or the migration fails, for our log
+                // and to release its memory reservation.
+                let ctx = Arc::clone(&ctx);
+                tokio::task::spawn_blocking(move || follow(&ctx, shim));
             }
             reply
+        }
+        ToDaemon::Capacity { probes } => {
+            tracing::info!(%peer, vkernels = probes.len(), "capacity query");
+            let ctx2 = Arc::clone(&ctx);
+            let answer = tokio::task::spawn_blocking(move || ctx2.capacity(&probes))
+                .await
+                .context("The capacity check panicked")?;
+            match answer {
+                Ok(c) => FromDaemon::Capacity(Box::new(c)),
+                Err(reason) => FromDaemon::Refuse {
+                    reason: format!("cannot work out this host's capacity: {reason}"),
+                },
+            }
         }
         ToDaemon::Query { name, migration_id } => {
             use crate::state::Probe;
@@ -133,9 +239,51 @@ fn accept_offer(ctx: &Ctx, offer: &Offer) -> (FromDaemon, Option<(String, Shim)>
     if let Err(e) = validate_name(&offer.name) {
         return refuse(format!("the name {:?} is not valid here: {e}", offer.name));
     }
+    // Checked at every offer, so that `evacuate` on this host stops arrivals at once.
+    if let Some(note) = ctx.state.draining() {
+        return refuse(format!(
+            "this host accepts no vkernels while it is drained ({note}); when that is over, \
+             run `vkmigrate undrain` on it"
+        ));
+    }
     if let Err(reason) = vkm_migrate_dst::check_offer(offer) {
         return refuse(reason);
     }
+    {
+        let mut ledger = ctx.ledger();
+        if let Some(max) = ctx.max_memory {
+            let free = match ctx.free_bytes(&mut ledger) {
+                Ok(f) => f,
+                Err(e) => return refuse(format!("cannot work out the memory left here: {e}")),
+            };
+            if offer.mem_bytes > free {
+                return refuse(format!(
+                    "not enough memory: the vkernel needs {} MiB, {} MiB of this host's \
+                     --max-memory of {} MiB are left",
+                    offer.mem_bytes.div_ceil(1 << 20),
+                    free >> 20,
+                    max >> 20
+                ));
+            }
+        }
+        ledger.insert(
+            offer.name.clone(),
+            Entry {
+                bytes: offer.mem_bytes,
+                arrived: false,
+            },
+        );
+    }
+    let (reply, shim) = start_receiver(ctx, offer);
+    if shim.is_none() {
+        ctx.ledger().remove(&offer.name);
+    }
+    (reply, shim)
+}
+
+/// Claim the name and start the receiving shim for an offer that passed the checks.
+fn start_receiver(ctx: &Ctx, offer: &Offer) -> (FromDaemon, Option<(String, Shim)>) {
+    let refuse = |reason: String| (FromDaemon::Refuse { reason }, None);
     let claim = match ctx.state.claim(&offer.name) {
         Ok(c) => c,
         Err(e) => return refuse(format!("{e:#}")),
@@ -173,8 +321,20 @@ fn accept_offer(ctx: &Ctx, offer: &Offer) -> (FromDaemon, Option<(String, Shim)>
     }
 }
 
-fn follow((name, mut shim): (String, Shim)) {
-    match shim.next_reply() {
+fn follow(ctx: &Ctx, (name, mut shim): (String, Shim)) {
+    let reply = shim.next_reply();
+    // Arrived (it keeps its share of the budget while it runs here) or failed (it needs
+    // none).
+    {
+        let mut ledger = ctx.ledger();
+        match (&reply, ledger.get_mut(&name)) {
+            (Ok(Reply::Ready { .. }), Some(e)) => e.arrived = true,
+            _ => {
+                ledger.remove(&name);
+            }
+        }
+    }
+    match reply {
         Ok(Reply::Ready { init_pid, .. }) => {
             tracing::info!(vkernel = %name, init_pid, "vkernel arrived and runs");
             shim.wait();

@@ -2,6 +2,7 @@
 
 mod checkpoint;
 mod console;
+mod evacuate;
 mod inspect;
 mod kill;
 mod listen;
@@ -28,6 +29,8 @@ pub fn dispatch(state: &StateDir, log_format: LogFormat, command: Command) -> Re
         Command::Pki(a) => pki::pki(a),
         Command::Listen(a) => listen::listen(state, log_format, a),
         Command::Send(a) => send::send(state, a),
+        Command::Evacuate(a) => evacuate::evacuate(state, a),
+        Command::Undrain(a) => evacuate::undrain(state, a),
         Command::Shim(_) => {
             anyhow::bail!("the shim is started by `run` and `restore`, not from the command line")
         }

@@ -96,7 +96,7 @@ pub fn ps(state: &StateDir, args: PsArgs) -> Result<()> {
 }
 
 /// Sum of VmRSS over every process below `init` (descendants only: init is ours).
-fn vkernel_rss(init: i32) -> u64 {
+pub(super) fn vkernel_rss(init: i32) -> u64 {
     let mut total = 0;
     let mut queue = vec![init];
     let mut seen = 0usize;

@@ -1,16 +1,19 @@
 //! `vkmigrate send`: live migration of a running vkernel to another host's `listen` daemon.
 //!
-//! This process is the ptrace tracer while it freezes and captures, so every ptrace step runs
-//! on the main thread; a tokio runtime carries the connection and one task per page stream,
+//! This process is the ptrace tracer while it freezes and captures, and a tracer is one
+//! thread, so every ptrace step of a migration runs on the thread that called
+//! [`migrate_vkernel`] (for `send` the main thread, for `evacuate` one per vkernel); a tokio
+//! runtime carries the connection and one task per page stream,
 //! and encoder threads (in `vkm_migrate_src::live`) read and compress pages. The order of the
 //! conversation and the commit rule are in [`vkm_common::live`].
 
 use std::io::IsTerminal;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -34,30 +37,30 @@ const STREAMS: usize = 2;
 const STREAM_QUEUE: usize = 16;
 
 #[derive(Debug, Default, Serialize)]
-struct Report {
-    vkernel: String,
-    destination: String,
-    migration_id: String,
-    outcome: String,
+pub(crate) struct Report {
+    pub vkernel: String,
+    pub destination: String,
+    pub migration_id: String,
+    pub outcome: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-    rounds: Vec<RoundStats>,
-    final_round: Option<RoundStats>,
+    pub error: Option<String>,
+    pub rounds: Vec<RoundStats>,
+    pub final_round: Option<RoundStats>,
     /// The process tree changed during pre-copy: everything went in the final round.
-    rebuilt: bool,
-    total_ms: f64,
-    downtime_ms: f64,
-    downtime: Downtime,
-    bytes_on_wire: u64,
-    page_bytes_raw: u64,
-    page_bytes_encoded: u64,
-    zero_pages: u64,
-    compression_ratio: f64,
-    throttle_percent: u32,
+    pub rebuilt: bool,
+    pub total_ms: f64,
+    pub downtime_ms: f64,
+    pub downtime: Downtime,
+    pub bytes_on_wire: u64,
+    pub page_bytes_raw: u64,
+    pub page_bytes_encoded: u64,
+    pub zero_pages: u64,
+    pub compression_ratio: f64,
+    pub throttle_percent: u32,
 }
 
 #[derive(Debug, Default, Serialize)]
-struct Downtime {
+pub(crate) struct Downtime {
     /// Stopping every thread and reading its state.
     freeze_ms: f64,
     /// Final state and pages to the destination, until it reports ready.
@@ -68,63 +71,175 @@ struct Downtime {
     resume_ms: f64,
 }
 
+/// How to migrate: what `send` takes besides the vkernel and its destination (an evacuation
+/// runs many migrations with one of these).
+pub(crate) struct SendOptions {
+    pub tls: TlsDir,
+    pub downtime_ms: u64,
+    pub bandwidth: Bandwidth,
+    pub no_compress: bool,
+    pub max_rounds: u32,
+    pub no_throttle: bool,
+}
+
+/// The cap on page data per second.
+#[derive(Debug, Clone)]
+pub(crate) enum Bandwidth {
+    Unlimited,
+    /// This migration's own.
+    Cap(u64),
+    /// `total` split evenly among the `active` migrations that share it (each counts itself
+    /// in while it sends), so that parallel migrations share a link fairly.
+    Shared {
+        total: u64,
+        active: Arc<AtomicUsize>,
+    },
+}
+
+/// Where a migration failed: it decides whether another destination may do better.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stage {
+    /// The vkernel itself (gone, or it cannot be captured): no destination helps.
+    Source,
+    /// The destination's daemon cannot be reached.
+    Connect,
+    /// The destination refused the offer.
+    Refused,
+    /// During the transfer, before the destination ran anything: the vkernel runs here.
+    Transfer,
+    /// The vkernel runs at the destination, but its copy here could not be removed.
+    Commit,
+}
+
+/// A failed migration: where, and the error chain.
+#[derive(Debug)]
+pub(crate) struct SendError {
+    pub stage: Stage,
+    pub error: anyhow::Error,
+}
+
+impl SendError {
+    fn at(stage: Stage) -> impl FnOnce(anyhow::Error) -> SendError {
+        move |error| SendError { stage, error }
+    }
+}
+
 pub fn send(state: &StateDir, args: SendArgs) -> Result<()> {
-    let t0 = Instant::now();
-    let rec = super::running(state, &args.name)?;
-    let (addr, server_name) = resolve(&args.dest)?;
     let tls = TlsDir::load(&args.tls_dir)
         .with_context(|| format!("Cannot load the TLS files in {}", args.tls_dir.display()))?;
-    let rt = crate::net_runtime()?;
+    let opts = SendOptions {
+        tls,
+        downtime_ms: args.downtime_ms,
+        bandwidth: args
+            .max_bandwidth
+            .map_or(Bandwidth::Unlimited, Bandwidth::Cap),
+        no_compress: args.no_compress,
+        max_rounds: args.max_rounds,
+        no_throttle: args.no_throttle,
+    };
+    let ui = Ui::new();
+    let mut report = Report::default();
+    let result = migrate_vkernel(state, &args.name, &args.dest, &opts, &ui, &mut report);
+    // A report only once the migration itself began (an error before that is all there is).
+    if let (Some(path), false) = (&args.report, report.outcome.is_empty()) {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("Cannot write the report {}", path.display()))?;
+    }
+    result.map_err(|e| e.error)?;
+    println!(
+        "migrated {} to {} in {}: {} rounds, {} on the wire, downtime {:.1} ms",
+        args.name,
+        args.dest,
+        human::ms(Duration::from_secs_f64(report.total_ms / 1000.0)),
+        report.rounds.len() + 1,
+        human::mib(report.bytes_on_wire),
+        report.downtime_ms
+    );
+    Ok(())
+}
+
+/// Live-migrate vkernel `name` to the daemon at `dest`, filling `report`. Every ptrace step
+/// runs on the calling thread (the tracer is per thread), from the first freeze to the commit
+/// or thaw: call it from the thread that owns this migration. On any error but
+/// [`Stage::Commit`] the vkernel runs on here.
+pub(crate) fn migrate_vkernel(
+    state: &StateDir,
+    name: &str,
+    dest: &str,
+    opts: &SendOptions,
+    ui: &Ui,
+    report: &mut Report,
+) -> Result<(), SendError> {
+    let t0 = Instant::now();
+    let rec = super::running(state, name).map_err(SendError::at(Stage::Source))?;
+    let (addr, server_name) = resolve(dest).map_err(SendError::at(Stage::Connect))?;
+    let tls = &opts.tls;
+    let rt = crate::net_runtime().map_err(SendError::at(Stage::Source))?;
     let migration_id = format!("{:032x}", rand::random::<u128>());
-    let mut report = Report {
+    *report = Report {
         throttle_percent: 100,
         vkernel: rec.name.clone(),
-        destination: args.dest.clone(),
+        destination: dest.to_owned(),
         migration_id: migration_id.clone(),
         ..Default::default()
     };
-    let ui = Ui::new();
 
     // The daemon first: a peer we cannot authenticate never sees any state.
     let daemon = rt
         .block_on(vkm_transport::connect(
             addr,
             &server_name,
-            &tls,
+            tls,
             &Tuning::bulk(),
         ))
-        .with_context(|| format!("Cannot connect to {}", args.dest))?;
-    let opts = LiveOptions {
+        .with_context(|| format!("Cannot connect to {dest}"))
+        .map_err(SendError::at(Stage::Connect))?;
+    let live = LiveOptions {
         capture: super::capture_options(&rec),
         init_pid: rec.init_pid,
-        compression: !args.no_compress,
+        compression: !opts.no_compress,
         streams: STREAMS,
     };
-    let (precopy, skeleton) = Precopy::start(opts)
-        .with_context(|| format!("Cannot start migrating vkernel {}", rec.name))?;
-    let offer = make_offer(&skeleton, &migration_id)?;
-    let port = rt.block_on(ask_daemon(daemon, ToDaemon::Offer(Box::new(offer))))?;
-    let port = match port {
+    let (precopy, skeleton) = Precopy::start(live)
+        .with_context(|| format!("Cannot start migrating vkernel {}", rec.name))
+        .map_err(SendError::at(Stage::Source))?;
+    let offer = make_offer(&skeleton, &migration_id).map_err(SendError::at(Stage::Source))?;
+    let answer = rt
+        .block_on(ask_daemon(daemon, ToDaemon::Offer(Box::new(offer))))
+        .map_err(SendError::at(Stage::Connect))?;
+    let port = match answer {
         FromDaemon::Accept { port } => port,
         FromDaemon::Refuse { reason } => {
-            bail!("{} refused vkernel {}: {reason}", args.dest, rec.name)
+            return Err(SendError {
+                stage: Stage::Refused,
+                error: anyhow!("{dest} refused vkernel {}: {reason}", rec.name),
+            })
         }
-        other => bail!("Unexpected answer from {}: {other:?}", args.dest),
+        other => {
+            return Err(SendError {
+                stage: Stage::Refused,
+                error: anyhow!("Unexpected answer from {dest}: {other:?}"),
+            })
+        }
     };
+    let transfer = SendError::at(Stage::Transfer);
     let recv_addr = SocketAddr::new(addr.ip(), port);
     let session = rt
         .block_on(vkm_transport::connect(
             recv_addr,
             &server_name,
-            &tls,
+            tls,
             &Tuning::bulk(),
         ))
-        .with_context(|| format!("Cannot connect to the receiver at {recv_addr}"))?;
+        .with_context(|| format!("Cannot connect to the receiver at {recv_addr}"))
+        .map_err(transfer)?;
     let Session { conn, mut control } = session;
 
     let streams = rt
         .block_on(conn.open_bulk_streams(STREAMS as u32))
-        .context("Cannot open the page streams")?;
+        .context("Cannot open the page streams")
+        .map_err(SendError::at(Stage::Transfer))?;
     let mut txs = Vec::new();
     let mut writers = Vec::new();
     for mut s in streams {
@@ -140,7 +255,7 @@ pub fn send(state: &StateDir, args: SendArgs) -> Result<()> {
     }
     let sink = ChannelSink {
         txs,
-        limit: args.max_bandwidth.map(|r| Mutex::new(RateLimit::new(r))),
+        limit: RateLimit::new(&opts.bandwidth).map(Mutex::new),
     };
 
     let mut throttle: Option<Throttle> = None;
@@ -151,10 +266,11 @@ pub fn send(state: &StateDir, args: SendArgs) -> Result<()> {
         precopy,
         skeleton,
         &migration_id,
-        &args,
-        &mut report,
+        &rec.name,
+        opts,
+        report,
         &mut throttle,
-        &ui,
+        ui,
     );
     // The throttle never outlives the migration (it is released before a thaw, too).
     if let Some(t) = throttle.take() {
@@ -162,13 +278,18 @@ pub fn send(state: &StateDir, args: SendArgs) -> Result<()> {
     }
     drop(sink);
     ui.finish();
+    let commit_err = |e: SrcError| SendError {
+        stage: Stage::Commit,
+        error: anyhow::Error::from(e).context(format!(
+            "vkernel {} runs on {dest} now, but its stopped copy here cannot be removed",
+            rec.name
+        )),
+    };
     let outcome = match result {
         Ok(fin) => {
             report.outcome = "migrated".into();
             // Our copy goes only now that the destination runs the vkernel.
-            fin.commit()
-                .with_context(|| format!("Cannot remove vkernel {} here", rec.name))?;
-            Ok(())
+            fin.commit().map_err(commit_err)
         }
         Err(Failure::Before(e, fin)) => {
             if let Some(fin) = fin {
@@ -178,27 +299,31 @@ pub fn send(state: &StateDir, args: SendArgs) -> Result<()> {
             report.error = Some(format!("{e:#}"));
             let chain = format!("{e:#}");
             let _ = rt.block_on(send_msg(&mut control, &ToReceiver::Abort { reason: chain }));
-            Err(e.context(format!(
-                "Cannot migrate vkernel {} to {}; it keeps running here",
-                rec.name, args.dest
-            )))
+            Err(SendError {
+                stage: Stage::Transfer,
+                error: e.context(format!(
+                    "Cannot migrate vkernel {} to {dest}; it keeps running here",
+                    rec.name
+                )),
+            })
         }
         Err(Failure::Unknown(e, fin)) => {
             // The link went after `go`: the vkernel may run there. Ask until we know.
-            let running = settle(&rt, addr, &server_name, &tls, &rec.name, &migration_id, &e);
+            let running = settle(&rt, addr, &server_name, tls, &rec.name, &migration_id, &e);
             if running {
                 report.outcome = "migrated (confirmed after the link was lost)".into();
-                fin.commit()
-                    .with_context(|| format!("Cannot remove vkernel {} here", rec.name))?;
-                Ok(())
+                fin.commit().map_err(commit_err)
             } else {
                 fin.abort();
                 report.outcome = "failed after go; the vkernel runs on here".into();
                 report.error = Some(format!("{e:#}"));
-                Err(e.context(format!(
-                    "Cannot migrate vkernel {} to {}; the destination did not start it, it keeps running here",
-                    rec.name, args.dest
-                )))
+                Err(SendError {
+                    stage: Stage::Transfer,
+                    error: e.context(format!(
+                        "Cannot migrate vkernel {} to {dest}; the destination did not start it, it keeps running here",
+                        rec.name
+                    )),
+                })
             }
         }
     };
@@ -209,32 +334,22 @@ pub fn send(state: &StateDir, args: SendArgs) -> Result<()> {
     report.bytes_on_wire = conn.stats().udp_tx.bytes;
     report.total_ms = ms(t0.elapsed());
     let all = report.rounds.iter().chain(report.final_round.iter());
+    let (mut raw, mut encoded, mut zero) = (0, 0, 0);
     for r in all {
-        report.page_bytes_raw += r.bytes_raw;
-        report.page_bytes_encoded += r.bytes_encoded;
-        report.zero_pages += r.zero_pages;
+        raw += r.bytes_raw;
+        encoded += r.bytes_encoded;
+        zero += r.zero_pages;
     }
+    report.page_bytes_raw = raw;
+    report.page_bytes_encoded = encoded;
+    report.zero_pages = zero;
     report.compression_ratio = if report.page_bytes_encoded > 0 {
         report.page_bytes_raw as f64 / report.page_bytes_encoded as f64
     } else {
         1.0
     };
-    if let Some(path) = &args.report {
-        let text = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, text + "\n")
-            .with_context(|| format!("Cannot write the report {}", path.display()))?;
-    }
     rt.shutdown_timeout(Duration::from_secs(1));
     outcome?;
-    println!(
-        "migrated {} to {} in {}: {} rounds, {} on the wire, downtime {:.1} ms",
-        rec.name,
-        args.dest,
-        human::ms(t0.elapsed()),
-        report.rounds.len() + 1,
-        human::mib(report.bytes_on_wire),
-        report.downtime_ms
-    );
     if !state.wait_gone(&rec, Duration::from_secs(5)) {
         tracing::warn!(vkernel = %rec.name, "the source shim has not cleaned up within 5 s");
     }
@@ -256,7 +371,8 @@ fn migrate(
     mut precopy: Precopy,
     skeleton: Vkernel,
     migration_id: &str,
-    args: &SendArgs,
+    name: &str,
+    opts: &SendOptions,
     report: &mut Report,
     throttle: &mut Option<Throttle>,
     ui: &Ui,
@@ -279,8 +395,8 @@ fn migrate(
     }
 
     let conv = Convergence {
-        downtime_ms: args.downtime_ms,
-        max_rounds: args.max_rounds,
+        downtime_ms: opts.downtime_ms,
+        max_rounds: opts.max_rounds,
     };
     let mut history: Vec<u64> = Vec::new();
     let mut percent = 100u32;
@@ -309,7 +425,7 @@ fn migrate(
             bandwidth = bandwidth.max(rate);
         }
         let bandwidth = bandwidth.max(50e6);
-        ui.round(&s, rate, bandwidth, args.downtime_ms);
+        ui.round(&s, rate, bandwidth, opts.downtime_ms);
         let first = s.round == 0;
         if !first {
             history.push(s.bytes_raw);
@@ -322,9 +438,9 @@ fn migrate(
         match conv.next(remaining, bandwidth, &history, percent) {
             Next::Round => {}
             Next::StopAndCopy => break,
-            Next::Throttle(p) if !args.no_throttle => {
+            Next::Throttle(p) if !opts.no_throttle => {
                 if throttle.is_none() {
-                    match Throttle::new(&args.name, &precopy.host_pids) {
+                    match Throttle::new(name, &precopy.host_pids) {
                         Ok(t) => *throttle = Some(t),
                         Err(e) => {
                             tracing::warn!(error = %e, "cannot throttle the vkernel; stopping pre-copy");
@@ -472,7 +588,7 @@ fn settle(
     }
 }
 
-async fn ask_daemon(session: Session, msg: ToDaemon) -> Result<FromDaemon> {
+pub(crate) async fn ask_daemon(session: Session, msg: ToDaemon) -> Result<FromDaemon> {
     let Session { conn, mut control } = session;
     crate::wire::send(&mut control, &msg, "destination").await?;
     let answer = crate::wire::recv(&mut control, "destination").await;
@@ -499,7 +615,7 @@ fn unexpected(m: FromReceiver) -> anyhow::Error {
 }
 
 /// What the destination must check before anything moves.
-fn make_offer(vk: &Vkernel, migration_id: &str) -> Result<Offer> {
+pub(crate) fn make_offer(vk: &Vkernel, migration_id: &str) -> Result<Offer> {
     let mut files: Vec<MappedFile> = vk
         .mms
         .iter()
@@ -563,7 +679,7 @@ fn mem_needed(vk: &Vkernel) -> u64 {
 }
 
 /// HOST:PORT → the address and the name the server's certificate must carry.
-fn resolve(dest: &str) -> Result<(SocketAddr, String)> {
+pub(crate) fn resolve(dest: &str) -> Result<(SocketAddr, String)> {
     let (host, _port) = dest
         .rsplit_once(':')
         .ok_or_else(|| anyhow!("The destination {dest:?} is not HOST:PORT"))?;
@@ -601,40 +717,72 @@ impl PageSink for ChannelSink {
     }
 }
 
-/// A token bucket: bytes per second, bursts of up to 50 ms.
+/// A token bucket: bytes per second, bursts of up to 50 ms. With a shared cap the rate is
+/// the cap's share of this migration, worked out anew for every message, so that a migration
+/// speeds up as soon as another one ends.
 struct RateLimit {
-    rate: f64,
+    total: f64,
+    /// The migrations sharing `total`, this one included (counted out on Drop).
+    share: Option<Arc<AtomicUsize>>,
     tokens: f64,
     last: Instant,
 }
 
 impl RateLimit {
-    fn new(rate: u64) -> RateLimit {
-        RateLimit {
-            rate: rate as f64,
+    fn new(bw: &Bandwidth) -> Option<RateLimit> {
+        let (total, share) = match bw {
+            Bandwidth::Unlimited => return None,
+            Bandwidth::Cap(r) => (*r, None),
+            Bandwidth::Shared { total, active } => {
+                active.fetch_add(1, Ordering::SeqCst);
+                (*total, Some(Arc::clone(active)))
+            }
+        };
+        Some(RateLimit {
+            total: total as f64,
+            share,
             tokens: 0.0,
             last: Instant::now(),
-        }
+        })
+    }
+
+    fn rate(&self) -> f64 {
+        let n = self
+            .share
+            .as_ref()
+            .map_or(1, |a| a.load(Ordering::SeqCst).max(1));
+        self.total / n as f64
     }
 
     /// Take `n` bytes; returns how long to wait before sending them.
     fn take(&mut self, n: u64) -> Duration {
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate)
-            .min(self.rate * 0.05);
+        let rate = self.rate();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(rate * 0.05);
         self.last = now;
         self.tokens -= n as f64;
         if self.tokens >= 0.0 {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64(-self.tokens / self.rate)
+            Duration::from_secs_f64(-self.tokens / rate)
+        }
+    }
+}
+
+impl Drop for RateLimit {
+    fn drop(&mut self) {
+        if let Some(a) = &self.share {
+            a.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
 
 /// Progress: a spinner line on a terminal, log lines otherwise.
-struct Ui {
+pub(crate) struct Ui {
     bar: Option<ProgressBar>,
+    /// Put before every line (an evacuation's migrations share stderr).
+    prefix: String,
 }
 
 impl Ui {
@@ -649,7 +797,18 @@ impl Ui {
             b.set_message("pre-copy round 0: all pages");
             b
         });
-        Ui { bar }
+        Ui {
+            bar,
+            prefix: String::new(),
+        }
+    }
+
+    /// Plain lines, each starting with `prefix`: for migrations that run side by side.
+    pub(crate) fn lines(prefix: &str) -> Ui {
+        Ui {
+            bar: None,
+            prefix: prefix.to_owned(),
+        }
     }
 
     fn round(&self, s: &RoundStats, dirty_rate: f64, bandwidth: f64, downtime_ms: u64) {
@@ -674,7 +833,7 @@ impl Ui {
                 b.println(line);
                 b.set_message(line.to_owned());
             }
-            None => eprintln!("{line}"),
+            None => eprintln!("{}{line}", self.prefix),
         }
     }
 

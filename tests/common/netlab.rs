@@ -183,9 +183,21 @@ impl Host {
 
     /// `vkmigrate listen` on ADDR:4433 with the host's TLS dir, once it said `listening on`.
     pub fn spawn_listen(&self) -> Listener {
+        self.spawn_listen_with(&[])
+    }
+
+    /// [`Host::spawn_listen`] with more options (e.g. `--max-memory`).
+    pub fn spawn_listen_with(&self, extra: &[&str]) -> Listener {
         let addr = SocketAddrV4::new(self.addr, LISTEN_PORT).to_string();
-        let cmd = self.vkm_cmd(&["listen", "--addr", &addr, "--tls-dir", s(&self.tls_dir)]);
+        let mut cmd = self.vkm_cmd(&["listen", "--addr", &addr, "--tls-dir", s(&self.tls_dir)]);
+        cmd.args(extra);
         self.spawn_ready("listen", cmd, "listening on ")
+    }
+
+    /// `vkmigrate --state-dir S ARGS` in the host's namespace, not started yet (for a
+    /// command the test watches or signals while it runs).
+    pub fn vkm_command(&self, args: &[&str]) -> Command {
+        self.vkm_cmd(args)
     }
 
     /// Start `cmd` (from [`Host::cmd`]) as a daemon and wait (20 s at most) until its first

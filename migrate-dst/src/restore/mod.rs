@@ -742,6 +742,21 @@ fn own_vdso() -> Result<Vec<u8>, DstError> {
 /// Whether this host can run the vkernel an offer describes: the same kernel build (vDSO),
 /// the same CPU state layout, enough memory, the same mapped files. The reason, if not.
 pub fn check_offer(offer: &vkm_common::live::Offer) -> Result<(), String> {
+    check_compat(offer)?;
+    let avail = vkm_sys::host::mem_available().map_err(|e| e.to_string())?;
+    if offer.mem_bytes > avail {
+        return Err(format!(
+            "not enough memory: the vkernel needs {} MiB, {} MiB are available",
+            offer.mem_bytes >> 20,
+            avail >> 20
+        ));
+    }
+    Ok(())
+}
+
+/// [`check_offer`] but for memory: whether this host could run the vkernel at all, for a
+/// capacity answer (the memory is answered as one number for all vkernels).
+pub fn check_compat(offer: &vkm_common::live::Offer) -> Result<(), String> {
     if offer.version != vkm_common::live::PROTOCOL_VERSION {
         return Err(format!(
             "protocol version {} (this host speaks {})",
@@ -766,14 +781,6 @@ pub fn check_offer(offer: &vkm_common::live::Offer) -> Result<(), String> {
     }
     for d in &offer.net {
         vkm_netconf::check(d).map_err(|e| vkm_common::error::chain(&e))?;
-    }
-    let avail = vkm_sys::host::mem_available().map_err(|e| e.to_string())?;
-    if offer.mem_bytes > avail {
-        return Err(format!(
-            "not enough memory: the vkernel needs {} MiB, {} MiB are available",
-            offer.mem_bytes >> 20,
-            avail >> 20
-        ));
     }
     for f in &offer.files {
         use std::os::unix::fs::MetadataExt;
