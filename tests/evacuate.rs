@@ -14,7 +14,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::netlab::{Host, Listener, NetLab, LISTEN_PORT};
-use common::{field_u64, tick_lines, COMMAND_TIMEOUT};
+use common::COMMAND_TIMEOUT;
 
 const MIB: u64 = 1 << 20;
 
@@ -64,22 +64,6 @@ fn text(b: &[u8]) -> String {
 
 fn read_json(path: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-/// The last tick `name` printed on `host`, and no check failed.
-fn last_tick(host: &Host, name: &str) -> u64 {
-    let log = host.console_log(name);
-    assert!(!log.contains("vkload FAIL"), "vkload failed:\n{log}");
-    tick_lines(&log)
-        .last()
-        .map(|l| field_u64(l, "tick"))
-        .unwrap_or(0)
-}
-
-/// `name` runs on `host` and goes on ticking with its checks passing.
-fn still_ticking(host: &Host, name: &str) {
-    let t = last_tick(host, name);
-    host.wait_tick(name, t + 5, Duration::from_secs(30));
 }
 
 fn sorted(mut v: Vec<String>) -> Vec<String> {
@@ -199,7 +183,7 @@ fn four_vkloads_are_placed_by_capacity_and_all_move_on() {
     let _lb = listen_with_max(b, room);
     let _lc = listen_with_max(c, room);
 
-    let seen: BTreeMap<&str, u64> = loads.iter().map(|l| (l.0, last_tick(a, l.0))).collect();
+    let seen: BTreeMap<&str, u64> = loads.iter().map(|l| (l.0, a.last_tick(l.0))).collect();
     let report_path = a.dir.join("evacuate.json");
     let out = evacuate(
         a,
@@ -241,7 +225,7 @@ fn four_vkloads_are_placed_by_capacity_and_all_move_on() {
         for name in names {
             let line = host.wait_tick(name, seen[name.as_str()] + 5, Duration::from_secs(30));
             assert_eq!(line.get("pid").map(String::as_str), Some("2"));
-            still_ticking(host, name);
+            host.still_ticking(name, Duration::from_secs(30));
         }
     }
     assert!(
@@ -368,10 +352,10 @@ fn a_target_killed_during_the_evacuation_loses_its_vkernels_to_the_other() {
     all.sort();
     assert_eq!(all, ["v1", "v2", "v3", "v4"], "B {on_b:?}, C {on_c:?}");
     for n in &on_b {
-        still_ticking(b, n);
+        b.still_ticking(n, Duration::from_secs(30));
     }
     for n in &on_c {
-        still_ticking(c, n);
+        c.still_ticking(n, Duration::from_secs(30));
     }
     let r = read_json(&report_path);
     let rerouted: Vec<&String> = on_b
@@ -443,8 +427,8 @@ fn a_plan_that_cannot_fit_is_shown_by_dry_run_and_refused_before_anything_moves(
     );
     // Nothing moved: both run on A as before, the targets have nothing, A is not drained.
     assert_eq!(sorted(a.ps_names().unwrap()), ["big", "small"]);
-    still_ticking(a, "big");
-    still_ticking(a, "small");
+    a.still_ticking("big", Duration::from_secs(30));
+    a.still_ticking("small", Duration::from_secs(30));
     assert!(b.ps_names().unwrap().is_empty());
     assert!(c.ps_names().unwrap().is_empty());
     assert!(!draining_marker(a));
@@ -491,7 +475,7 @@ fn at_waits_and_ctrl_c_before_then_cancels_cleanly() {
         "{stderr}"
     );
     assert_eq!(a.ps_names().unwrap(), ["v1"]);
-    still_ticking(a, "v1");
+    a.still_ticking("v1", Duration::from_secs(30));
     assert!(b.ps_names().unwrap().is_empty());
     assert!(!draining_marker(a));
 }
@@ -528,14 +512,14 @@ fn a_drained_host_refuses_arrivals_until_undrain() {
         stderr.contains("refused") && stderr.contains("drained") && stderr.contains("undrain"),
         "{stderr}"
     );
-    still_ticking(b, "w");
+    b.still_ticking("w", Duration::from_secs(30));
 
     assert!(a.ok(&["undrain"]).contains("accepts vkernels again"));
     assert!(!draining_marker(a));
     let out = send(b, a);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(a.ps_names().unwrap(), ["w"]);
-    still_ticking(a, "w");
+    a.still_ticking("w", Duration::from_secs(30));
 }
 
 /// A vkmigrate process the test watches: its stdout lines as they come, its stderr drained;

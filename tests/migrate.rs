@@ -15,36 +15,6 @@ fn dest(h: &Host) -> String {
     format!("{}:{LISTEN_PORT}", h.addr)
 }
 
-/// `vkmigrate send NAME` from `from` to `to`'s listener with `from`'s certificate, and `extra`.
-fn send(from: &Host, name: &str, to: &Host, extra: &[&str]) -> std::process::Output {
-    let to = dest(to);
-    let mut args = vec![
-        "send",
-        name,
-        to.as_str(),
-        "--tls-dir",
-        from.tls_dir.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    from.vkm(&args)
-}
-
-/// The last tick `name` printed on `host`, and no check failed.
-fn last_tick(host: &Host, name: &str) -> u64 {
-    let log = host.console_log(name);
-    assert!(!log.contains("vkload FAIL"), "vkload failed:\n{log}");
-    tick_lines(&log)
-        .last()
-        .map(|l| field_u64(l, "tick"))
-        .unwrap_or(0)
-}
-
-/// `name` runs on `host` and goes on ticking with its checks passing.
-fn still_ticking(host: &Host, name: &str) {
-    let t = last_tick(host, name);
-    host.wait_tick(name, t + 5, Duration::from_secs(20));
-}
-
 #[test]
 fn a_running_vkload_moves_to_another_host_and_goes_on() {
     let lab = NetLab::new("mig-basic", &["a", "b"]);
@@ -57,8 +27,8 @@ fn a_running_vkload_moves_to_another_host_and_goes_on() {
     a.wait_tick("web1", 5, Duration::from_secs(20));
     let report = a.dir.join("report.json");
     // A's console goes with its state once the vkernel has left.
-    let seen = last_tick(a, "web1");
-    let out = send(a, "web1", b, &["--report", report.to_str().unwrap()]);
+    let seen = a.last_tick("web1");
+    let out = a.send("web1", b, &["--report", report.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "send failed: {}",
@@ -110,7 +80,7 @@ fn a_certificate_of_another_ca_is_refused_and_the_vkernel_stays() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Cannot connect"), "{err}");
-    still_ticking(a, "web1");
+    a.still_ticking("web1", Duration::from_secs(20));
     assert!(b.ps_names().unwrap().is_empty());
 }
 
@@ -123,24 +93,24 @@ fn a_taken_name_is_refused_and_same_pids_live_side_by_side() {
     a.run_vkload("web1", &["--mem", "8"]);
     a.run_vkload("web2", &["--mem", "8"]);
     a.wait_tick("web1", 3, Duration::from_secs(20));
-    let out = send(a, "web1", b, &[]);
+    let out = a.send("web1", b, &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("refused") && err.contains("already exists"),
         "{err}"
     );
-    still_ticking(a, "web1");
+    a.still_ticking("web1", Duration::from_secs(20));
 
     // Another name goes through and runs next to B's own vkload, both at pid 2 inside.
-    let out = send(a, "web2", b, &[]);
+    let out = a.send("web2", b, &[]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    still_ticking(b, "web1");
-    still_ticking(b, "web2");
+    b.still_ticking("web1", Duration::from_secs(20));
+    b.still_ticking("web2", Duration::from_secs(20));
     let pid = |name: &str| {
         tick_lines(&b.console_log(name))
             .last()
@@ -192,7 +162,7 @@ fn a_receiver_killed_during_precopy_leaves_the_vkernel_running_here() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("keeps running here"), "{err}");
-    still_ticking(a, "web1");
+    a.still_ticking("web1", Duration::from_secs(20));
     assert!(a.ps_names().unwrap().contains(&"web1".to_string()));
     assert!(!b.ps_names().unwrap().contains(&"web1".to_string()));
 }
@@ -246,8 +216,7 @@ fn a_vkernel_whose_processes_come_and_go_moves_too() {
     let seen = count(a);
     let report = a.dir.join("report.json");
     // A slow pre-copy makes sure the tree changes in between.
-    let out = send(
-        a,
+    let out = a.send(
         "sh1",
         b,
         &[

@@ -12,7 +12,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::netlab::{output_within, Host, NetLab, BRIDGE, LISTEN_PORT};
+use common::netlab::{output_within, Host, NetLab, BRIDGE};
 use common::{field_u64, last_tick_line, vkload_bin, COMMAND_TIMEOUT};
 
 /// The guest's address on the lab's LAN, and its MAC.
@@ -20,20 +20,6 @@ const GUEST_IP: &str = "198.18.0.200";
 const GUEST_MAC: &str = "02:00:00:00:02:00";
 /// An address of the tap's host side (its own subnet, so it clashes with nothing).
 const TAP_ADDR: &str = "198.18.9.1/24";
-
-fn dest(h: &Host) -> String {
-    format!("{}:{LISTEN_PORT}", h.addr)
-}
-
-fn send(from: &Host, name: &str, to: &Host) -> std::process::Output {
-    from.vkm(&[
-        "send",
-        name,
-        &dest(to),
-        "--tls-dir",
-        from.tls_dir.to_str().unwrap(),
-    ])
-}
 
 /// `vkmigrate run` of a networked vkload on `host`: `taps` are the `--tap`/`--tap-addr`/...
 /// options, `net` vkload's `--net` value.
@@ -128,7 +114,7 @@ fn the_guest_stays_reachable_at_its_address_through_a_move() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    let out = send(a, "g1", b);
+    let out = a.send("g1", b, &[]);
     let ping_out = output_of(&mut ping);
     assert!(
         out.status.success(),
@@ -191,7 +177,7 @@ fn a_destination_that_cannot_wire_the_vkernel_refuses_it_and_an_owned_bridge_mov
         String::from_utf8_lossy(&out.stderr)
     );
     a.wait_tick("g1", 2, Duration::from_secs(20));
-    let out = send(a, "g1", b);
+    let out = a.send("g1", b, &[]);
     assert!(
         !out.status.success(),
         "send to a host with tap0 taken succeeded"
@@ -217,7 +203,7 @@ fn a_destination_that_cannot_wire_the_vkernel_refuses_it_and_an_owned_bridge_mov
         String::from_utf8_lossy(&out.stderr)
     );
     a.wait_tick("g2", 2, Duration::from_secs(20));
-    let err = String::from_utf8_lossy(&send(a, "g2", b).stderr).into_owned();
+    let err = String::from_utf8_lossy(&a.send("g2", b, &[]).stderr).into_owned();
     assert!(err.contains("refused") && err.contains("brx"), "{err}");
     assert!(a.ps_names().unwrap().contains(&"g2".to_string()));
 
@@ -241,7 +227,7 @@ fn a_destination_that_cannot_wire_the_vkernel_refuses_it_and_an_owned_bridge_mov
     );
     assert!(a.has_link("bry"), "run --bridge-create made no bridge");
     a.wait_tick("g3", 2, Duration::from_secs(20));
-    let out = send(a, "g3", b);
+    let out = a.send("g3", b, &[]);
     assert!(
         out.status.success(),
         "{}",

@@ -10,7 +10,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::netlab::{NetLab, LISTEN_PORT};
+use common::netlab::{Host, NetLab};
 use common::Lab;
 
 const BOOT: Duration = Duration::from_secs(60);
@@ -203,6 +203,18 @@ fn a_uml_with_a_memory_heavy_job_moves_and_goes_on() {
     move_uml("uml-busy", &init);
 }
 
+/// `send` NAME from `a` to `b`, which must succeed; prints its summary (rounds, downtime) for
+/// whoever runs the tests with `--nocapture`.
+fn send_ok(a: &Host, name: &str, b: &Host) {
+    let out = a.send(name, b, &[]);
+    assert!(
+        out.status.success(),
+        "send failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+}
+
 fn move_uml(test: &str, init: &str) {
     let lab = NetLab::new(test, &["a", "b"]);
     let (a, b) = (lab.host("a"), lab.host("b"));
@@ -212,21 +224,7 @@ fn move_uml(test: &str, init: &str) {
     run.extend(args.iter().map(String::as_str));
     a.ok(&run);
     let (n0, up0) = wait_log_tick(|| a.console_log("umlm"), |(n, _)| n >= 2, BOOT);
-    let to = format!("{}:{LISTEN_PORT}", b.addr);
-    let out = a.vkm(&[
-        "send",
-        "umlm",
-        &to,
-        "--tls-dir",
-        a.tls_dir.to_str().expect("utf-8"),
-    ]);
-    assert!(
-        out.status.success(),
-        "send failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // The summary (rounds, downtime), for whoever runs this with --nocapture.
-    println!("{}", String::from_utf8_lossy(&out.stdout));
+    send_ok(a, "umlm", b);
     assert!(!a.ps_names().expect("ps on a").contains(&"umlm".to_string()));
     let (n1, up1) = wait_log_tick(|| b.console_log("umlm"), |(n, _)| n > n0 + 3, TICKS);
     // A page that did not come along shows up as the guest kernel's own complaints.
@@ -362,20 +360,7 @@ fn a_uml_keeps_its_tcp_connection_through_a_move() {
         Duration::from_secs(120),
     );
 
-    let to = format!("{}:{LISTEN_PORT}", b.addr);
-    let out = a.vkm(&[
-        "send",
-        "umln",
-        &to,
-        "--tls-dir",
-        a.tls_dir.to_str().expect("utf-8"),
-    ]);
-    assert!(
-        out.status.success(),
-        "send failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!("{}", String::from_utf8_lossy(&out.stdout));
+    send_ok(a, "umln", b);
     wait_log_tick(|| b.console_log("umln"), |(n, _)| n >= 1, TICKS);
     // Some more messages after the move, then the client stops and reports.
     std::thread::sleep(Duration::from_secs(3));

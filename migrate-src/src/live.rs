@@ -330,7 +330,7 @@ impl Precopy {
             if kept {
                 // The destination keeps its memory objects across the rebuild (UML's guest
                 // processes come and go all the time; its RAM file stays): only what changed.
-                for o in &mut self.objects {
+                for o in &self.objects {
                     let ranges = changed_pages(o)?;
                     push_chunks(&mut chunks, Space::Object(o.id), &ranges);
                 }
@@ -548,7 +548,7 @@ fn stream_of(space: Space, addr: u64, n: usize) -> usize {
 
 /// Pages of an object whose content differs from what was sent last (holes count as zero),
 /// as ranges; the stored hashes are updated.
-fn changed_pages(o: &mut TrackedObject) -> Result<Vec<(u64, u64)>, SrcError> {
+fn changed_pages(o: &TrackedObject) -> Result<Vec<(u64, u64)>, SrcError> {
     let zero = xxhash_rust::xxh3::xxh3_64(&[0u8; PAGE_SIZE]);
     let mut now = vec![zero; o.hashes.len()];
     let mut buf = vec![0u8; CHUNK as usize];

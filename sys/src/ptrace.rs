@@ -24,7 +24,7 @@ pub(crate) const PTRACE_SEIZE: u32 = 0x4206;
 pub(crate) const PTRACE_INTERRUPT: u32 = 0x4207;
 const PTRACE_PEEKSIGINFO: u32 = 0x4209;
 const PTRACE_GETSIGMASK: u32 = 0x420a;
-const PTRACE_SETSIGMASK: u32 = 0x420b;
+pub(crate) const PTRACE_SETSIGMASK: u32 = 0x420b;
 const PTRACE_GET_RSEQ_CONFIGURATION: u32 = 0x420f;
 const NT_X86_XSTATE: usize = 0x202;
 /// The kernel's xsave area is at most a few KiB (2432 bytes with AVX-512 + PKU here); AMX

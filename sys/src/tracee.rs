@@ -33,24 +33,40 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 /// in effect. `tracer` (host tid) must be stopped under our ptrace; `tracee` is the host tid,
 /// `tracee_ns` the same task's tid in the tracer's PID namespace. Returns signals that were
 /// pending for the tracee and had to be taken on the way (send them again after [`give`]).
+///
+/// The tracee must not run a single instruction of its own between its tracer's detach and
+/// our seize, whatever ptrace stop it was in. `PTRACE_DETACH` with SIGSTOP would not do: the
+/// signal is dropped when the tracee sits in an interrupt stop (as [`give`] leaves it, until
+/// its tracer next runs it), which then resumes natively. So SIGSTOP is queued first and every
+/// other signal blocked (a pending SIGALRM would otherwise be dequeued first and run a handler
+/// natively), then the tracee is detached without a signal and its first act is to stop.
 pub fn take(tracer: i32, tracee: i32, tracee_ns: i32) -> Result<Vec<i32>> {
+    let mask = blocked_mask(tracee)?;
     in_tracer(tracer, |r| {
-        r.call(
-            "ptrace(PTRACE_DETACH)",
-            libc::SYS_ptrace,
+        // PTRACE_SETSIGMASK reads the new mask from the tracer's memory: a page of its own,
+        // so that nothing of the tracer's memory changes.
+        let page = r.call(
+            "mmap(scratch)",
+            libc::SYS_mmap,
             &[
-                libc::PTRACE_DETACH as u64,
-                tracee_ns as u64,
                 0,
-                libc::SIGSTOP as u64,
+                PAGE,
+                (libc::PROT_READ | libc::PROT_WRITE) as u64,
+                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+                u64::MAX,
+                0,
             ],
-        )
-        .map(drop)
+        )?;
+        let detached = detach_stopped(r, page, tracee, tracee_ns);
+        let unmapped = r.call("munmap(scratch)", libc::SYS_munmap, &[page, PAGE]);
+        detached?;
+        unmapped.map(drop)
     })?;
     wait_state(tracee, "T")?;
     ptrace::seize(tracee, ptrace::PTRACE_O_TRACESYSGOOD)?;
     // Seizing a task in a group stop makes it trap at once and report that stop.
     expect_stop(tracee, "seized")?;
+    ptrace::set_sigmask(tracee, mask)?;
     // End the group stop; the SIGCONT itself is reported to us (a tracer sees every signal)
     // and suppressed. Nothing of the task's own code runs: both stops are inside the kernel's
     // signal handling on its way back to user space.
@@ -69,17 +85,55 @@ pub fn take(tracer: i32, tracee: i32, tracee_ns: i32) -> Result<Vec<i32>> {
     }
 }
 
+const PAGE: u64 = 4096;
+
+/// In the tracer `r`: block every signal of its tracee, queue SIGSTOP and detach it, so that
+/// it group-stops before it returns to user space. `page` is a writable page of the tracer.
+fn detach_stopped(r: &mut Remote, page: u64, tracee: i32, tracee_ns: i32) -> Result<()> {
+    r.write(page, &u64::MAX.to_ne_bytes())?;
+    r.call(
+        "ptrace(PTRACE_SETSIGMASK)",
+        libc::SYS_ptrace,
+        &[
+            u64::from(ptrace::PTRACE_SETSIGMASK),
+            tracee_ns as u64,
+            8,
+            page,
+        ],
+    )?;
+    // A ptrace-stopped task keeps a signal sent to it pending until it resumes.
+    crate::calls::tgkill(tracee, tracee, libc::SIGSTOP)?;
+    r.call(
+        "ptrace(PTRACE_DETACH)",
+        libc::SYS_ptrace,
+        &[libc::PTRACE_DETACH as u64, tracee_ns as u64, 0, 0],
+    )
+    .map(drop)
+}
+
+/// The signals `tid` blocks, from /proc/TID/status.
+fn blocked_mask(tid: i32) -> Result<u64> {
+    let path = proc::pid_path(tid, "status");
+    let status = proc::read(&path)?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .ok_or_else(|| SysError::Unexpected {
+            pid: tid,
+            what: "has no SigBlk line in its status".into(),
+        })
+}
+
 /// The reverse of [`take`]: our stopped tracee `tracee` goes to `tracer` (stopped under our
 /// ptrace), which seizes it with [`GIVE_OPTIONS`], interrupts it and consumes that stop. The
 /// tracee's registers are not kept (its tracer sets them before it runs it); its signal mask
 /// is. Signals that were pending for it are taken on the way and returned.
 pub fn give(tracer: i32, tracee: i32, tracee_ns: i32) -> Result<Vec<i32>> {
-    let gadget = vdso_gadget(tracee)?;
     // A pending signal it does not block would run its handler natively once detached: take
     // every one first (an injected getpid sees them as stops) and let the caller resend them.
-    let mem = open_mem(tracee)?;
-    let mut r = Remote::new(tracee, gadget, 0, 0, mem)?;
-    r.stack = r.saved.rsp;
+    let mut r = remote(tracee)?;
+    let gadget = r.gadget;
     r.call("getpid", libc::SYS_getpid, &[])?;
     let taken: Vec<i32> = r
         .swallowed
@@ -152,29 +206,31 @@ fn expect_stop(tid: i32, what: &str) -> Result<Stop> {
     }
 }
 
-fn open_mem(tid: i32) -> Result<std::fs::File> {
+/// A stopped thread ready for injection through a `syscall` instruction of its vDSO, on its
+/// own stack.
+fn remote(tid: i32) -> Result<Remote> {
     let mem_path = proc::pid_path(tid, "mem");
-    OpenOptions::new()
+    let mem = OpenOptions::new()
         .read(true)
         .write(true)
         .open(&mem_path)
         .map_err(|source| SysError::Path {
             path: mem_path,
             source,
-        })
+        })?;
+    let mut r = Remote::new(tid, vdso_gadget(tid)?, 0, 0, mem)?;
+    r.stack = r.saved.rsp;
+    Ok(r)
 }
 
 /// Run injected calls in the stopped thread `tid` with its signals blocked, through a `syscall`
 /// instruction of its vDSO; its registers and signal mask are put back whatever happens.
 fn in_tracer<T>(tid: i32, f: impl FnOnce(&mut Remote) -> Result<T>) -> Result<T> {
-    let gadget = vdso_gadget(tid)?;
-    let mem = open_mem(tid)?;
     let mask = ptrace::get_sigmask(tid)?;
     // Signals that arrive meanwhile (UML's timer) stay pending instead of being swallowed by
     // the injection, which would lose a timer tick for good.
     ptrace::set_sigmask(tid, u64::MAX)?;
-    let mut r = Remote::new(tid, gadget, 0, 0, mem)?;
-    r.stack = r.saved.rsp;
+    let mut r = remote(tid)?;
     let out = f(&mut r);
     let regs = r.restore_regs();
     let masked = ptrace::set_sigmask(tid, mask);
@@ -186,29 +242,23 @@ fn in_tracer<T>(tid: i32, f: impl FnOnce(&mut Remote) -> Result<T>) -> Result<T>
 
 /// A `syscall` instruction in the vDSO of `tid`'s process.
 pub fn vdso_gadget(tid: i32) -> Result<u64> {
-    let maps = proc::read(proc::pid_path(tid, "maps"))?;
-    let (start, end) = maps
-        .lines()
-        .find(|l| l.ends_with("[vdso]"))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|range| range.split_once('-'))
-        .and_then(|(s, e)| {
-            Some((
-                u64::from_str_radix(s, 16).ok()?,
-                u64::from_str_radix(e, 16).ok()?,
-            ))
-        })
+    let path = proc::pid_path(tid, "maps");
+    let maps = vkm_common::procfs::parse_maps(&proc::read(&path)?)
+        .map_err(|e| proc::parse_error(path, e))?;
+    let vdso = maps
+        .iter()
+        .find(|v| v.path.as_deref() == Some("[vdso]"))
         .ok_or_else(|| SysError::Unexpected {
             pid: tid,
             what: "has no [vdso] to borrow a syscall instruction from".into(),
         })?;
-    let mut code = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
-    proc::read_vm(tid, start, &mut code).map_err(|source| SysError::Syscall {
+    let mut code = vec![0u8; usize::try_from(vdso.end - vdso.start).unwrap_or(0)];
+    proc::read_vm(tid, vdso.start, &mut code).map_err(|source| SysError::Syscall {
         op: "read the vDSO of",
         pid: tid,
         source,
     })?;
-    inject::find_syscall_insn(&code, start).ok_or_else(|| SysError::Unexpected {
+    inject::find_syscall_insn(&code, vdso.start).ok_or_else(|| SysError::Unexpected {
         pid: tid,
         what: "has no syscall instruction in its [vdso]".into(),
     })

@@ -239,6 +239,28 @@ impl Host {
         l
     }
 
+    /// `vkmigrate send NAME` from this host to `to`'s listener with this host's certificate,
+    /// and `extra` options.
+    pub fn send(&self, name: &str, to: &Host, extra: &[&str]) -> Output {
+        let dest = SocketAddrV4::new(to.addr, LISTEN_PORT).to_string();
+        let mut args = vec!["send", name, dest.as_str(), "--tls-dir", s(&self.tls_dir)];
+        args.extend_from_slice(extra);
+        self.vkm(&args)
+    }
+
+    /// The last tick vkload `name` printed on this host (0 for none); no check failed.
+    pub fn last_tick(&self, name: &str) -> u64 {
+        let log = self.console_log(name);
+        assert!(!log.contains("vkload FAIL"), "vkload failed:\n{log}");
+        last_tick_line(&log).map_or(0, |l| field_u64(&l, "tick"))
+    }
+
+    /// vkload `name` runs on this host and ticks 5 more times within `timeout`, checks passing.
+    pub fn still_ticking(&self, name: &str, timeout: Duration) {
+        let t = self.last_tick(name);
+        self.wait_tick(name, t + 5, timeout);
+    }
+
     pub fn console_log(&self, name: &str) -> String {
         std::fs::read_to_string(self.state_dir.join(name).join("console.log")).unwrap_or_default()
     }

@@ -308,7 +308,15 @@ impl<'a> FileCapture<'a> {
             self.console_path = Some(fd_path);
             return Ok(FileKind::Console);
         }
-        if link.starts_with("/memfd:") {
+        // A memfd, or an unlinked file on tmpfs (UML's RAM file, O_TMPFILE), is memory only:
+        // carried as a memory object. An unlinked file on a disk would need its contents,
+        // which an image does not carry.
+        let deleted = link.ends_with(" (deleted)");
+        let memory_only = link.starts_with("/memfd:")
+            || (deleted
+                && nix::sys::statfs::statfs(&fd_path)
+                    .is_ok_and(|f| f.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC));
+        if memory_only {
             let meta = std::fs::metadata(&fd_path).map_err(|e| vkm_sys::SysError::Path {
                 path: fd_path.clone(),
                 source: e,
@@ -319,27 +327,8 @@ impl<'a> FileCapture<'a> {
         if !link.starts_with('/') {
             return Err(unsupported(link));
         }
-        if link.ends_with(" (deleted)") {
-            // An unlinked file on tmpfs (UML's RAM file, O_TMPFILE) is memory only: it is
-            // carried as a memory object, like a memfd. On a disk its contents would be a
-            // file's, which an image does not carry.
-            let on_tmpfs =
-                nix::sys::statfs::fstatfs(&std::fs::File::open(&fd_path).map_err(|e| {
-                    vkm_sys::SysError::Path {
-                        path: fd_path.clone(),
-                        source: e,
-                    }
-                })?)
-                .is_ok_and(|f| f.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
-            if !on_tmpfs {
-                return Err(unsupported(&format!("a deleted file {link}")));
-            }
-            let meta = std::fs::metadata(&fd_path).map_err(|e| vkm_sys::SysError::Path {
-                path: fd_path.clone(),
-                source: e,
-            })?;
-            let id = mem.object_by_inode(meta.dev(), meta.ino(), link, &fd_path)?;
-            return Ok(FileKind::Object { id });
+        if deleted {
+            return Err(unsupported(&format!("a deleted file {link}")));
         }
         let meta = std::fs::metadata(&fd_path).map_err(|e| vkm_sys::SysError::Path {
             path: fd_path.clone(),
