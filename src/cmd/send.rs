@@ -247,7 +247,9 @@ pub(crate) fn migrate_vkernel(
         txs.push(tx);
         writers.push(rt.spawn(async move {
             while let Some(msg) = rx.recv().await {
-                s.write_all(&msg).await?;
+                // Handed over as it is: write_all would copy every page once more.
+                s.write_chunk(vkm_transport::bytes::Bytes::from(msg))
+                    .await?;
             }
             s.finish()?;
             Ok::<(), anyhow::Error>(())

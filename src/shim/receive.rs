@@ -413,6 +413,9 @@ async fn apply_stream(
     applied: Arc<Applied>,
 ) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    // Buffers go back to be filled again: a new one for every message would be fresh memory,
+    // which the kernel zeroes page by page before the message is copied in.
+    let (recycle, recycled) = std::sync::mpsc::channel::<Vec<u8>>();
     let applier = {
         let applied = Arc::clone(&applied);
         std::thread::Builder::new()
@@ -422,6 +425,8 @@ async fn apply_stream(
                     if !apply_message(idx, &buf, &targets, &applied) {
                         return;
                     }
+                    // The reader may be gone; the buffer then simply goes.
+                    let _ = recycle.send(buf);
                 }
             })
     };
@@ -445,7 +450,9 @@ async fn apply_stream(
             applied.fail(format!("page stream {idx}: a message of {n} bytes"));
             return;
         }
-        let mut buf = vec![0u8; n];
+        let mut buf = recycled.try_recv().unwrap_or_default();
+        // Only bytes beyond what the buffer held before are zeroed.
+        buf.resize(n, 0);
         if let Err(e) = stream.read_exact(&mut buf).await {
             applied.fail(format!("page stream {idx}: {e}"));
             return;

@@ -125,6 +125,21 @@ pub fn write_vm(pid: i32, addr: u64, data: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// One `process_vm_writev` of `data` into `pid` at `addr`: the bytes written, which stop
+/// short where a page cannot be written (the error only when not even the first could).
+pub fn write_vm_some(pid: i32, addr: u64, data: &[u8]) -> std::io::Result<usize> {
+    let remote = [nix::sys::uio::RemoteIoVec {
+        base: remote_base(addr, 0),
+        len: data.len(),
+    }];
+    let local = [std::io::IoSlice::new(data)];
+    Ok(nix::sys::uio::process_vm_writev(
+        nix::unistd::Pid::from_raw(pid),
+        &local,
+        &remote,
+    )?)
+}
+
 fn remote_base(addr: u64, done: usize) -> usize {
     usize::try_from(addr)
         .unwrap_or(usize::MAX)

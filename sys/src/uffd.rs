@@ -14,7 +14,9 @@ pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 const UFFDIO_API: u64 = 0xc018_aa3f;
 const UFFDIO_REGISTER: u64 = 0xc020_aa00;
 const UFFDIO_WRITEPROTECT: u64 = 0xc018_aa06;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+const UFFDIO_COPY: u64 = 0xc028_aa03;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 
 const PAGEMAP_SCAN: u64 = 0xc060_6610;
@@ -77,6 +79,54 @@ pub fn register_wp(uffd: BorrowedFd<'_>, start: u64, len: u64) -> Result<()> {
         "ioctl(UFFDIO_REGISTER)",
     )
     .map(drop)
+}
+
+/// `UFFDIO_REGISTER` of [start, start+len) for missing pages, to fill them with [`copy`].
+pub fn register_missing(uffd: BorrowedFd<'_>, start: u64, len: u64) -> Result<()> {
+    let mut r = [start, len, UFFDIO_REGISTER_MODE_MISSING, 0u64];
+    ioctl(
+        uffd,
+        UFFDIO_REGISTER,
+        r.as_mut_ptr().cast(),
+        "ioctl(UFFDIO_REGISTER)",
+    )
+    .map(drop)
+}
+
+/// `struct uffdio_copy`.
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+/// `UFFDIO_COPY` of `src` to `dst` (page-aligned, whole pages) in the userfaultfd's address
+/// space: each missing page is allocated and filled in one step, without being zeroed first.
+/// Returns the bytes copied and, if it stopped early, the errno that stopped it (`EEXIST`: the
+/// next page is present already; `ENOENT`: `dst` is not in a registered mapping).
+pub fn copy(uffd: BorrowedFd<'_>, dst: u64, src: &[u8]) -> (usize, Option<i32>) {
+    let mut c = UffdioCopy {
+        dst,
+        src: src.as_ptr() as u64,
+        len: src.len() as u64,
+        mode: 0,
+        copy: 0,
+    };
+    match ioctl(
+        uffd,
+        UFFDIO_COPY,
+        std::ptr::addr_of_mut!(c).cast(),
+        "ioctl(UFFDIO_COPY)",
+    ) {
+        Ok(_) => (src.len(), None),
+        Err(e) => {
+            let done = usize::try_from(c.copy).unwrap_or(0).min(src.len());
+            (done, Some(e.raw_os_error().unwrap_or(libc::EIO)))
+        }
+    }
 }
 
 /// `UFFDIO_WRITEPROTECT` [start, start+len) on.

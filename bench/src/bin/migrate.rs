@@ -342,6 +342,10 @@ fn send_and_report(lab: &Lab, downtime_ms: u64) -> Result<Sample> {
             ],
         )
         .output()?;
+    if std::env::var_os("RUST_LOG").is_some() {
+        // Whoever asked for logs gets send's.
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    }
     for h in ["a", "b"] {
         let _ = lab.vkm(h, &["kill", "bench"]).output();
         // `kill` returns before the shim has removed its state: wait for it.

@@ -24,7 +24,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vkm_common::image::{Frame, ImageReader, Space};
+use vkm_common::image::{Frame, ImageReader};
 use vkm_common::model::{self, prot, Backing, MemObject, ObjectKind, SysvShm, Vkernel};
 use vkm_sys::calls::{self, CloneArgs};
 use vkm_sys::inject::Remote;
@@ -36,8 +36,12 @@ use crate::sandbox::AGENT_PIDFD;
 use crate::{DstError, Network, Sandbox};
 
 mod layout;
+mod pages;
 mod state;
 mod tree;
+
+pub use pages::PageTargets;
+use pages::{Fills, MmTarget};
 
 const SCRATCH_LEN: u64 = 1 << 20;
 /// Where injected calls find their arguments inside the scratch area.
@@ -86,6 +90,8 @@ pub struct Skeleton {
     order: Vec<usize>,
     /// The tun/tap devices, once [`Skeleton::finish`] created them (removed if dropped).
     net: Network,
+    /// The userfaultfds that [`PageTargets`] fill anonymous memory through.
+    fills: Fills,
 }
 
 impl Skeleton {
@@ -136,26 +142,32 @@ impl Skeleton {
             r,
             order,
             net: Network::empty(),
+            fills: Fills::default(),
         })
     }
 
-    /// Where pages go: each address space through `/proc/PID/mem` of a process using it, each
-    /// memory object through its file. Usable from several threads at once.
-    pub fn page_targets(&self) -> Result<PageTargets, DstError> {
+    /// Where pages go: each address space through a process using it (see [`pages`]), each
+    /// memory object through its file. Usable from several threads at once, until
+    /// [`Skeleton::finish`].
+    pub fn page_targets(&mut self) -> Result<PageTargets, DstError> {
         let mut mms = BTreeMap::new();
-        for mm in &self.r.vk.mms {
-            let rep = rep_of(&self.r.vk, &self.order, |p| p.mm == mm.id)?;
-            let tid = self
-                .r
-                .procs
-                .get(&rep)
-                .and_then(|p| p.threads.first())
-                .map(|t| t.tid)
-                .ok_or_else(|| DstError::Inconsistent(format!("process #{rep} was not created")))?;
-            mms.insert(mm.id, (tid, open_mem(tid)?));
+        let vk = Arc::clone(&self.r.vk);
+        for mm in &vk.mms {
+            let rep = rep_of(&vk, &self.order, |p| p.mm == mm.id)?;
+            let leader = self.r.leader(rep)?;
+            let pid = leader.tid;
+            let fill = self.fills.create(leader, mm);
+            mms.insert(
+                mm.id,
+                MmTarget {
+                    pid,
+                    mem: open_mem(pid)?,
+                    fill,
+                },
+            );
         }
         let mut objects = BTreeMap::new();
-        for o in &self.r.vk.objects {
+        for o in &vk.objects {
             let fd = self
                 .r
                 .objects
@@ -204,6 +216,8 @@ impl Skeleton {
 
     /// Stage 4 and the first half of 5: everything but letting the threads run.
     pub fn finish(&mut self, console: Option<&OwnedFd>) -> Result<(), DstError> {
+        // No page comes after this; nothing may run into a page fault that waits for us.
+        self.fills.release();
         let r = &mut self.r;
         let vk = Arc::clone(&r.vk);
         r.remove_sysv()?;
@@ -278,7 +292,8 @@ impl Skeleton {
 
     /// Kill every process of the skeleton and wait until their PIDs are free again (the
     /// sandbox's init reaps them), so that a new skeleton can be built in the same sandbox.
-    pub fn discard(self, sandbox: &mut Sandbox) -> Result<(), DstError> {
+    pub fn discard(mut self, sandbox: &mut Sandbox) -> Result<(), DstError> {
+        self.fills.release();
         let hosts: Vec<i32> = self.r.hosts.values().copied().collect();
         for &h in &hosts {
             let _ = nix::sys::signal::kill(
@@ -308,53 +323,6 @@ impl Skeleton {
             }
         }
         Ok(())
-    }
-}
-
-/// Where pages are written; see [`Skeleton::page_targets`].
-pub struct PageTargets {
-    /// Per address space: the host pid of a process using it, and its /proc/PID/mem.
-    mms: BTreeMap<u32, (i32, File)>,
-    objects: BTreeMap<u32, (File, u64)>,
-}
-
-impl PageTargets {
-    /// Write one run of pages.
-    pub fn apply(&self, space: Space, addr: u64, data: &[u8]) -> Result<(), DstError> {
-        match space {
-            Space::Mm(id) => {
-                let (pid, mem) = self.mms.get(&id).ok_or_else(|| {
-                    DstError::Inconsistent(format!("pages for unknown address space {id}"))
-                })?;
-                // process_vm_writev copies once; it refuses pages the target may not write
-                // (read-only mappings), which /proc/PID/mem writes with FOLL_FORCE.
-                if proc::write_vm(*pid, addr, data).is_ok() {
-                    return Ok(());
-                }
-                mem.write_all_at(data, addr).map_err(|e| {
-                    DstError::Sys(vkm_sys::SysError::Syscall {
-                        op: "pwrite(/proc/PID/mem)",
-                        pid: 0,
-                        source: e,
-                    })
-                })
-            }
-            Space::Object(id) => {
-                let (file, size) = self.objects.get(&id).ok_or_else(|| {
-                    DstError::Inconsistent(format!("pages for unknown object {id}"))
-                })?;
-                // The last page of an object may be partial.
-                let end = (addr + data.len() as u64).min(*size);
-                let n = usize::try_from(end.saturating_sub(addr)).unwrap_or(0);
-                file.write_all_at(&data[..n], addr).map_err(|e| {
-                    DstError::Sys(vkm_sys::SysError::Syscall {
-                        op: "pwrite(memory object)",
-                        pid: 0,
-                        source: e,
-                    })
-                })
-            }
-        }
     }
 }
 
