@@ -163,6 +163,7 @@ fn run_case(case: &Case, work: &Path, run: usize) -> Result<Row> {
             skip_page_runs: false,
             owned_net: Vec::new(),
             known_net: Vec::new(),
+            known_smaps: Default::default(),
         },
         init_pid: guard.0.init_pid,
         output: img.clone(),

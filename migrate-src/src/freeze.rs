@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use vkm_sys::cpu::OneCpu;
 use vkm_sys::proc;
 use vkm_sys::ptrace::{self, Stop};
 use vkm_sys::tracee;
@@ -65,6 +66,8 @@ pub struct Frozen {
     /// Where [`Frozen::hide_mconsole`] moved the mconsole socket's file.
     mconsole_hidden: Option<PathBuf>,
     borrowed: Vec<Borrowed>,
+    /// We and every stopped thread share one CPU while frozen (see [`vkm_sys::cpu`]).
+    cpu: Option<OneCpu>,
 }
 
 /// How often a freeze is tried when some task cannot stop at the moment.
@@ -82,6 +85,7 @@ impl Frozen {
             mconsole: None,
             mconsole_hidden: None,
             borrowed: Vec::new(),
+            cpu: None,
         };
         // A task that cannot stop now (a vfork parent waits, uninterruptibly, for its child,
         // which we may have stopped already) makes us let go of everything and try again: the
@@ -125,11 +129,17 @@ impl Frozen {
     }
 
     fn freeze_all(&mut self) -> Result<(), SrcError> {
+        if self.cpu.is_none() {
+            self.cpu = OneCpu::new();
+        }
         loop {
             let mut changed = false;
-            // Traced by a task of the vkernel: (process index, tid, tracer), borrowed once
-            // everything else is stopped (the tracer must be).
-            let mut traced: Vec<(usize, i32, i32)> = Vec::new();
+            // Traced by a task of the vkernel: (host pid, tid, tracer), borrowed once
+            // everything else is stopped (the tracer must be). By pid: a process that vanished
+            // meanwhile is removed from the list, which moves the indices.
+            let mut traced: Vec<(i32, i32, i32)> = Vec::new();
+            // Seized and interrupted, not yet stopped: (host pid, tid).
+            let mut interrupted: Vec<(i32, i32)> = Vec::new();
             let mut queue = vec![self.init];
             let mut order = Vec::new();
             while let Some(p) = queue.pop() {
@@ -175,22 +185,15 @@ impl Frozen {
                         continue;
                     }
                     changed = true;
-                    match stop_thread(
-                        tid,
-                        &mut self.processes[idx].stop_signals,
-                        &mut self.stopping,
-                    )? {
-                        Stopped::Yes => {
-                            let t = &mut self.processes[idx].threads;
-                            if tid == pid {
-                                t.insert(0, tid);
-                            } else {
-                                t.push(tid);
-                            }
+                    match begin_stop(tid)? {
+                        // Until it has stopped, a thaw must wait for it before it can let go.
+                        Begin::Interrupted => {
+                            self.stopping.push(tid);
+                            interrupted.push((pid, tid));
                         }
-                        Stopped::Gone => {}
-                        Stopped::Traced(tracer) => traced.push((idx, tid, tracer)),
-                        Stopped::Dead(status) if tid == pid => {
+                        Begin::Gone => {}
+                        Begin::Traced(tracer) => traced.push((pid, tid, tracer)),
+                        Begin::Dead(status) if tid == pid => {
                             if tids.len() > 1 {
                                 return Err(SrcError::Unsupported {
                                     pid: self.processes[idx].ns_pid,
@@ -200,11 +203,36 @@ impl Frozen {
                             }
                             self.processes[idx].zombie = Some(status);
                         }
-                        Stopped::Dead(_) => {}
+                        Begin::Dead(_) => {}
                     }
                 }
             }
-            for (idx, tid, tracer) in traced {
+            // Every thread was interrupted before we wait for the first: they stop side by
+            // side instead of one after the other.
+            for (pid, tid) in interrupted {
+                // A vanished process's threads stay in `stopping` for the thaw to collect.
+                let Some(idx) = self.processes.iter().position(|p| p.host_pid == pid) else {
+                    continue;
+                };
+                let stopped = wait_for_stop(tid, &mut self.processes[idx].stop_signals)?;
+                self.stopping.retain(|&t| t != tid);
+                if stopped {
+                    if let Some(c) = self.cpu.as_mut() {
+                        c.add(tid);
+                    }
+                    let p = &mut self.processes[idx];
+                    let t = &mut p.threads;
+                    if tid == p.host_pid {
+                        t.insert(0, tid);
+                    } else {
+                        t.push(tid);
+                    }
+                }
+            }
+            for (pid, tid, tracer) in traced {
+                let Some(idx) = self.processes.iter().position(|p| p.host_pid == pid) else {
+                    continue;
+                };
                 self.borrow(idx, tid, tracer)?;
             }
             if !changed {
@@ -251,6 +279,9 @@ impl Frozen {
             ns_tid,
             taken,
         });
+        if let Some(c) = self.cpu.as_mut() {
+            c.add(tid);
+        }
         let p = &mut self.processes[idx];
         p.tracer = Some(tracer);
         p.threads.insert(0, tid);
@@ -280,6 +311,8 @@ impl Frozen {
                 ),
             }
         }
+        // Their own CPUs back before any of them runs.
+        drop(self.cpu.take());
         for p in self.processes.drain(..) {
             for t in p.threads {
                 if borrowed.iter().any(|b| b.tid == t) {
@@ -337,6 +370,7 @@ impl Frozen {
     pub fn kill(mut self) -> Result<(), SrcError> {
         let processes = std::mem::take(&mut self.processes);
         self.borrowed.clear();
+        drop(self.cpu.take());
         self.mconsole = None;
         if let Some(hidden) = self.mconsole_hidden.take() {
             let _ = std::fs::remove_file(hidden);
@@ -377,8 +411,9 @@ impl Drop for Frozen {
     }
 }
 
-enum Stopped {
-    Yes,
+enum Begin {
+    /// Seized (or ours already) and interrupted: its stop is on its way.
+    Interrupted,
     /// The thread no longer exists.
     Gone,
     /// The thread has exited (a zombie, or on its way out) with this wait status.
@@ -387,55 +422,50 @@ enum Stopped {
     Traced(i32),
 }
 
-fn stop_thread(
-    tid: i32,
-    stop_signals: &mut BTreeMap<i32, (i32, Vec<u8>)>,
-    stopping: &mut Vec<i32>,
-) -> Result<Stopped, SrcError> {
+/// Seize `tid` and interrupt it, or say why it cannot be.
+fn begin_stop(tid: i32) -> Result<Begin, SrcError> {
     if let Err(e) = ptrace::seize(tid, ptrace::PTRACE_O_TRACESYSGOOD) {
         // A child that a seized thread cloned with CLONE_PTRACE is ours already; it stops
         // like any seized task.
         let ours =
             e.raw_os_error() == Some(libc::EPERM) && tracer_of(tid) == Some(std::process::id());
-        if ours {
-            return wait_for_stop(tid, stop_signals, stopping);
-        }
-        if e.raw_os_error() == Some(libc::EPERM) {
-            if let Some(tracer) = tracer_of(tid).filter(|&t| t != 0) {
-                return Ok(Stopped::Traced(i32::try_from(tracer).unwrap_or(-1)));
-            }
-        }
-        // Exited tasks cannot be seized: tell a zombie from a real refusal.
-        return match e.raw_os_error() {
-            Some(libc::ESRCH) | Some(libc::EPERM) => match dead_status(tid) {
-                Some(Some(status)) => Ok(Stopped::Dead(status)),
-                None => Ok(Stopped::Gone),
-                Some(None) => {
-                    let status = proc::read(proc::pid_path(tid, "status")).unwrap_or_default();
-                    tracing::warn!(tid, status = %status, "seize refused");
-                    Err(e.into())
+        if !ours {
+            if e.raw_os_error() == Some(libc::EPERM) {
+                if let Some(tracer) = tracer_of(tid).filter(|&t| t != 0) {
+                    return Ok(Begin::Traced(i32::try_from(tracer).unwrap_or(-1)));
                 }
-            },
-            _ => Err(e.into()),
-        };
+            }
+            // Exited tasks cannot be seized: tell a zombie from a real refusal.
+            return match e.raw_os_error() {
+                Some(libc::ESRCH) | Some(libc::EPERM) => match dead_status(tid) {
+                    Some(Some(status)) => Ok(Begin::Dead(status)),
+                    None => Ok(Begin::Gone),
+                    Some(None) => {
+                        let status = proc::read(proc::pid_path(tid, "status")).unwrap_or_default();
+                        tracing::warn!(tid, status = %status, "seize refused");
+                        Err(e.into())
+                    }
+                },
+                _ => Err(e.into()),
+            };
+        }
     }
-    wait_for_stop(tid, stop_signals, stopping)
+    ptrace::interrupt(tid)?;
+    Ok(Begin::Interrupted)
 }
 
-/// Interrupt a seized thread and wait (at most [`STOP_TIMEOUT`]) for its stop.
+/// Wait (at most [`STOP_TIMEOUT`]) for an interrupted thread's stop: true when stopped, false
+/// when it exited meanwhile.
 fn wait_for_stop(
     tid: i32,
     stop_signals: &mut BTreeMap<i32, (i32, Vec<u8>)>,
-    stopping: &mut Vec<i32>,
-) -> Result<Stopped, SrcError> {
-    ptrace::interrupt(tid)?;
+) -> Result<bool, SrcError> {
     loop {
         let Some(stop) = ptrace::wait_timeout(tid, STOP_TIMEOUT)? else {
-            stopping.push(tid);
             return Err(SrcError::NotStopping { pid: tid });
         };
         match stop {
-            Stop::Event(_) | Stop::Syscall => return Ok(Stopped::Yes),
+            Stop::Event(_) | Stop::Syscall => return Ok(true),
             // A signal was being delivered when we interrupted: keep it to re-deliver on thaw,
             // and wait for the interrupt's own stop.
             Stop::Signal(sig) => {
@@ -443,7 +473,7 @@ fn wait_for_stop(
                 ptrace::cont(tid, 0)?;
                 ptrace::interrupt(tid)?;
             }
-            Stop::Exited(_) | Stop::Killed(_) => return Ok(Stopped::Gone),
+            Stop::Exited(_) | Stop::Killed(_) => return Ok(false),
         }
     }
 }

@@ -304,16 +304,19 @@ impl Precopy {
             .iter()
             .map(|d| crate::capture::read_net(&d.name))
             .collect::<Result<_, _>>()?;
+        // Processes gone since are simply not found.
+        copts.known_smaps = self
+            .mms
+            .iter()
+            .filter_map(|m| Some((m.pid, crate::capture::read_smaps(m.pid).ok()?)))
+            .collect();
         let t0 = Instant::now();
         let mut frozen = Frozen::freeze(self.opts.init_pid)?;
         frozen.hide_mconsole()?;
         let t_frozen = t0.elapsed();
         let mut captured = capture(&frozen, &copts)?;
-        tracing::info!(
-            freeze_ms = ms(t_frozen),
-            capture_ms = ms(t0.elapsed() - t_frozen),
-            "frozen and captured"
-        );
+        let capture_ms = ms(t0.elapsed() - t_frozen);
+        tracing::info!(freeze_ms = ms(t_frozen), capture_ms, "frozen and captured");
         let rebuild = !skeleton_fits(&self.skeleton, &captured.vk);
         let kept = rebuild && objects_kept(&self.skeleton, &captured.vk);
         let mut chunks = Vec::new();
@@ -406,7 +409,13 @@ impl Precopy {
                 })
                 .collect();
         }
+        tracing::info!(
+            dirty_ms = ms(t0.elapsed() - t_frozen) - capture_ms,
+            chunks = chunks.len(),
+            "final pages found"
+        );
         Ok(Final {
+            frozen_at: t0,
             precopy: self,
             frozen: Some(frozen),
             captured,
@@ -420,6 +429,8 @@ impl Precopy {
 
 /// The vkernel is frozen; its state and last pages are ready to go.
 pub struct Final {
+    /// When the freeze began: the vkernel's pause starts here.
+    pub frozen_at: Instant,
     precopy: Precopy,
     frozen: Option<Frozen>,
     captured: Captured,

@@ -59,6 +59,7 @@ fn capture_options(rec: &crate::state::Record) -> vkm_migrate_src::CaptureOption
         skip_page_runs: false,
         owned_net: rec.owned_net.clone(),
         known_net: Vec::new(),
+        known_smaps: Default::default(),
     }
 }
 

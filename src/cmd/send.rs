@@ -471,7 +471,6 @@ fn migrate(
             tracing::warn!(error = %e, "cannot lift the CPU throttle before the freeze");
         }
     }
-    let t_freeze = Instant::now();
     let mut fin = Box::new(
         precopy
             .freeze()
@@ -479,6 +478,8 @@ fn migrate(
     );
     // Frozen: the throttle has nothing left to do, and must not outlive a thaw.
     drop(throttle.take());
+    // Reading what can be read while the vkernel runs came first: the pause starts here.
+    let t_freeze = fin.frozen_at;
     let freeze_ms = ms(t_freeze.elapsed());
     report.rebuilt = fin.rebuild;
     let t_final = Instant::now();

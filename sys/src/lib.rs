@@ -5,6 +5,7 @@
 //! [`Regs`]) and [`SysError`]s that name the operation and the task.
 
 pub mod calls;
+pub mod cpu;
 pub mod host;
 pub mod inject;
 pub mod proc;

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use vkm_common::image::{Frame, ImageReader};
 use vkm_common::model::{self, prot, Backing, MemObject, ObjectKind, SysvShm, Vkernel};
 use vkm_sys::calls::{self, CloneArgs};
+use vkm_sys::cpu::OneCpu;
 use vkm_sys::inject::Remote;
 use vkm_sys::proc;
 use vkm_sys::ptrace::{self, Stop};
@@ -92,6 +93,9 @@ pub struct Skeleton {
     net: Network,
     /// The userfaultfds that [`PageTargets`] fill anonymous memory through.
     fills: Fills,
+    /// We and every thread of the skeleton share one CPU until [`Skeleton::go`] (see
+    /// [`vkm_sys::cpu`]); they then get the mask we had, as they would have inherited it.
+    cpu: Option<OneCpu>,
 }
 
 impl Skeleton {
@@ -120,6 +124,7 @@ impl Skeleton {
         objects: BTreeMap<u32, OwnedFd>,
     ) -> Result<Skeleton, DstError> {
         check_image(&vk)?;
+        let mut cpu = OneCpu::new();
         let order = process_order(&vk)?;
         let scratch = pick_scratch(&vk)?;
         let mut r = Restorer {
@@ -131,6 +136,9 @@ impl Skeleton {
             pages: 0,
         };
         r.build_tree(&order, sandbox)?;
+        if let Some(c) = cpu.as_mut() {
+            r.pin_all(c);
+        }
         r.create_objects()?;
         let vk = Arc::clone(&r.vk);
         for mm in &vk.mms {
@@ -143,6 +151,7 @@ impl Skeleton {
             order,
             net: Network::empty(),
             fills: Fills::default(),
+            cpu,
         })
     }
 
@@ -246,6 +255,12 @@ impl Skeleton {
     /// who announces it ([`Network::announce`]).
     pub fn go(mut self) -> Result<(RestoreReport, Network), DstError> {
         let vk = Arc::clone(&self.r.vk);
+        // Threads made since the tree (by injected clone3) inherited our CPU: every one gets
+        // the mask it would have had, before any of them runs.
+        if let Some(mut c) = self.cpu.take() {
+            self.r.pin_all(&mut c);
+            c.release();
+        }
         // Traced processes go to their tracers first, while the tracers are still ours.
         let mut given = Vec::new();
         for (i, p) in vk.processes.iter().enumerate() {
@@ -406,6 +421,13 @@ struct Restorer {
 impl Restorer {
     fn args(&self) -> u64 {
         self.scratch + ARGS_OFF
+    }
+
+    /// Every thread made so far onto `cpu`'s CPU (see [`vkm_sys::cpu::OneCpu::add_new`]).
+    fn pin_all(&self, cpu: &mut OneCpu) {
+        for t in self.procs.values().flat_map(|p| &p.threads) {
+            cpu.add_new(t.tid);
+        }
     }
 
     fn leader(&mut self, i: usize) -> Result<&mut Remote, DstError> {

@@ -226,16 +226,20 @@ struct SysvNs {
 }
 
 impl MemoryCapture {
-    pub fn capture_mm(&mut self, id: u32, pid: i32, page_runs: bool) -> Result<(), SrcError> {
+    pub fn capture_mm(
+        &mut self,
+        id: u32,
+        pid: i32,
+        page_runs: bool,
+        known_smaps: Option<&Vec<procfs::Vma>>,
+    ) -> Result<(), SrcError> {
         if self.sysv.is_none() {
             self.sysv = Some(self.open_sysv(pid)?);
         }
-        let smaps_text = proc::read(proc::pid_path(pid, "smaps"))?;
-        let entries = procfs::parse_smaps(&smaps_text).map_err(|source| SrcError::Parse {
-            what: "smaps",
-            pid,
-            source,
-        })?;
+        let entries = match known_smaps {
+            Some(known) if same_mappings(&read_maps(pid)?, known) => known.clone(),
+            _ => read_smaps(pid)?,
+        };
         let pagemap =
             File::open(proc::pid_path(pid, "pagemap")).map_err(|e| vkm_sys::SysError::Path {
                 path: proc::pid_path(pid, "pagemap"),
@@ -740,4 +744,80 @@ fn mm_fields(pid: i32) -> Result<MmFields, SrcError> {
         env_end: st.env_end,
         auxv,
     })
+}
+
+pub fn read_smaps(pid: i32) -> Result<Vec<procfs::Vma>, SrcError> {
+    let text = proc::read(proc::pid_path(pid, "smaps"))?;
+    procfs::parse_smaps(&text).map_err(|source| SrcError::Parse {
+        what: "smaps",
+        pid,
+        source,
+    })
+}
+
+fn read_maps(pid: i32) -> Result<Vec<procfs::Vma>, SrcError> {
+    let text = proc::read(proc::pid_path(pid, "maps"))?;
+    procfs::parse_maps(&text).map_err(|source| SrcError::Parse {
+        what: "maps",
+        pid,
+        source,
+    })
+}
+
+/// Whether two readings show the same mappings (what maps shows of each: range, protection,
+/// sharing, offset, file). A madvise() that changes only the flags of whole mappings shows in
+/// smaps' VmFlags but not here; such a change in the milliseconds between the reading before a
+/// freeze and the freeze is not seen.
+fn same_mappings(maps: &[procfs::Vma], smaps: &[procfs::Vma]) -> bool {
+    maps.len() == smaps.len()
+        && maps.iter().zip(smaps).all(|(a, b)| {
+            (a.start, a.end, a.read, a.write, a.exec, a.shared, a.offset)
+                == (b.start, b.end, b.read, b.write, b.exec, b.shared, b.offset)
+                && (a.dev_major, a.dev_minor, a.inode) == (b.dev_major, b.dev_minor, b.inode)
+                && a.path == b.path
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMAPS: &str = "\
+55d0c0000000-55d0c0021000 rw-p 00000000 00:00 0                          [heap]
+Size:                132 kB
+Rss:                   8 kB
+VmFlags: rd wr mr mw me ac sd
+7ffd1000000-7ffd1021000 rw-p 00000000 00:00 0                            [stack]
+Size:                132 kB
+Rss:                   8 kB
+VmFlags: rd wr mr mw me gd ac dd
+";
+
+    /// The maps lines of an smaps text (its field lines start with `Name:`).
+    fn maps_of(smaps: &str) -> String {
+        smaps
+            .lines()
+            .filter(|l| l.split(' ').next().is_some_and(|f| !f.ends_with(':')))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    }
+
+    #[test]
+    fn flags_read_before_the_freeze_are_used_only_for_the_same_mappings() {
+        let known = procfs::parse_smaps(SMAPS).expect("smaps");
+        let same = procfs::parse_maps(&maps_of(SMAPS)).expect("maps");
+        assert!(same_mappings(&same, &known));
+        // mprotect, a grown heap, a new mapping: smaps is read again.
+        for changed in [
+            SMAPS.replace(
+                "rw-p 00000000 00:00 0                          [heap]",
+                "r--p 00000000 00:00 0                          [heap]",
+            ),
+            SMAPS.replace("55d0c0021000", "55d0c0042000"),
+            format!("{SMAPS}7f0000000000-7f0000001000 rw-p 00000000 00:00 0 \nVmFlags: rd wr\n"),
+        ] {
+            let maps = procfs::parse_maps(&maps_of(&changed)).expect("maps");
+            assert!(!same_mappings(&maps, &known), "{changed}");
+        }
+    }
 }
