@@ -12,6 +12,8 @@
 //! - `receiver-silent-after-go`: resumes and publishes the vkernel as usual after `go`, but
 //!   never reports it running and closes the connection (a link lost after `go`): the sender
 //!   must learn the outcome from this host's `listen` daemon.
+//! - `receiver-dies-after-go`: exits abruptly right after it resumed the vkernel, before it
+//!   is published or reported running.
 
 /// The environment variable that selects a fault.
 pub const VAR: &str = "VKMIGRATE_FAULT";
@@ -26,13 +28,15 @@ pub enum Fault {
     DieAfterFinal,
     DieBeforeReady,
     SilentAfterGo,
+    DieAfterGo,
 }
 
 impl Fault {
-    const ALL: [Fault; 3] = [
+    const ALL: [Fault; 4] = [
         Fault::DieAfterFinal,
         Fault::DieBeforeReady,
         Fault::SilentAfterGo,
+        Fault::DieAfterGo,
     ];
 
     fn name(self) -> &'static str {
@@ -40,6 +44,7 @@ impl Fault {
             Fault::DieAfterFinal => "receiver-dies-after-final",
             Fault::DieBeforeReady => "receiver-dies-before-ready",
             Fault::SilentAfterGo => "receiver-silent-after-go",
+            Fault::DieAfterGo => "receiver-dies-after-go",
         }
     }
 

@@ -325,6 +325,7 @@ fn converse(
     // The switches between here and the clients learn the guest's new port now, while the
     // source still waits for `running`.
     net.announce();
+    fault::die_at(Fault::DieAfterGo);
     // From here on the vkernel runs here, whatever happens to the connection. Publish it
     // before the sender hears so: when `send` returns, `ps` here shows it.
     drop(slave);
