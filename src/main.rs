@@ -4,6 +4,7 @@
 mod cli;
 mod cmd;
 mod console_proto;
+mod fault;
 mod human;
 mod logging;
 mod shim;

@@ -147,7 +147,7 @@ fn a_receiver_killed_during_precopy_leaves_the_vkernel_running_here() {
     // The receiving shim appears once the offer is accepted: kill it in the middle.
     let t0 = Instant::now();
     let shim = loop {
-        if let Some(pid) = receiving_shim(b) {
+        if let Some(&pid) = b.receiving_shims().first() {
             break pid;
         }
         assert!(t0.elapsed() < Duration::from_secs(20), "no receiving shim");
@@ -165,28 +165,6 @@ fn a_receiver_killed_during_precopy_leaves_the_vkernel_running_here() {
     a.still_ticking("web1", Duration::from_secs(20));
     assert!(a.ps_names().unwrap().contains(&"web1".to_string()));
     assert!(!b.ps_names().unwrap().contains(&"web1".to_string()));
-}
-
-/// The pid of a `__shim receive` process working for `host`'s state dir.
-fn receiving_shim(host: &Host) -> Option<u32> {
-    let dir = host.state_dir.to_str()?.to_owned();
-    for e in std::fs::read_dir("/proc").ok()? {
-        let e = e.ok()?;
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmd
-            .split(|&b| b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if args.iter().any(|a| a == &dir) && args.iter().any(|a| a == "receive") {
-            return Some(pid);
-        }
-    }
-    None
 }
 
 #[test]

@@ -24,6 +24,7 @@ use vkm_transport::{Control, Server, Session, TlsDir, Tuning};
 use super::serve::{block_sigpipe, restored_console, send_reply, Running};
 use super::{Reply, RestoreStats};
 use crate::cli::ReceiveArgs;
+use crate::fault::{self, Fault};
 
 /// How long the sender has to connect after `listen` accepted its offer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -258,6 +259,7 @@ fn converse(
             other => bail!("Expected the final state, got {}", name_of(&other)),
         }
     };
+    fault::die_at(Fault::DieAfterFinal);
     let t = Instant::now();
     applied.wait_for(&frames, Duration::from_secs(60))?;
     tracing::info!(
@@ -306,6 +308,7 @@ fn converse(
         finish_ms = (t.elapsed() - t_wait).as_secs_f64() * 1e3,
         "state applied"
     );
+    fault::die_at(Fault::DieBeforeReady);
     rt.block_on(send(
         control,
         &FromReceiver::Ready {
@@ -322,6 +325,7 @@ fn converse(
     // The switches between here and the clients learn the guest's new port now, while the
     // source still waits for `running`.
     net.announce();
+    fault::die_at(Fault::DieAfterGo);
     // From here on the vkernel runs here, whatever happens to the connection. Publish it
     // before the sender hears so: when `send` returns, `ps` here shows it.
     drop(slave);
@@ -347,21 +351,26 @@ fn converse(
             return Err(e);
         }
     };
-    let _ = rt.block_on(send(
-        control,
-        &FromReceiver::Running {
-            resume_us: us(t.elapsed()),
-            init_pid: sandbox.init_pid,
-        },
-    ));
-    rt.block_on(async {
-        let _ = control.finish();
-        // The source discards its copy when this arrives; give it a moment to be read.
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            while let Ok(Some(_)) = control.recv().await {}
-        })
-        .await;
-    });
+    if fault::armed(Fault::SilentAfterGo) {
+        tracing::error!("injected fault: closing the connection without reporting running");
+        conn.close(vkm_transport::CLOSE_OK, "injected fault");
+    } else {
+        let _ = rt.block_on(send(
+            control,
+            &FromReceiver::Running {
+                resume_us: us(t.elapsed()),
+                init_pid: sandbox.init_pid,
+            },
+        ));
+        rt.block_on(async {
+            let _ = control.finish();
+            // The source discards its copy when this arrives; give it a moment to be read.
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while let Ok(Some(_)) = control.recv().await {}
+            })
+            .await;
+        });
+    }
     Ok(Received {
         listener,
         migration_id: args.migration_id.clone(),

@@ -261,6 +261,24 @@ impl Host {
         self.wait_tick(name, t + 5, timeout);
     }
 
+    /// The pids of the `__shim receive` processes working for this host's state dir (the
+    /// shims `listen` starts for arriving vkernels).
+    pub fn receiving_shims(&self) -> Vec<u32> {
+        let dir = s(&self.state_dir);
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                // Gone meanwhile, or a zombie: an empty command line.
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+                args.contains(&dir.as_bytes()) && args.contains(&&b"receive"[..])
+            })
+            .collect()
+    }
+
     pub fn console_log(&self, name: &str) -> String {
         std::fs::read_to_string(self.state_dir.join(name).join("console.log")).unwrap_or_default()
     }
