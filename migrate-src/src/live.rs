@@ -314,7 +314,23 @@ impl Precopy {
         let mut frozen = Frozen::freeze(self.opts.init_pid)?;
         frozen.hide_mconsole()?;
         let t_frozen = t0.elapsed();
-        let mut captured = capture(&frozen, &copts)?;
+        // The objects' contents are compared on the other CPU while this one (which the
+        // frozen threads share with us) captures: neither waits for the other. The result is
+        // used unless the process tree changed and the objects with it.
+        let objects = &self.objects;
+        let (captured, object_changes) = std::thread::scope(|scope| {
+            let scan = scope.spawn(|| {
+                objects
+                    .iter()
+                    .map(changed_pages)
+                    .collect::<Result<Vec<_>, SrcError>>()
+            });
+            let captured = capture(&frozen, &copts);
+            // A panic there is a bug of ours: it goes on here as one.
+            let scanned = scan.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (captured, scanned)
+        });
+        let mut captured = captured?;
         let capture_ms = ms(t0.elapsed() - t_frozen);
         tracing::info!(freeze_ms = ms(t_frozen), capture_ms, "frozen and captured");
         let rebuild = !skeleton_fits(&self.skeleton, &captured.vk);
@@ -333,8 +349,7 @@ impl Precopy {
             if kept {
                 // The destination keeps its memory objects across the rebuild (UML's guest
                 // processes come and go all the time; its RAM file stays): only what changed.
-                for o in &self.objects {
-                    let ranges = changed_pages(o)?;
+                for (o, ranges) in self.objects.iter().zip(object_changes?) {
                     push_chunks(&mut chunks, Space::Object(o.id), &ranges);
                 }
             } else {
@@ -379,8 +394,7 @@ impl Precopy {
                 }
                 push_chunks(&mut chunks, Space::Mm(m.id), &merge_ranges(ranges));
             }
-            for o in &mut self.objects {
-                let ranges = changed_pages(o)?;
+            for (o, ranges) in self.objects.iter().zip(object_changes?) {
                 push_chunks(&mut chunks, Space::Object(o.id), &ranges);
             }
         }
