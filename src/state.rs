@@ -32,6 +32,10 @@ pub const MAX_NAME_LEN: usize = 64;
 /// The marker that says this host is being evacuated: `listen` refuses arrivals while it
 /// exists. A dot file, so that no vkernel (whose names cannot start with a dot) owns it.
 pub const DRAINING_FILE: &str = ".draining";
+/// Where a receiving shim notes, just before it lets a vkernel run, which sandbox runs it (one
+/// file per migration id): the `listen` daemon answers a sender that lost the link after `go`
+/// from it when that shim is gone (see [`StateDir::arrival_runs`]).
+const ARRIVALS_DIR: &str = ".arrivals";
 
 /// Names: `[A-Za-z0-9_.-]{1,64}`, not starting with a dot (so not `.` or `..` either: the
 /// state directory's own files are dot files).
@@ -111,6 +115,52 @@ impl StateDir {
 
     pub fn dir(&self, name: &str) -> PathBuf {
         self.root.join(name)
+    }
+
+    /// Note that the vkernel of migration `id` is about to run in the sandbox whose init is
+    /// `init_pid` (host pid). Written before the commit point, so that whatever happens to the
+    /// receiving shim from then on, [`StateDir::arrival_runs`] tells the truth.
+    pub fn note_arrival(&self, id: &str, init_pid: i32) -> Result<()> {
+        let dir = self.root.join(ARRIVALS_DIR);
+        fs::create_dir_all(&dir).with_context(|| format!("Cannot create {}", dir.display()))?;
+        let start = start_time(init_pid)
+            .with_context(|| format!("Cannot read the start time of process {init_pid}"))?;
+        let path = dir.join(arrival_file(id)?);
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, format!("{init_pid} {start}\n"))
+            .and_then(|()| fs::rename(&tmp, &path))
+            .with_context(|| format!("Cannot write {}", path.display()))
+    }
+
+    /// Whether the vkernel of migration `id` runs here according to its arrival note: its
+    /// sandbox's init is the same process and alive. A note whose sandbox is gone is removed.
+    pub fn arrival_runs(&self, id: &str) -> bool {
+        let Ok(file) = arrival_file(id) else {
+            return false;
+        };
+        let path = self.root.join(ARRIVALS_DIR).join(file);
+        let Ok(text) = fs::read_to_string(&path) else {
+            return false;
+        };
+        let mut it = text.split_whitespace().map(str::parse::<u64>);
+        let runs = match (it.next(), it.next()) {
+            (Some(Ok(pid)), Some(Ok(start))) => i32::try_from(pid)
+                .ok()
+                .and_then(|pid| start_time(pid).ok())
+                .is_some_and(|now| now == start),
+            _ => false,
+        };
+        if !runs {
+            let _ = fs::remove_file(&path);
+        }
+        runs
+    }
+
+    /// Forget the arrival note of migration `id` (its vkernel ended here, or never ran).
+    pub fn forget_arrival(&self, id: &str) {
+        if let Ok(file) = arrival_file(id) {
+            let _ = fs::remove_file(self.root.join(ARRIVALS_DIR).join(file));
+        }
     }
 
     /// Why this host refuses arrivals (the draining marker's text), if it does.
@@ -357,6 +407,29 @@ pub fn same_file(f: &File, path: &Path) -> bool {
         (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
         _ => false,
     }
+}
+
+/// A migration id as a file name (ids come from the sender: no path tricks).
+fn arrival_file(id: &str) -> Result<String> {
+    if id.is_empty()
+        || id.len() > 128
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        bail!("a migration id of unexpected form: {id:?}");
+    }
+    Ok(id.to_owned())
+}
+
+/// Field 22 of /proc/PID/stat: when the process started, which tells it from a later process
+/// with the same pid.
+fn start_time(pid: i32) -> Result<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat.rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().nth(19))
+        .and_then(|f| f.parse().ok())
+        .context("no start time in its stat")
 }
 
 #[cfg(test)]

@@ -220,3 +220,69 @@ fn a_vkernel_that_dirties_memory_faster_than_the_link_is_throttled_and_moves() {
     assert_eq!(throttle_cgroups(name), Vec::<String>::new());
     assert_eq!(strays(&lab), Vec::<String>::new());
 }
+
+/// The value a shell vkernel last wrote to `path` (0 before the first).
+fn count_in(path: &Path) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_receiver_that_dies_after_go_leaves_exactly_one_copy_running_there() {
+    let lab = NetLab::new("flt-gone", &["a", "b"]);
+    let (a, b) = (lab.host("a"), lab.host("b"));
+    let _listener = listen_with_fault(b, "receiver-dies-after-go");
+    // Not vkload: it ends when its console hangs up, which a shim's death does; a vkernel that
+    // ignores that shows whether a copy runs.
+    let counter = a.dir.join("count");
+    let script = format!(
+        "trap '' HUP; i=0; while :; do i=$((i+1)); echo $i > {}; sleep 0.1; done",
+        counter.display()
+    );
+    a.ok(&["run", "--name", "sh1", "--", "sh", "-c", &script]);
+    let wait_count = |above: u64| {
+        let t0 = std::time::Instant::now();
+        while count_in(&counter) <= above {
+            assert!(t0.elapsed() < TICKS, "the counter stays at {above}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_count(3);
+    let report_path = a.dir.join("report.json");
+    let out = a.send("sh1", b, &["--report", report_path.to_str().unwrap()]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "send failed: {err}");
+    let r = report(&report_path);
+    assert_eq!(
+        r["outcome"], "migrated (confirmed after the link was lost)",
+        "{r}"
+    );
+
+    // A's copy is gone; B's runs on without its shim (nothing lists it), in one namespace.
+    assert!(a.ps_names().unwrap().is_empty());
+    let copies = strays(&lab);
+    let namespaces: std::collections::BTreeSet<_> = copies
+        .iter()
+        .filter_map(|l| l.split(' ').next())
+        .filter_map(|pid| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok())
+        .collect();
+    assert_eq!(namespaces.len(), 1, "copies: {copies:?}");
+    wait_count(count_in(&counter) + 5);
+
+    // It has no shim to end it: end it here, by pid.
+    for line in &copies {
+        if let Some(pid) = line.split(' ').next().and_then(|p| p.parse().ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    let t0 = std::time::Instant::now();
+    while !strays(&lab).is_empty() {
+        assert!(t0.elapsed() < TICKS, "{:?}", strays(&lab));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -137,6 +137,22 @@ impl Sandbox {
         Ok(())
     }
 
+    /// The commit point of a restore: until now init dies with us (and its death kills every
+    /// process of the namespace), so that a restorer that crashes leaves nothing half-built
+    /// behind and no vkernel that runs without anyone knowing. From now on the vkernel lives on
+    /// whatever happens to us. Call it just before letting the vkernel run.
+    pub fn commit(&mut self) -> Result<(), DstError> {
+        let (Some(ctl), Some(ack)) = (self.ctl.as_mut(), self.ack.as_mut()) else {
+            return Err(DstError::Init("init no longer takes commands".into()));
+        };
+        ctl.write_all(b"K\0\0\0\0")
+            .map_err(|e| DstError::Init(format!("cannot send a command: {e}")))?;
+        let mut reply = [0u8; 4];
+        ack.read_exact(&mut reply)
+            .map_err(|e| DstError::Init(format!("no reply: {e}")))?;
+        Ok(())
+    }
+
     /// Tell init that no more processes will be requested: it becomes a plain reaper that exits
     /// when the namespace is empty.
     pub fn done(&mut self) {
@@ -237,11 +253,22 @@ fn init_main(
         raw::close(ACK_FD);
         reap_forever(main);
     }
-    // Restore mode: serve spawn requests until 'D'.
+    // Restore mode: we die with the restorer until it commits ('K'). Had it died before we
+    // got here, the signal would never come: then we go at once.
+    raw::set_pdeathsig(libc::SIGKILL);
+    if !raw::pidfd_alive(AGENT_PIDFD) {
+        raw::exit(1);
+    }
+    // Serve spawn requests until 'D'.
     loop {
         let mut msg = [0u8; 5];
         if !raw::read_exact(CTL_FD, &mut msg) {
             break;
+        }
+        if msg[0] == b'K' {
+            raw::set_pdeathsig(0);
+            raw::write_all(ACK_FD, &0i32.to_le_bytes());
+            continue;
         }
         if msg[0] == b'R' {
             // The restorer killed a skeleton to build another: free its pids.

@@ -212,12 +212,15 @@ async fn handle(ctx: Arc<Ctx>, session: Session) -> Result<()> {
                     running: rec.migration_id.as_deref() == Some(migration_id.as_str()),
                     pending: false,
                 },
+                // Its shim is still at work: it either publishes it or gives up.
                 Ok(Probe::Busy) | Err(_) => FromDaemon::Outcome {
                     running: false,
                     pending: true,
                 },
+                // No shim: a vkernel whose shim died after the commit point runs on all the
+                // same (its arrival note says where).
                 Ok(Probe::Absent | Probe::Stale) => FromDaemon::Outcome {
-                    running: false,
+                    running: ctx.state.arrival_runs(&migration_id),
                     pending: false,
                 },
             }

@@ -404,7 +404,8 @@ fn migrate(
     let mut percent = 100u32;
     // Page data per second the link and both ends carry, from the rounds big enough to tell
     // (small rounds are dominated by fixed costs such as scanning and hashing).
-    let mut bandwidth: f64 = 0.0;
+    let mut measured: Option<f64> = None;
+    let mut last_secs: Option<f64> = None;
     loop {
         let t = Instant::now();
         let mut s = precopy
@@ -423,11 +424,17 @@ fn migrate(
         s.duration_ms = ms(t.elapsed());
         let secs = (s.duration_ms / 1000.0).max(1e-6);
         let rate = s.bytes_raw as f64 / secs;
-        if s.round == 0 || s.bytes_raw >= 8 << 20 {
-            bandwidth = bandwidth.max(rate);
+        if s.bytes_raw >= BIG_ROUND {
+            measured = Some(measured.map_or(rate, |m| m.max(rate)));
         }
-        let bandwidth = bandwidth.max(50e6);
-        ui.round(&s, rate, bandwidth, opts.downtime_ms);
+        // Until a round big enough to measure went, a small one only says the link is at least
+        // that fast: assume a LAN's speed then. A measured link is taken as it is, however
+        // slow, or the pause would overrun its target by as much.
+        let bandwidth = measured.unwrap_or(rate.max(ASSUMED_BANDWIDTH));
+        // What this round sent was written during the one before.
+        let dirty_rate = last_secs.map(|prev| s.bytes_raw as f64 / prev);
+        last_secs = Some(secs);
+        ui.round(&s, dirty_rate, bandwidth, opts.downtime_ms);
         let first = s.round == 0;
         if !first {
             history.push(s.bytes_raw);
@@ -546,6 +553,11 @@ fn migrate(
     report.downtime_ms = ms(t_freeze.elapsed());
     Ok(fin)
 }
+
+/// A round at least this big measures the bandwidth (its time is mostly moving pages).
+const BIG_ROUND: u64 = 4 << 20;
+/// The bandwidth assumed until a round big enough to measure it has gone.
+const ASSUMED_BANDWIDTH: f64 = 50e6;
 
 /// After a lost link: ask the destination's daemon whether the vkernel runs there, again and
 /// again (the vkernel stays frozen here meanwhile: never two running copies).
@@ -814,17 +826,20 @@ impl Ui {
         }
     }
 
-    fn round(&self, s: &RoundStats, dirty_rate: f64, bandwidth: f64, downtime_ms: u64) {
+    fn round(&self, s: &RoundStats, dirty_rate: Option<f64>, bandwidth: f64, downtime_ms: u64) {
         let est = s.bytes_raw as f64 / bandwidth * 1000.0;
+        let dirty = dirty_rate.map_or(String::new(), |r| {
+            format!("; dirty rate {:.0} MB/s", r / 1e6)
+        });
         let line = format!(
-            "round {}: {} pages ({}) sent in {:.0} ms; dirty rate {:.0} MB/s; next round ≈ {} (downtime ≈ {:.0} ms, target {} ms)",
+            "round {}: {} pages ({}) sent in {:.0} ms{dirty}; next round ≈ {} (downtime ≈ {:.0} ms at {:.0} MB/s, target {} ms)",
             s.round,
             s.pages,
             human::mib(s.bytes_encoded),
             s.duration_ms,
-            dirty_rate / 1e6,
             human::mib(s.bytes_raw),
             est,
+            bandwidth / 1e6,
             downtime_ms
         );
         self.note(&line);

@@ -321,6 +321,14 @@ fn converse(
         other => bail!("Expected go, got {}", name_of(&other)),
     }
     let t = Instant::now();
+    // The commit point. Until the sandbox is committed it dies with us; from then on the
+    // vkernel runs here whatever happens to us, and the note lets this host's daemon tell a
+    // sender that lost us that it does.
+    let state = crate::state::StateDir::new(dir.parent().unwrap_or(dir));
+    state.note_arrival(&args.migration_id, sandbox.init_pid)?;
+    sandbox
+        .commit()
+        .context("Cannot let the vkernel's sandbox outlive this shim")?;
     let (report, net) = skel.go().context("Cannot resume the vkernel")?;
     // The switches between here and the clients learn the guest's new port now, while the
     // source still waits for `running`.

@@ -147,6 +147,9 @@ pub fn main(state: &StateDir, args: ShimArgs, log_format: LogFormat) -> ExitCode
         }
     };
     release_owned_net(&running.owned_net);
+    if let (Some(id), Some(root)) = (&running.migration_id, dir.parent()) {
+        state::StateDir::new(root).forget_arrival(id);
+    }
     state::remove_vkernel_dir(&dir);
     drop(lock);
     code

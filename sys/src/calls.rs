@@ -967,6 +967,25 @@ pub mod raw {
         unsafe { libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) };
     }
 
+    /// `prctl(PR_SET_PDEATHSIG, sig)`: `sig` when the thread that created us ends (0: none).
+    pub fn set_pdeathsig(sig: i32) {
+        // SAFETY: plain integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) };
+    }
+
+    /// Whether the process behind `pidfd` is still alive: a pidfd polls readable once its
+    /// process has ended (unlike `pidfd_send_signal`, this works from a child PID namespace).
+    pub fn pidfd_alive(pidfd: i32) -> bool {
+        let mut p = libc::pollfd {
+            fd: pidfd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `p` is one valid pollfd, and the count says one.
+        let r = unsafe { libc::poll(&mut p, 1, 0) };
+        r == 0
+    }
+
     pub fn exit(code: i32) -> ! {
         // SAFETY: ends the process without running the parent's atexit handlers or destructors,
         // which belong to the shim, not to init.

@@ -77,6 +77,7 @@ pub fn restore<R: Read + Send>(
     let targets = skel.page_targets()?;
     skel.r.pages = receive_pages(reader, &targets)?;
     skel.finish(console)?;
+    sandbox.commit()?;
     let (mut report, net) = skel.go()?;
     report.elapsed = t0.elapsed();
     Ok((report, net))

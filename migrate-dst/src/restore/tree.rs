@@ -143,11 +143,14 @@ impl Restorer {
         if !attached {
             ptrace::seize(
                 host,
+                // No EXITKILL: should we die, init (which dies with us until the commit
+                // point, see `Sandbox::commit`) takes every skeleton with it; after that
+                // point, a skeleton whose restorer dies while letting it go must run on like
+                // the rest of the vkernel, not be killed alone.
                 ptrace::PTRACE_O_TRACESYSGOOD
                     | ptrace::PTRACE_O_TRACECLONE
                     | ptrace::PTRACE_O_TRACEFORK
-                    | ptrace::PTRACE_O_TRACEVFORK
-                    | ptrace::PTRACE_O_EXITKILL,
+                    | ptrace::PTRACE_O_TRACEVFORK,
             )?;
             ptrace::interrupt(host)?;
             wait_stopped(host)?;
