@@ -40,9 +40,10 @@ pub fn checkpoint(
     opts: &CheckpointOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<CheckpointReport, SrcError> {
-    let frozen = Frozen::freeze(opts.init_pid)?;
+    let mut frozen = Frozen::freeze(opts.init_pid)?;
     let t0 = Instant::now();
     let captured = capture(&frozen, &opts.capture)?;
+    frozen.unpin();
     let tmp = tmp_path(&opts.output);
     let result = write_image(&tmp, &captured, opts.compression, progress);
     let stats = match result {

@@ -243,6 +243,13 @@ impl Frozen {
         Ok(())
     }
 
+    /// Every frozen thread gets its own CPUs back, and so do we: call it once the injections
+    /// are done. Threads we start from now on (page readers, encoders) would otherwise inherit
+    /// our single CPU and queue up behind each other.
+    pub fn unpin(&mut self) {
+        drop(self.cpu.take());
+    }
+
     /// Move the quiesced UML's mconsole socket file aside, so that the destination can bind the
     /// same path when both hosts see one filesystem (a shared /tmp, or the test lab). The socket
     /// stays bound to the moved file; thawing moves it back, killing removes it.

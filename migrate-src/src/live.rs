@@ -330,6 +330,7 @@ impl Precopy {
             let scanned = scan.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
             (captured, scanned)
         });
+        frozen.unpin();
         let mut captured = captured?;
         let capture_ms = ms(t0.elapsed() - t_frozen);
         tracing::info!(freeze_ms = ms(t_frozen), capture_ms, "frozen and captured");

@@ -94,8 +94,9 @@ pub struct Skeleton {
     net: Network,
     /// The userfaultfds that [`PageTargets`] fill anonymous memory through.
     fills: Fills,
-    /// We and every thread of the skeleton share one CPU until [`Skeleton::go`] (see
-    /// [`vkm_sys::cpu`]); they then get the mask we had, as they would have inherited it.
+    /// We and every thread of the skeleton share one CPU while it is built and from
+    /// [`Skeleton::finish`] to [`Skeleton::go`] (see [`vkm_sys::cpu`]); they then get the mask
+    /// we had, as they would have inherited it.
     cpu: Option<OneCpu>,
 }
 
@@ -147,12 +148,14 @@ impl Skeleton {
             r.layout(mm, rep)
                 .map_err(|e| step("layout", vk.processes[rep].pid, e))?;
         }
+        // Unpinned while pages arrive: the threads that write them are started by us.
+        drop(cpu);
         Ok(Skeleton {
             r,
             order,
             net: Network::empty(),
             fills: Fills::default(),
-            cpu,
+            cpu: None,
         })
     }
 
@@ -228,6 +231,10 @@ impl Skeleton {
     pub fn finish(&mut self, console: Option<&OwnedFd>) -> Result<(), DstError> {
         // No page comes after this; nothing may run into a page fault that waits for us.
         self.fills.release();
+        self.cpu = OneCpu::new();
+        if let Some(c) = self.cpu.as_mut() {
+            self.r.pin_all(c);
+        }
         let r = &mut self.r;
         let vk = Arc::clone(&r.vk);
         r.remove_sysv()?;
