@@ -276,12 +276,26 @@ pub struct Convergence {
     pub max_rounds: u32,
 }
 
+/// What the last pre-copy round saw the vkernel do.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoundLoad {
+    /// Bytes per second it wrote.
+    pub dirty_rate: f64,
+    /// The share of one CPU its threads used, all together.
+    pub cpu: f64,
+}
+
+/// The lowest CPU limit the throttle sets, in ‰ of one CPU (a 1 ms quota per second).
+pub const MIN_THROTTLE: u32 = 1;
+/// No limit, in ‰ of one CPU.
+pub const NO_THROTTLE: u32 = 1000;
+
 /// What the pre-copy loop does after a round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
     /// Send another round.
     Round,
-    /// Another round, with the vkernel throttled harder (to this percent of a CPU).
+    /// Another round, with the vkernel throttled harder (to this many ‰ of a CPU).
     Throttle(u32),
     /// Freeze and send the rest.
     StopAndCopy,
@@ -290,8 +304,17 @@ pub enum Next {
 impl Convergence {
     /// Decide after a round. `remaining`: bytes dirty now (what the final round would send);
     /// `bandwidth`: measured bytes per second of page data; `history`: bytes sent by the
-    /// rounds after round 0 so far; `throttle`: the current CPU percent (100 = none).
-    pub fn next(&self, remaining: u64, bandwidth: f64, history: &[u64], throttle: u32) -> Next {
+    /// rounds after round 0 so far; `throttle`: the current CPU limit in ‰ ([`NO_THROTTLE`]:
+    /// none); `load`:
+    /// what the vkernel did during the last round, when known.
+    pub fn next(
+        &self,
+        remaining: u64,
+        bandwidth: f64,
+        history: &[u64],
+        throttle: u32,
+        load: Option<RoundLoad>,
+    ) -> Next {
         let budget = bandwidth * self.downtime_ms as f64 / 1000.0;
         if (remaining as f64) <= budget {
             return Next::StopAndCopy;
@@ -300,25 +323,34 @@ impl Convergence {
         if rounds + 1 >= self.max_rounds {
             return Next::StopAndCopy;
         }
-        // Not shrinking: the vkernel writes about as fast as we send. Throttle it (as QEMU's
-        // auto-converge: 20 % off first, then 10 % more each time), down to 5 %; past that,
-        // stop anyway.
+        // Not shrinking: the vkernel writes about as fast as we send. Throttle it, down to
+        // MIN_THROTTLE; past that, stop anyway.
         let stalled = history.len() >= 2 && {
             let n = history.len();
             history[n - 1] as f64 >= history[n - 2] as f64 * 0.9
         };
-        if stalled {
-            if throttle <= 5 {
-                return Next::StopAndCopy;
-            }
-            let next = if throttle >= 100 {
-                80
-            } else {
-                throttle.saturating_sub(10).max(5)
-            };
-            return Next::Throttle(next);
+        if !stalled {
+            return Next::Round;
         }
-        Next::Round
+        if throttle <= MIN_THROTTLE {
+            return Next::StopAndCopy;
+        }
+        // At least QEMU's auto-converge step (20 % off first, then 10 % more each time).
+        let step = if throttle >= NO_THROTTLE {
+            800
+        } else {
+            throttle.saturating_sub(100)
+        };
+        // Further when the last round says so: writing scales with the CPU time the vkernel
+        // gets, so aim straight at the share at which it writes half as fast as we send (a
+        // writer that needs little CPU would otherwise outrun every step of 10 %).
+        let aimed = load
+            .filter(|l| l.dirty_rate > 0.0 && l.cpu > 0.0 && bandwidth > 0.0)
+            .map(|l| {
+                let share = l.cpu * (bandwidth * 0.5 / l.dirty_rate);
+                (share * 1000.0).floor().clamp(0.0, 1000.0) as u32
+            });
+        Next::Throttle(aimed.map_or(step, |a| a.min(step)).max(MIN_THROTTLE))
     }
 }
 
@@ -380,25 +412,77 @@ mod tests {
         };
         // 1 GB/s: 20 ms carry 20 MB.
         assert_eq!(
-            c.next(10_000_000, 1e9, &[50_000_000], 100),
+            c.next(10_000_000, 1e9, &[50_000_000], NO_THROTTLE, None),
             Next::StopAndCopy
         );
-        assert_eq!(c.next(30_000_000, 1e9, &[50_000_000], 100), Next::Round);
+        assert_eq!(
+            c.next(30_000_000, 1e9, &[50_000_000], NO_THROTTLE, None),
+            Next::Round
+        );
         // Not shrinking: throttle, harder each time, then give up.
+        let stalled = [30_000_000, 30_000_000];
         assert_eq!(
-            c.next(30_000_000, 1e9, &[30_000_000, 30_000_000], 100),
-            Next::Throttle(80)
+            c.next(30_000_000, 1e9, &stalled, NO_THROTTLE, None),
+            Next::Throttle(800)
         );
         assert_eq!(
-            c.next(30_000_000, 1e9, &[30_000_000, 30_000_000], 80),
-            Next::Throttle(70)
+            c.next(30_000_000, 1e9, &stalled, 800, None),
+            Next::Throttle(700)
         );
         assert_eq!(
-            c.next(30_000_000, 1e9, &[30_000_000, 30_000_000], 5),
+            c.next(30_000_000, 1e9, &stalled, MIN_THROTTLE, None),
             Next::StopAndCopy
         );
         // The round limit.
-        assert_eq!(c.next(30_000_000, 1e9, &[1; 29], 100), Next::StopAndCopy);
+        assert_eq!(
+            c.next(30_000_000, 1e9, &[1; 29], NO_THROTTLE, None),
+            Next::StopAndCopy
+        );
+    }
+
+    #[test]
+    fn a_writer_that_needs_little_cpu_is_throttled_to_the_share_that_converges() {
+        let c = Convergence {
+            downtime_ms: 20,
+            max_rounds: 30,
+        };
+        let stalled = [30_000_000, 30_000_000];
+        // 200 MB/s on 3 % of a CPU, 500 MB/s sent: at 3 % * 250/200 = 3.75 % it writes half
+        // as fast.
+        let load = RoundLoad {
+            dirty_rate: 200e6,
+            cpu: 0.03,
+        };
+        assert_eq!(
+            c.next(30_000_000, 500e6, &stalled, NO_THROTTLE, Some(load)),
+            Next::Throttle(37)
+        );
+        // A busy writer (a whole CPU at 800 MB/s) gets the plain step, never less.
+        let busy = RoundLoad {
+            dirty_rate: 800e6,
+            cpu: 1.0,
+        };
+        assert_eq!(
+            c.next(30_000_000, 500e6, &stalled, NO_THROTTLE, Some(busy)),
+            Next::Throttle(312)
+        );
+        let mild = RoundLoad {
+            dirty_rate: 100e6,
+            cpu: 1.0,
+        };
+        assert_eq!(
+            c.next(30_000_000, 500e6, &stalled, NO_THROTTLE, Some(mild)),
+            Next::Throttle(800)
+        );
+        // Never below the floor.
+        let tiny = RoundLoad {
+            dirty_rate: 1e9,
+            cpu: 0.001,
+        };
+        assert_eq!(
+            c.next(30_000_000, 500e6, &stalled, 500, Some(tiny)),
+            Next::Throttle(MIN_THROTTLE)
+        );
     }
 
     /// The daemon protocol as it was before `Capacity`: a peer of that build must still

@@ -292,7 +292,11 @@ impl Precopy {
 
     /// Stop the vkernel and work out what is left: the final state, and which pages the
     /// destination's skeleton lacks.
-    pub fn freeze(mut self) -> Result<Final, SrcError> {
+    /// Stop-and-copy: freeze the vkernel and find what is left to send. `just_before` runs
+    /// right before the freeze, after everything that can be read while the vkernel runs was
+    /// read (a throttled vkernel must be let go at full speed to stop at once, and what it
+    /// writes in that moment goes into the final round).
+    pub fn freeze(mut self, just_before: impl FnOnce()) -> Result<Final, SrcError> {
         let mut copts = self.opts.capture.clone();
         copts.skip_page_runs = true;
         // Netlink dumps cost milliseconds: read the devices the vkernel holds while it runs
@@ -310,6 +314,7 @@ impl Precopy {
             .iter()
             .filter_map(|m| Some((m.pid, crate::capture::read_smaps(m.pid).ok()?)))
             .collect();
+        just_before();
         let t0 = Instant::now();
         let mut frozen = Frozen::freeze(self.opts.init_pid)?;
         frozen.hide_mconsole()?;

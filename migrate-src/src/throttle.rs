@@ -22,6 +22,8 @@ use crate::SrcError;
 const DEFAULT_PERIOD_US: u64 = 100_000;
 /// The kernel refuses quotas below 1 ms.
 const MIN_QUOTA_US: u64 = 1_000;
+/// The period used below 1 % of a CPU (the kernel's longest).
+const LONG_PERIOD_US: u64 = 1_000_000;
 /// How often release re-reads `cgroup.procs` when a process forked into the group while the
 /// others were moved out (rmdir says EBUSY).
 const RELEASE_ATTEMPTS: u32 = 50;
@@ -175,6 +177,26 @@ fn tgid(pid: i32) -> Result<Option<i32>, SrcError> {
         .or(Some(pid)))
 }
 
+/// CPU time (ns) the processes `pids` have used so far, all their threads together (the first
+/// field of each thread's schedstat: nanoseconds, where stat's utime counts 10 ms ticks). A
+/// process or thread gone meanwhile counts nothing.
+pub fn cpu_ns(pids: &[i32]) -> u64 {
+    let mut total = 0;
+    for &pid in pids {
+        let Ok(tids) = vkm_sys::proc::list_numeric(vkm_sys::proc::pid_path(pid, "task")) else {
+            continue;
+        };
+        for tid in tids {
+            let path = format!("/proc/{pid}/task/{tid}/schedstat");
+            total += std::fs::read_to_string(path)
+                .ok()
+                .and_then(|t| t.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    total
+}
+
 /// Move process `tgid` (all its threads) into the cgroup directory `dir`. Ok(false): it is gone.
 fn move_to(dir: &Path, tgid: i32) -> Result<bool, SrcError> {
     let procs = dir.join("cgroup.procs");
@@ -206,7 +228,8 @@ pub struct Throttle {
     /// Our cgroup's directory.
     dir: PathBuf,
     period_us: u64,
-    pct: u32,
+    /// The limit in per mille of one CPU (1000 = none).
+    permille: u32,
     /// Each process we moved in (tgid) and the directory of the cgroup it came from, in order.
     prev: Vec<(i32, PathBuf)>,
     released: bool,
@@ -214,7 +237,7 @@ pub struct Throttle {
 
 impl Throttle {
     /// Create a cgroup named after `tag` and our pid and move the processes of `pids` (each by
-    /// its thread-group id) into it, unthrottled (100 %) until [`Throttle::set_percent`].
+    /// its thread-group id) into it, unthrottled until [`Throttle::set_permille`].
     /// Processes that have exited are skipped.
     pub fn new(tag: &str, pids: &[i32]) -> Result<Throttle, SrcError> {
         let mut tgids = Vec::with_capacity(pids.len());
@@ -272,7 +295,7 @@ impl Throttle {
             mount,
             dir,
             period_us: DEFAULT_PERIOD_US,
-            pct: 100,
+            permille: 1000,
             prev: Vec::new(),
             released: false,
         };
@@ -411,25 +434,42 @@ impl Throttle {
         Ok(true)
     }
 
-    /// Limit the group to `pct` % of one CPU (clamped to 1..=100; 100 lifts the limit).
-    pub fn set_percent(&mut self, pct: u32) -> Result<(), SrcError> {
-        let pct = pct.clamp(1, 100);
-        let quota = (self.period_us * u64::from(pct) / 100).max(MIN_QUOTA_US);
-        let (file, value) = match (self.mount.flavor, pct) {
-            (Flavor::V1, 100) => ("cpu.cfs_quota_us", "-1".to_string()),
-            (Flavor::V1, _) => ("cpu.cfs_quota_us", quota.to_string()),
-            (Flavor::V2, 100) => ("cpu.max", format!("max {}", self.period_us)),
-            (Flavor::V2, _) => ("cpu.max", format!("{quota} {}", self.period_us)),
+    /// Limit the group to `permille` ‰ of one CPU (clamped to 1..=1000; 1000 lifts the limit).
+    /// Dirtying memory costs little CPU (a writer on 1 % of a CPU still writes some 80 MB/s
+    /// here), so the limit goes below 1 %: with the usual 100 ms period that would need a
+    /// quota under the kernel's 1 ms minimum, so the period grows to 1 s instead (the vkernel
+    /// then runs in bursts of a few ms per second, as QEMU's auto-converge runs a vCPU).
+    pub fn set_permille(&mut self, permille: u32) -> Result<(), SrcError> {
+        let permille = permille.clamp(1, 1000);
+        let period = if permille < 10 {
+            LONG_PERIOD_US
+        } else {
+            self.period_us
         };
-        let path = self.dir.join(file);
-        std::fs::write(&path, value).map_err(|e| cg_err("set the CPU limit in", &path, e))?;
-        self.pct = pct;
+        let quota = (period * u64::from(permille) / 1000).max(MIN_QUOTA_US);
+        let writes: Vec<(&str, String)> = match (self.mount.flavor, permille) {
+            (Flavor::V1, 1000) => vec![
+                ("cpu.cfs_quota_us", "-1".to_string()),
+                ("cpu.cfs_period_us", self.period_us.to_string()),
+            ],
+            (Flavor::V1, _) => vec![
+                ("cpu.cfs_period_us", period.to_string()),
+                ("cpu.cfs_quota_us", quota.to_string()),
+            ],
+            (Flavor::V2, 1000) => vec![("cpu.max", format!("max {}", self.period_us))],
+            (Flavor::V2, _) => vec![("cpu.max", format!("{quota} {period}"))],
+        };
+        for (file, value) in writes {
+            let path = self.dir.join(file);
+            std::fs::write(&path, value).map_err(|e| cg_err("set the CPU limit in", &path, e))?;
+        }
+        self.permille = permille;
         Ok(())
     }
 
-    /// The current limit in % of one CPU (100 = none).
-    pub fn percent(&self) -> u32 {
-        self.pct
+    /// The current limit in per mille of one CPU (1000 = none).
+    pub fn permille(&self) -> u32 {
+        self.permille
     }
 
     /// The directory of the throttle's cgroup.
@@ -475,8 +515,8 @@ impl Throttle {
             return Ok(());
         }
         // Whatever happens below, what stays behind should not stay throttled.
-        if self.pct != 100 {
-            if let Err(e) = self.set_percent(100) {
+        if self.permille != 1000 {
+            if let Err(e) = self.set_permille(1000) {
                 tracing::debug!(error = %e, "cannot lift the CPU limit before releasing");
             }
         }
@@ -666,9 +706,9 @@ mod tests {
             let free = cpu_share(pid, Duration::from_millis(500));
             let mut t = Throttle::new("test-busy", &[pid]).expect("creates the throttle");
             let dir = t.path().to_path_buf();
-            assert_eq!(t.percent(), 100);
-            t.set_percent(10).expect("sets 10 %");
-            assert_eq!(t.percent(), 10);
+            assert_eq!(t.permille(), 1000);
+            t.set_permille(100).expect("sets 10 %");
+            assert_eq!(t.permille(), 100);
             if t.mount.flavor == Flavor::V1 {
                 let q = std::fs::read_to_string(dir.join("cpu.cfs_quota_us")).expect("quota");
                 assert_eq!(q.trim().parse::<u64>().ok(), Some(t.period_us / 10));
@@ -681,6 +721,21 @@ mod tests {
                 "throttled to 10 % but used {throttled:.2} CPU"
             );
             assert_ne!(cgroup_of(pid), before);
+            // Below 1 %: a 1 s period, since a quota cannot be under 1 ms; lifted: as before.
+            if t.mount.flavor == Flavor::V1 {
+                let read = |f: &str| {
+                    std::fs::read_to_string(dir.join(f))
+                        .expect("cgroup file")
+                        .trim()
+                        .to_string()
+                };
+                t.set_permille(5).expect("sets 0.5 %");
+                assert_eq!(read("cpu.cfs_period_us"), "1000000");
+                assert_eq!(read("cpu.cfs_quota_us"), "5000");
+                t.set_permille(1000).expect("lifts the limit");
+                assert_eq!(read("cpu.cfs_period_us"), t.period_us.to_string());
+                assert_eq!(read("cpu.cfs_quota_us"), "-1");
+            }
             t.release().expect("releases");
             assert!(!dir.exists(), "{} still exists", dir.display());
             assert_eq!(cgroup_of(pid), before);
@@ -699,7 +754,7 @@ mod tests {
         let before = cgroup_of(pid);
         let result = std::panic::catch_unwind(|| {
             let mut t = Throttle::new("test-fork", &[pid]).expect("creates the throttle");
-            t.set_percent(20).expect("sets 20 %");
+            t.set_permille(200).expect("sets 20 %");
             let dir = t.path().to_path_buf();
             std::thread::sleep(Duration::from_millis(800));
             let inside = std::fs::read_to_string(dir.join("cgroup.procs")).expect("procs");

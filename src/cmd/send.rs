@@ -18,8 +18,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use vkm_common::live::{
-    Convergence, FromDaemon, FromReceiver, MappedFile, Next, Offer, ToDaemon, ToReceiver,
-    PROTOCOL_VERSION,
+    Convergence, FromDaemon, FromReceiver, MappedFile, Next, Offer, RoundLoad, ToDaemon,
+    ToReceiver, NO_THROTTLE, PROTOCOL_VERSION,
 };
 use vkm_common::model::{Backing, Vkernel};
 use vkm_migrate_src::live::{Final, LiveOptions, PageSink, Precopy, RoundStats};
@@ -56,7 +56,8 @@ pub(crate) struct Report {
     pub page_bytes_encoded: u64,
     pub zero_pages: u64,
     pub compression_ratio: f64,
-    pub throttle_percent: u32,
+    /// The CPU limit the vkernel had last, in % of one CPU (100: never throttled).
+    pub throttle_percent: f64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -178,7 +179,7 @@ pub(crate) fn migrate_vkernel(
     let rt = crate::net_runtime().map_err(SendError::at(Stage::Source))?;
     let migration_id = format!("{:032x}", rand::random::<u128>());
     *report = Report {
-        throttle_percent: 100,
+        throttle_percent: 100.0,
         vkernel: rec.name.clone(),
         destination: dest.to_owned(),
         migration_id: migration_id.clone(),
@@ -276,7 +277,7 @@ pub(crate) fn migrate_vkernel(
     );
     // The throttle never outlives the migration (it is released before a thaw, too).
     if let Some(t) = throttle.take() {
-        report.throttle_percent = t.percent();
+        report.throttle_percent = f64::from(t.permille()) / 10.0;
     }
     drop(sink);
     ui.finish();
@@ -401,13 +402,15 @@ fn migrate(
         max_rounds: opts.max_rounds,
     };
     let mut history: Vec<u64> = Vec::new();
-    let mut percent = 100u32;
+    let mut permille = NO_THROTTLE;
     // Page data per second the link and both ends carry, from the rounds big enough to tell
     // (small rounds are dominated by fixed costs such as scanning and hashing).
     let mut measured: Option<f64> = None;
-    let mut last_secs: Option<f64> = None;
+    // The previous round's duration (s) and the share of a CPU the vkernel used meanwhile.
+    let mut last: Option<(f64, f64)> = None;
     loop {
         let t = Instant::now();
+        let cpu0 = vkm_migrate_src::throttle::cpu_ns(&precopy.host_pids);
         let mut s = precopy
             .round(sink)
             .map_err(|e| before(anyhow::Error::from(e).context("A pre-copy round failed")))?;
@@ -423,6 +426,9 @@ fn migrate(
         }
         s.duration_ms = ms(t.elapsed());
         let secs = (s.duration_ms / 1000.0).max(1e-6);
+        let cpu = vkm_migrate_src::throttle::cpu_ns(&precopy.host_pids).saturating_sub(cpu0) as f64
+            / 1e9
+            / secs;
         let rate = s.bytes_raw as f64 / secs;
         if s.bytes_raw >= BIG_ROUND {
             measured = Some(measured.map_or(rate, |m| m.max(rate)));
@@ -432,8 +438,13 @@ fn migrate(
         // slow, or the pause would overrun its target by as much.
         let bandwidth = measured.unwrap_or(rate.max(ASSUMED_BANDWIDTH));
         // What this round sent was written during the one before.
-        let dirty_rate = last_secs.map(|prev| s.bytes_raw as f64 / prev);
-        last_secs = Some(secs);
+        // What this round sent was written during the one before, on the CPU it used then.
+        let load = last.map(|(prev_secs, prev_cpu)| RoundLoad {
+            dirty_rate: s.bytes_raw as f64 / prev_secs,
+            cpu: prev_cpu,
+        });
+        let dirty_rate = load.map(|l| l.dirty_rate);
+        last = Some((secs, cpu));
         ui.round(&s, dirty_rate, bandwidth, opts.downtime_ms);
         let first = s.round == 0;
         if !first {
@@ -444,7 +455,7 @@ fn migrate(
         if first {
             continue;
         }
-        match conv.next(remaining, bandwidth, &history, percent) {
+        match conv.next(remaining, bandwidth, &history, permille, load) {
             Next::Round => {}
             Next::StopAndCopy => break,
             Next::Throttle(p) if !opts.no_throttle => {
@@ -458,12 +469,15 @@ fn migrate(
                     }
                 }
                 if let Some(t) = throttle.as_mut() {
-                    if let Err(e) = t.set_percent(p) {
+                    if let Err(e) = t.set_permille(p) {
                         tracing::warn!(error = %e, "cannot throttle the vkernel; stopping pre-copy");
                         break;
                     }
-                    percent = p;
-                    ui.note(&format!("throttling the vkernel to {p} % of a CPU"));
+                    permille = p;
+                    ui.note(&format!(
+                        "throttling the vkernel to {} % of a CPU",
+                        f64::from(p) / 10.0
+                    ));
                 }
             }
             Next::Throttle(_) => break,
@@ -471,16 +485,20 @@ fn migrate(
     }
 
     // Stop-and-copy. A throttled task takes its time to stop (it must be scheduled to see
-    // the interrupt): lift the limit first.
-    if let Some(t) = throttle.as_mut() {
-        report.throttle_percent = t.percent();
-        if let Err(e) = t.set_percent(100) {
-            tracing::warn!(error = %e, "cannot lift the CPU throttle before the freeze");
-        }
+    // the interrupt): the limit is lifted the moment before the freeze.
+    if let Some(t) = throttle.as_ref() {
+        report.throttle_percent = f64::from(t.permille()) / 10.0;
     }
+    let lift = || {
+        if let Some(t) = throttle.as_mut() {
+            if let Err(e) = t.set_permille(NO_THROTTLE) {
+                tracing::warn!(error = %e, "cannot lift the CPU throttle before the freeze");
+            }
+        }
+    };
     let mut fin = Box::new(
         precopy
-            .freeze()
+            .freeze(lift)
             .map_err(|e| before(anyhow::Error::from(e).context("Cannot freeze the vkernel")))?,
     );
     // Frozen: the throttle has nothing left to do, and must not outlive a thaw.

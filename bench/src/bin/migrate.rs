@@ -209,7 +209,7 @@ struct Sample {
     rounds: usize,
     wire_mib: f64,
     round0_gbs: f64,
-    throttle: u64,
+    throttle: f64,
 }
 
 /// Boot a UML of `size` MiB as vkernel "bench" on hostA and wait for its init to run.
@@ -377,7 +377,7 @@ fn send_and_report(lab: &Lab, downtime_ms: u64) -> Result<Sample> {
         rounds: r["rounds"].as_array().map_or(0, Vec::len) + 1,
         wire_mib: r["bytes_on_wire"].as_f64().unwrap_or(0.0) / 1048576.0,
         round0_gbs: r0["bytes_raw"].as_f64().unwrap_or(0.0) / secs / 1e9,
-        throttle: r["throttle_percent"].as_u64().unwrap_or(100),
+        throttle: r["throttle_percent"].as_f64().unwrap_or(100.0),
     })
 }
 
@@ -430,7 +430,7 @@ fn main() -> Result<()> {
                 range(&|s| s.rounds as f64, 0),
                 range(&|s| s.wire_mib, 0),
                 range(&|s| s.round0_gbs, 2),
-                range(&|s| s.throttle as f64, 0),
+                range(&|s| s.throttle, 1),
             );
         }
     }
