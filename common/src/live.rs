@@ -169,7 +169,8 @@ pub enum FromReceiver {
     FinalReady {
         delta_us: u64,
     },
-    /// Everything is applied; the vkernel runs on `Go`.
+    /// Everything is applied; the vkernel runs on `Go`. `apply_us`: the time the restore
+    /// took after the last pages had arrived.
     Ready {
         apply_us: u64,
     },

@@ -138,8 +138,8 @@ impl Frozen {
             // everything else is stopped (the tracer must be). By pid: a process that vanished
             // meanwhile is removed from the list, which moves the indices.
             let mut traced: Vec<(i32, i32, i32)> = Vec::new();
-            // Seized and interrupted, not yet stopped: (host pid, tid).
-            let mut interrupted: Vec<(i32, i32)> = Vec::new();
+            // Seized and interrupted, not yet stopped: (host pid, tid, threads the process had).
+            let mut interrupted: Vec<(i32, i32, usize)> = Vec::new();
             let mut queue = vec![self.init];
             let mut order = Vec::new();
             while let Some(p) = queue.pop() {
@@ -189,7 +189,7 @@ impl Frozen {
                         // Until it has stopped, a thaw must wait for it before it can let go.
                         Begin::Interrupted => {
                             self.stopping.push(tid);
-                            interrupted.push((pid, tid));
+                            interrupted.push((pid, tid, tids.len()));
                         }
                         Begin::Gone => {}
                         Begin::Traced(tracer) => traced.push((pid, tid, tracer)),
@@ -209,13 +209,34 @@ impl Frozen {
             }
             // Every thread was interrupted before we wait for the first: they stop side by
             // side instead of one after the other.
-            for (pid, tid) in interrupted {
+            for (pid, tid, ntids) in interrupted {
                 // A vanished process's threads stay in `stopping` for the thaw to collect.
                 let Some(idx) = self.processes.iter().position(|p| p.host_pid == pid) else {
                     continue;
                 };
                 let stopped = wait_for_stop(tid, &mut self.processes[idx].stop_signals)?;
                 self.stopping.retain(|&t| t != tid);
+                if !stopped && tid == pid {
+                    // The process exited between our interrupt and its stop: a zombie its
+                    // frozen parent has yet to reap, or gone already.
+                    match dead_status(pid) {
+                        Some(Some(status)) if ntids == 1 => {
+                            self.processes[idx].zombie = Some(status);
+                        }
+                        None if ntids == 1 => {
+                            self.processes.remove(idx);
+                        }
+                        Some(Some(_)) | None => {
+                            return Err(SrcError::Unsupported {
+                                pid: self.processes[idx].ns_pid,
+                                what: "its main thread has exited while other threads run".into(),
+                            })
+                        }
+                        // Still on its way out: the next pass sees how it ended.
+                        Some(None) => changed = true,
+                    }
+                    continue;
+                }
                 if stopped {
                     if let Some(c) = self.cpu.as_mut() {
                         c.add(tid);

@@ -312,7 +312,8 @@ fn converse(
     rt.block_on(send(
         control,
         &FromReceiver::Ready {
-            apply_us: us(t.elapsed()),
+            // Restoring only: waiting for the last pages is the link's time, not ours.
+            apply_us: us(t.elapsed() - t_wait),
         },
     ))?;
     match rt.block_on(recv(control))? {
