@@ -126,15 +126,20 @@ impl Sandbox {
 
     /// Ask init to reap the skeletons that were killed (they are its children, or became so).
     pub fn reap(&mut self) -> Result<(), DstError> {
+        self.command(b'R').map(drop)
+    }
+
+    /// Send init a one-letter command and wait for its 4-byte reply.
+    fn command(&mut self, letter: u8) -> Result<[u8; 4], DstError> {
         let (Some(ctl), Some(ack)) = (self.ctl.as_mut(), self.ack.as_mut()) else {
             return Err(DstError::Init("init no longer takes commands".into()));
         };
-        ctl.write_all(b"R\0\0\0\0")
+        ctl.write_all(&[letter, 0, 0, 0, 0])
             .map_err(|e| DstError::Init(format!("cannot send a command: {e}")))?;
         let mut reply = [0u8; 4];
         ack.read_exact(&mut reply)
             .map_err(|e| DstError::Init(format!("no reply: {e}")))?;
-        Ok(())
+        Ok(reply)
     }
 
     /// The commit point of a restore: until now init dies with us (and its death kills every
@@ -142,15 +147,7 @@ impl Sandbox {
     /// behind and no vkernel that runs without anyone knowing. From now on the vkernel lives on
     /// whatever happens to us. Call it just before letting the vkernel run.
     pub fn commit(&mut self) -> Result<(), DstError> {
-        let (Some(ctl), Some(ack)) = (self.ctl.as_mut(), self.ack.as_mut()) else {
-            return Err(DstError::Init("init no longer takes commands".into()));
-        };
-        ctl.write_all(b"K\0\0\0\0")
-            .map_err(|e| DstError::Init(format!("cannot send a command: {e}")))?;
-        let mut reply = [0u8; 4];
-        ack.read_exact(&mut reply)
-            .map_err(|e| DstError::Init(format!("no reply: {e}")))?;
-        Ok(())
+        self.command(b'K').map(drop)
     }
 
     /// Tell init that no more processes will be requested: it becomes a plain reaper that exits

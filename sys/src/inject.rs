@@ -124,6 +124,30 @@ impl Remote {
         Ok(r as u64)
     }
 
+    /// Map `len` bytes of private anonymous read-write memory anywhere in the thread's
+    /// process (for out-parameters, so that nothing of the process's own memory changes);
+    /// returns its address. The caller unmaps it with [`Remote::unmap`].
+    pub fn map_anon(&mut self, len: u64) -> Result<u64> {
+        self.call(
+            "mmap(scratch)",
+            libc::SYS_mmap,
+            &[
+                0,
+                len,
+                (libc::PROT_READ | libc::PROT_WRITE) as u64,
+                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+                u64::MAX,
+                0,
+            ],
+        )
+    }
+
+    /// Unmap what [`Remote::map_anon`] mapped.
+    pub fn unmap(&mut self, addr: u64, len: u64) -> Result<()> {
+        self.call("munmap(scratch)", libc::SYS_munmap, &[addr, len])
+            .map(drop)
+    }
+
     /// Write bytes into the thread's memory (through `/proc/PID/mem`, which also writes
     /// read-only private pages).
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<()> {

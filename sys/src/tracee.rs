@@ -45,22 +45,11 @@ pub fn take(tracer: i32, tracee: i32, tracee_ns: i32) -> Result<Vec<i32>> {
     in_tracer(tracer, |r| {
         // PTRACE_SETSIGMASK reads the new mask from the tracer's memory: a page of its own,
         // so that nothing of the tracer's memory changes.
-        let page = r.call(
-            "mmap(scratch)",
-            libc::SYS_mmap,
-            &[
-                0,
-                PAGE,
-                (libc::PROT_READ | libc::PROT_WRITE) as u64,
-                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
-                u64::MAX,
-                0,
-            ],
-        )?;
+        let page = r.map_anon(PAGE)?;
         let detached = detach_stopped(r, page, tracee, tracee_ns);
-        let unmapped = r.call("munmap(scratch)", libc::SYS_munmap, &[page, PAGE]);
+        let unmapped = r.unmap(page, PAGE);
         detached?;
-        unmapped.map(drop)
+        unmapped
     })?;
     wait_state(tracee, "T")?;
     ptrace::seize(tracee, ptrace::PTRACE_O_TRACESYSGOOD)?;

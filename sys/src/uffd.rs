@@ -69,9 +69,9 @@ pub fn api(uffd: BorrowedFd<'_>, features: u64) -> Result<u64> {
     Ok(a[1])
 }
 
-/// `UFFDIO_REGISTER` of [start, start+len) for write-protection.
-pub fn register_wp(uffd: BorrowedFd<'_>, start: u64, len: u64) -> Result<()> {
-    let mut r = [start, len, UFFDIO_REGISTER_MODE_WP, 0u64];
+/// `UFFDIO_REGISTER` of [start, start+len) in `mode`.
+fn register(uffd: BorrowedFd<'_>, start: u64, len: u64, mode: u64) -> Result<()> {
+    let mut r = [start, len, mode, 0u64];
     ioctl(
         uffd,
         UFFDIO_REGISTER,
@@ -81,16 +81,14 @@ pub fn register_wp(uffd: BorrowedFd<'_>, start: u64, len: u64) -> Result<()> {
     .map(drop)
 }
 
+/// `UFFDIO_REGISTER` of [start, start+len) for write-protection.
+pub fn register_wp(uffd: BorrowedFd<'_>, start: u64, len: u64) -> Result<()> {
+    register(uffd, start, len, UFFDIO_REGISTER_MODE_WP)
+}
+
 /// `UFFDIO_REGISTER` of [start, start+len) for missing pages, to fill them with [`copy`].
 pub fn register_missing(uffd: BorrowedFd<'_>, start: u64, len: u64) -> Result<()> {
-    let mut r = [start, len, UFFDIO_REGISTER_MODE_MISSING, 0u64];
-    ioctl(
-        uffd,
-        UFFDIO_REGISTER,
-        r.as_mut_ptr().cast(),
-        "ioctl(UFFDIO_REGISTER)",
-    )
-    .map(drop)
+    register(uffd, start, len, UFFDIO_REGISTER_MODE_MISSING)
 }
 
 /// `struct uffdio_copy`.

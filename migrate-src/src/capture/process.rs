@@ -182,18 +182,7 @@ fn inject_reads(
 ) -> Result<Injected, SrcError> {
     // A private scratch page for out-parameters, so that nothing of the target's memory is
     // touched; it is unmapped again before we return.
-    let scratch = r.call(
-        "mmap(scratch)",
-        libc::SYS_mmap,
-        &[
-            0,
-            SCRATCH_LEN,
-            (libc::PROT_READ | libc::PROT_WRITE) as u64,
-            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
-            u64::MAX,
-            0,
-        ],
-    )?;
+    let scratch = r.map_anon(SCRATCH_LEN)?;
     r.scratch = scratch;
     let out = (|| -> Result<Injected, SrcError> {
         let mut sigactions = Vec::new();
@@ -309,7 +298,7 @@ fn inject_reads(
             pdeathsig,
         })
     })();
-    let unmapped = r.call("munmap(scratch)", libc::SYS_munmap, &[scratch, SCRATCH_LEN]);
+    let unmapped = r.unmap(scratch, SCRATCH_LEN);
     let out = out?;
     unmapped?;
     Ok(out)
