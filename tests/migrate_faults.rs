@@ -286,3 +286,50 @@ fn a_receiver_that_dies_after_go_leaves_exactly_one_copy_running_there() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_vkernel_that_ends_during_precopy_fails_the_migration_and_leaves_nothing_there() {
+    let lab = NetLab::new("flt-ends", &["a", "b"]);
+    let (a, b) = (lab.host("a"), lab.host("b"));
+    let _listener = b.spawn_listen();
+    a.run_vkload("web1", &["--mem", "64"]);
+    a.wait_tick("web1", 3, TICKS);
+    // Slow link: pre-copy of 64 MiB takes seconds.
+    lab.limit("a", "40mbit");
+    let dest = SocketAddrV4::new(b.addr, LISTEN_PORT).to_string();
+    let tls = a.tls_dir.to_str().unwrap().to_owned();
+    let mut send = a.vkm_command(&["send", "web1", &dest, "--tls-dir", &tls]);
+    send.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = send.spawn().unwrap();
+    // Once pre-copy runs (the destination started its shim), the vkernel ends.
+    let t0 = std::time::Instant::now();
+    while b.receiving_shims().is_empty() {
+        assert!(t0.elapsed() < TICKS, "no receiving shim");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    a.ok(&["kill", "web1"]);
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success(), "send succeeded: {err}");
+    assert!(
+        err.contains("Cannot migrate vkernel web1")
+            && err.contains("the vkernel ended here during the migration"),
+        "{err}"
+    );
+
+    // Gone from A as asked, and nothing of it on B: no vkernel, no shim, no sandbox.
+    let t0 = std::time::Instant::now();
+    while !a.ps_names().unwrap().is_empty() || !b.receiving_shims().is_empty() {
+        assert!(
+            t0.elapsed() < TICKS,
+            "A: {:?}, shims on B: {:?}",
+            a.ps_names(),
+            b.receiving_shims()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(b.ps_names().unwrap().is_empty());
+    assert_eq!(strays(&lab), Vec::<String>::new());
+}

@@ -298,14 +298,27 @@ pub(crate) fn migrate_vkernel(
             if let Some(fin) = fin {
                 fin.abort();
             }
-            report.outcome = "failed; the vkernel runs on here".into();
+            // It may have ended meanwhile (killed, or its processes exited): say so.
+            let still_here = matches!(
+                state.probe(&rec.name),
+                Ok(crate::state::Probe::Alive(r)) if r.init_pid == rec.init_pid
+            );
+            let (outcome, fate) = if still_here {
+                ("failed; the vkernel runs on here", "it keeps running here")
+            } else {
+                (
+                    "failed; the vkernel ended here during the migration",
+                    "the vkernel ended here during the migration",
+                )
+            };
+            report.outcome = outcome.into();
             report.error = Some(format!("{e:#}"));
             let chain = format!("{e:#}");
             let _ = rt.block_on(send_msg(&mut control, &ToReceiver::Abort { reason: chain }));
             Err(SendError {
                 stage: Stage::Transfer,
                 error: e.context(format!(
-                    "Cannot migrate vkernel {} to {dest}; it keeps running here",
+                    "Cannot migrate vkernel {} to {dest}; {fate}",
                     rec.name
                 )),
             })
