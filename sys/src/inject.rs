@@ -30,7 +30,15 @@ pub struct Remote {
     pub swallowed: Vec<Vec<u8>>,
     /// Pids (tracer's namespace) of tasks created by the last injected call (fork/clone events).
     pub children: Vec<i32>,
+    /// The gadget is followed by an `int3` ([`TRAP_GADGET`]): a call runs to that trap, one
+    /// ptrace stop, instead of stopping at the syscall's entry and exit, two. Only where the
+    /// thread may run one instruction past the syscall: never for a call that unmaps the
+    /// gadget (it must end at the syscall's exit stop).
+    pub traps: bool,
 }
+
+/// `syscall; int3`, for a gadget in memory of our own (see [`Remote::traps`]).
+pub const TRAP_GADGET: [u8; 3] = [0x0f, 0x05, 0xcc];
 
 /// Bytes of scratch memory that injected calls may use for their arguments.
 pub const SCRATCH_ARGS: u64 = 8192;
@@ -48,6 +56,7 @@ impl Remote {
             mem,
             swallowed: Vec::new(),
             children: Vec::new(),
+            traps: false,
         })
     }
 
@@ -70,6 +79,9 @@ impl Remote {
         r.rsp = self.stack;
         ptrace::setregs(self.tid, &r)?;
         self.children.clear();
+        if self.traps {
+            return self.run_to_trap(nr);
+        }
         ptrace::syscall(self.tid, 0)?;
         let mut entered = false;
         loop {
@@ -111,6 +123,49 @@ impl Remote {
         Ok(out.rax as i64)
     }
 
+    /// The rest of [`Remote::raw`] through a [`TRAP_GADGET`]: run to its `int3`.
+    fn run_to_trap(&mut self, nr: i64) -> Result<i64> {
+        ptrace::cont(self.tid, 0)?;
+        loop {
+            match ptrace::wait(self.tid)? {
+                Stop::Signal(libc::SIGTRAP) => {
+                    let out = ptrace::getregs(self.tid)?;
+                    if out.rip == self.gadget + TRAP_GADGET.len() as u64 {
+                        return Ok(out.rax as i64);
+                    }
+                    self.swallowed.push(ptrace::getsiginfo(self.tid)?);
+                    ptrace::cont(self.tid, 0)?;
+                }
+                Stop::Signal(_) => {
+                    self.swallowed.push(ptrace::getsiginfo(self.tid)?);
+                    ptrace::cont(self.tid, 0)?;
+                }
+                Stop::Event(ev)
+                    if ev == ptrace::PTRACE_EVENT_FORK
+                        || ev == ptrace::PTRACE_EVENT_VFORK
+                        || ev == ptrace::PTRACE_EVENT_CLONE =>
+                {
+                    let child = ptrace::geteventmsg(self.tid)?;
+                    self.children.push(i32::try_from(child).unwrap_or(-1));
+                    ptrace::cont(self.tid, 0)?;
+                }
+                Stop::Event(_) | Stop::Syscall => ptrace::cont(self.tid, 0)?,
+                Stop::Exited(code) => {
+                    return Err(SysError::Unexpected {
+                        pid: self.tid,
+                        what: format!("exited with status {code} during an injected syscall {nr}"),
+                    })
+                }
+                Stop::Killed(sig) => {
+                    return Err(SysError::Unexpected {
+                        pid: self.tid,
+                        what: format!("was killed by signal {sig} during an injected syscall {nr}"),
+                    })
+                }
+            }
+        }
+    }
+
     /// Like [`Remote::raw`], mapping a negative result to [`SysError::Remote`] naming `op`.
     pub fn call(&mut self, op: &'static str, nr: i64, args: &[u64]) -> Result<u64> {
         let r = self.raw(nr, args)?;
@@ -142,8 +197,35 @@ impl Remote {
         )
     }
 
-    /// Unmap what [`Remote::map_anon`] mapped.
+    /// Map `len` bytes of private anonymous memory that can hold code, with a
+    /// [`TRAP_GADGET`] at its start which every later call goes through. Returns its address;
+    /// arguments belong past the gadget. Undo with [`Remote::unmap`].
+    pub fn map_trap_gadget(&mut self, len: u64) -> Result<u64> {
+        let addr = self.call(
+            "mmap(scratch)",
+            libc::SYS_mmap,
+            &[
+                0,
+                len,
+                (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64,
+                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+                u64::MAX,
+                0,
+            ],
+        )?;
+        self.write(addr, &TRAP_GADGET)?;
+        self.gadget = addr;
+        self.traps = true;
+        Ok(addr)
+    }
+
+    /// Unmap what [`Remote::map_anon`] or [`Remote::map_trap_gadget`] mapped. A gadget inside
+    /// it is used a last time, ending at the syscall's exit stop: no instruction runs there
+    /// once it is gone. The caller must not inject through it again.
     pub fn unmap(&mut self, addr: u64, len: u64) -> Result<()> {
+        if (addr..addr.saturating_add(len)).contains(&self.gadget) {
+            self.traps = false;
+        }
         self.call("munmap(scratch)", libc::SYS_munmap, &[addr, len])
             .map(drop)
     }

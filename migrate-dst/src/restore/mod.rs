@@ -492,7 +492,7 @@ impl Restorer {
             if !unmapped.contains(&p.mm) {
                 // The last injected call removes the scratch area; the thread stops at the
                 // syscall's exit and never runs another instruction there.
-                rp.threads[0].call("munmap(scratch)", libc::SYS_munmap, &[scratch, SCRATCH_LEN])?;
+                rp.threads[0].unmap(scratch, SCRATCH_LEN)?;
                 unmapped.push(p.mm);
             }
             for (t, r) in p.threads.iter().zip(rp.threads.iter()) {

@@ -157,6 +157,8 @@ impl Restorer {
         }
         ptrace::set_sigmask(host, u64::MAX)?;
         let mut r = Remote::new(host, gadget, 0, 0, open_mem(host)?)?;
+        // A task cloned from a skeleton shares or copied its scratch area and its gadget.
+        r.traps = gadget == self.scratch;
         r.stack = r.saved.rsp;
         Ok(r)
     }
@@ -174,9 +176,9 @@ impl Restorer {
                 "scratch area landed at {got:#x}"
             )));
         }
-        // syscall; int3
-        r.write(self.scratch, &[0x0f, 0x05, 0xcc])?;
+        r.write(self.scratch, &vkm_sys::inject::TRAP_GADGET)?;
         r.gadget = self.scratch;
+        r.traps = true;
         r.scratch = self.scratch + ARGS_OFF;
         r.stack = self.scratch + SCRATCH_LEN - 256;
         Ok(())

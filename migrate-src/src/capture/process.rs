@@ -15,6 +15,8 @@ use crate::freeze::FrozenProcess;
 use crate::SrcError;
 
 const SCRATCH_LEN: u64 = 64 * 1024;
+/// Where injected calls' arguments start in the scratch area (after its gadget).
+const ARGS_OFF: u64 = 64;
 
 /// Signals that arrived while we injected and were held back: (host tid, signal number). A
 /// vkernel that keeps running gets them again.
@@ -182,7 +184,10 @@ fn inject_reads(
 ) -> Result<Injected, SrcError> {
     // A private scratch page for out-parameters, so that nothing of the target's memory is
     // touched; it is unmapped again before we return.
-    let scratch = r.map_anon(SCRATCH_LEN)?;
+    // It holds the gadget the calls below go through (one ptrace stop each instead of two),
+    // then their arguments.
+    let code = r.map_trap_gadget(SCRATCH_LEN)?;
+    let scratch = code + ARGS_OFF;
     r.scratch = scratch;
     let out = (|| -> Result<Injected, SrcError> {
         let mut sigactions = Vec::new();
@@ -273,6 +278,7 @@ fn inject_reads(
             } else {
                 let mut t = Remote::new(tid, r.gadget, scratch, 0, mem)?;
                 t.stack = t.saved.rsp;
+                t.traps = r.traps;
                 Some(t)
             };
             let rem: &mut Remote = match t.as_mut() {
@@ -298,7 +304,7 @@ fn inject_reads(
             pdeathsig,
         })
     })();
-    let unmapped = r.unmap(scratch, SCRATCH_LEN);
+    let unmapped = r.unmap(code, SCRATCH_LEN);
     let out = out?;
     unmapped?;
     Ok(out)
