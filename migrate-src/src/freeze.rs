@@ -92,7 +92,10 @@ impl Frozen {
         // child runs on, execs or exits, and releases its parent.
         let mut attempt = 0;
         loop {
-            match frozen.freeze_all() {
+            // Every thread is interrupted at once the first time; after a task that would not
+            // stop (a vfork parent waits for its child, which we had stopped too), one after
+            // the other, parents first, so that such a child runs on until its parent stops.
+            match frozen.freeze_all(attempt == 0) {
                 Ok(()) => return Ok(frozen),
                 Err(SrcError::Traced { pid, tracer }) if frozen.mconsole.is_none() => {
                     frozen.thaw();
@@ -128,7 +131,7 @@ impl Frozen {
         Ok(())
     }
 
-    fn freeze_all(&mut self) -> Result<(), SrcError> {
+    fn freeze_all(&mut self, pipelined: bool) -> Result<(), SrcError> {
         if self.cpu.is_none() {
             self.cpu = OneCpu::new();
         }
@@ -189,7 +192,11 @@ impl Frozen {
                         // Until it has stopped, a thaw must wait for it before it can let go.
                         Begin::Interrupted => {
                             self.stopping.push(tid);
-                            interrupted.push((pid, tid, tids.len()));
+                            if pipelined {
+                                interrupted.push((pid, tid, tids.len()));
+                            } else {
+                                changed |= self.collect_stop(pid, tid, tids.len())?;
+                            }
                         }
                         Begin::Gone => {}
                         Begin::Traced(tracer) => traced.push((pid, tid, tracer)),
@@ -207,48 +214,10 @@ impl Frozen {
                     }
                 }
             }
-            // Every thread was interrupted before we wait for the first: they stop side by
-            // side instead of one after the other.
+            // (Pipelined:) every thread was interrupted before we wait for the first: they
+            // stop side by side instead of one after the other.
             for (pid, tid, ntids) in interrupted {
-                // A vanished process's threads stay in `stopping` for the thaw to collect.
-                let Some(idx) = self.processes.iter().position(|p| p.host_pid == pid) else {
-                    continue;
-                };
-                let stopped = wait_for_stop(tid, &mut self.processes[idx].stop_signals)?;
-                self.stopping.retain(|&t| t != tid);
-                if !stopped && tid == pid {
-                    // The process exited between our interrupt and its stop: a zombie its
-                    // frozen parent has yet to reap, or gone already.
-                    match dead_status(pid) {
-                        Some(Some(status)) if ntids == 1 => {
-                            self.processes[idx].zombie = Some(status);
-                        }
-                        None if ntids == 1 => {
-                            self.processes.remove(idx);
-                        }
-                        Some(Some(_)) | None => {
-                            return Err(SrcError::Unsupported {
-                                pid: self.processes[idx].ns_pid,
-                                what: "its main thread has exited while other threads run".into(),
-                            })
-                        }
-                        // Still on its way out: the next pass sees how it ended.
-                        Some(None) => changed = true,
-                    }
-                    continue;
-                }
-                if stopped {
-                    if let Some(c) = self.cpu.as_mut() {
-                        c.add(tid);
-                    }
-                    let p = &mut self.processes[idx];
-                    let t = &mut p.threads;
-                    if tid == p.host_pid {
-                        t.insert(0, tid);
-                    } else {
-                        t.push(tid);
-                    }
-                }
+                changed |= self.collect_stop(pid, tid, ntids)?;
             }
             for (pid, tid, tracer) in traced {
                 let Some(idx) = self.processes.iter().position(|p| p.host_pid == pid) else {
@@ -269,6 +238,48 @@ impl Frozen {
     /// our single CPU and queue up behind each other.
     pub fn unpin(&mut self) {
         drop(self.cpu.take());
+    }
+
+    /// Wait for the stop of the interrupted thread `tid` of process `pid` (which had `ntids`
+    /// threads) and file it; true when the process list must be read again.
+    fn collect_stop(&mut self, pid: i32, tid: i32, ntids: usize) -> Result<bool, SrcError> {
+        // A vanished process's threads stay in `stopping` for the thaw to collect.
+        let Some(idx) = self.processes.iter().position(|p| p.host_pid == pid) else {
+            return Ok(false);
+        };
+        let stopped = wait_for_stop(tid, &mut self.processes[idx].stop_signals)?;
+        self.stopping.retain(|&t| t != tid);
+        if !stopped && tid == pid {
+            // The process exited between our interrupt and its stop: a zombie its frozen
+            // parent has yet to reap, or gone already.
+            match dead_status(pid) {
+                Some(Some(status)) if ntids == 1 => self.processes[idx].zombie = Some(status),
+                None if ntids == 1 => {
+                    self.processes.remove(idx);
+                }
+                Some(Some(_)) | None => {
+                    return Err(SrcError::Unsupported {
+                        pid: self.processes[idx].ns_pid,
+                        what: "its main thread has exited while other threads run".into(),
+                    })
+                }
+                // Still on its way out: the next pass sees how it ended.
+                Some(None) => return Ok(true),
+            }
+            return Ok(false);
+        }
+        if stopped {
+            if let Some(c) = self.cpu.as_mut() {
+                c.add(tid);
+            }
+            let p = &mut self.processes[idx];
+            if tid == p.host_pid {
+                p.threads.insert(0, tid);
+            } else {
+                p.threads.push(tid);
+            }
+        }
+        Ok(false)
     }
 
     /// Move the quiesced UML's mconsole socket file aside, so that the destination can bind the
@@ -352,22 +363,38 @@ impl Frozen {
                 }
             }
         }
-        // Seized but not yet stopped: it stops as soon as whatever held it lets go (the others
-        // run again now), and only a stopped tracee can be detached.
-        for t in std::mem::take(&mut self.stopping) {
-            match ptrace::wait_timeout(t, Duration::from_secs(5)) {
-                Ok(Some(Stop::Exited(_))) | Ok(Some(Stop::Killed(_))) => {}
-                Ok(Some(_)) => {
-                    if let Err(e) = ptrace::detach(t, 0) {
+        // Seized but not yet stopped: each stops as soon as whatever held it lets go (the others
+        // run again now), and only a stopped tracee can be detached. All are watched at once:
+        // one may wait for another (a vfork parent for its child) that stops later.
+        let mut pending = std::mem::take(&mut self.stopping);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !pending.is_empty() {
+            pending.retain(|&t| match ptrace::wait_timeout(t, Duration::ZERO) {
+                Ok(None) => true,
+                Ok(Some(Stop::Exited(_) | Stop::Killed(_))) | Err(_) => false,
+                Ok(Some(stop)) => {
+                    // A signal that was on its way when it stopped goes on with it.
+                    let sig = match stop {
+                        Stop::Signal(sig) => sig,
+                        _ => 0,
+                    };
+                    if let Err(e) = ptrace::detach(t, sig) {
                         tracing::warn!(tid = t, error = %e, "detach failed");
                     }
+                    false
                 }
-                // It stays attached until this process exits, which detaches it.
-                Ok(None) | Err(_) => tracing::warn!(
-                    tid = t,
-                    "a task never stopped; it is released when vkmigrate exits"
-                ),
+            });
+            if std::time::Instant::now() > deadline {
+                break;
             }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        // They stay attached until this process exits, which detaches them.
+        for t in pending {
+            tracing::warn!(
+                tid = t,
+                "a task never stopped; it is released when vkmigrate exits"
+            );
         }
         if let (Some(hidden), Some(socket)) = (self.mconsole_hidden.take(), &self.mconsole) {
             // Over whatever the destination bound there: it is gone when we thaw.
