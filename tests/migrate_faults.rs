@@ -47,22 +47,24 @@ fn init_pids(host: &Host) -> Vec<i32> {
 }
 
 /// Processes of this lab (told apart by the `VKLOAD_DIR` of a lab host in their environment)
-/// that live in a PID namespace of their own which is not that of a vkernel `ps` lists on
-/// some host: what a failed migration could leave behind (skeletons, or a second copy).
-fn strays(lab: &NetLab) -> Vec<String> {
+/// that live in a PID namespace other than ours and not in `known`: (pid, command line).
+fn lab_processes_elsewhere(
+    lab: &NetLab,
+    known: &[Option<std::path::PathBuf>],
+) -> Vec<(i32, String)> {
     let pidns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
-    let mut known = vec![pidns("self")];
-    for h in &lab.hosts {
-        known.extend(init_pids(h).iter().map(|p| pidns(&p.to_string())));
-    }
+    let ours = pidns("self");
     let marks: Vec<Vec<u8>> = lab
         .hosts
         .iter()
         .map(|h| format!("VKLOAD_DIR={}", h.dir.display()).into_bytes())
         .collect();
     let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap() {
-        let name = e.unwrap().file_name();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
         let Some(pid) = name.to_str().filter(|n| n.parse::<u32>().is_ok()) else {
             continue;
         };
@@ -77,19 +79,53 @@ fn strays(lab: &NetLab) -> Vec<String> {
             continue;
         }
         let ns = pidns(pid);
-        if ns.is_some() && !known.contains(&ns) {
+        if ns.is_some() && ns != ours && !known.contains(&ns) {
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            found.push(format!("{pid} {}", cmd.trim_end()));
+            if let Ok(pid) = pid.parse() {
+                found.push((pid, cmd.trim_end().to_owned()));
+            }
         }
     }
     found
+}
+
+/// Processes of this lab that live in a PID namespace of their own which is not that of a
+/// vkernel `ps` lists on some host: what a failed migration could leave behind (skeletons, or
+/// a second copy).
+fn strays(lab: &NetLab) -> Vec<String> {
+    let pidns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    let mut known = Vec::new();
+    for h in &lab.hosts {
+        known.extend(init_pids(h).iter().map(|p| pidns(&p.to_string())));
+    }
+    lab_processes_elsewhere(lab, &known)
+        .into_iter()
+        .map(|(pid, cmd)| format!("{pid} {cmd}"))
+        .collect()
+}
+
+/// Kills, when dropped (after a failed assertion too), every process of the lab outside our
+/// PID namespace: a copy of a vkernel whose shim died outlives the lab otherwise. Declare it
+/// after the lab, so that it runs first.
+struct KillLeftovers<'a>(&'a NetLab);
+
+impl Drop for KillLeftovers<'_> {
+    fn drop(&mut self) {
+        for (pid, _) in lab_processes_elsewhere(self.0, &[]) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
 }
 
 /// The receiver dies at `fault`, before `go`: the migration fails, the vkernel goes on here
 /// and nothing of it is left on the destination.
 fn receiver_dies(tag: &str, fault: &str) {
     let lab = NetLab::new(tag, &["a", "b"]);
+    let _leftovers = KillLeftovers(&lab);
     let (a, b) = (lab.host("a"), lab.host("b"));
     let mut listener = listen_with_fault(b, fault);
     a.run_vkload("web1", &["--mem", "8"]);
@@ -125,6 +161,7 @@ fn a_receiver_that_dies_before_ready_leaves_the_vkernel_running_here() {
 #[test]
 fn a_link_lost_after_go_is_settled_by_asking_the_destination() {
     let lab = NetLab::new("flt-go", &["a", "b"]);
+    let _leftovers = KillLeftovers(&lab);
     let (a, b) = (lab.host("a"), lab.host("b"));
     let _listener = listen_with_fault(b, "receiver-silent-after-go");
     a.run_vkload("web1", &["--mem", "8"]);
@@ -196,6 +233,7 @@ fn a_vkernel_that_dirties_memory_faster_than_the_link_is_throttled_and_moves() {
     // A vkernel name of its own: its throttle cgroup is looked for by that name.
     let name = "hot-dirtier";
     let lab = NetLab::new("flt-throttle", &["a", "b"]);
+    let _leftovers = KillLeftovers(&lab);
     let (a, b) = (lab.host("a"), lab.host("b"));
     let _listener = b.spawn_listen();
     // Rewrites its 8 MiB region about four times a second; A's link carries 5 MB/s, so
@@ -232,6 +270,7 @@ fn count_in(path: &Path) -> u64 {
 #[test]
 fn a_receiver_that_dies_after_go_leaves_exactly_one_copy_running_there() {
     let lab = NetLab::new("flt-gone", &["a", "b"]);
+    let _leftovers = KillLeftovers(&lab);
     let (a, b) = (lab.host("a"), lab.host("b"));
     let _listener = listen_with_fault(b, "receiver-dies-after-go");
     // Not vkload: it ends when its console hangs up, which a shim's death does; a vkernel that
@@ -271,25 +310,13 @@ fn a_receiver_that_dies_after_go_leaves_exactly_one_copy_running_there() {
     assert_eq!(namespaces.len(), 1, "copies: {copies:?}");
     wait_count(count_in(&counter) + 5);
 
-    // It has no shim to end it: end it here, by pid.
-    for line in &copies {
-        if let Some(pid) = line.split(' ').next().and_then(|p| p.parse().ok()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-    let t0 = std::time::Instant::now();
-    while !strays(&lab).is_empty() {
-        assert!(t0.elapsed() < TICKS, "{:?}", strays(&lab));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // It has no shim to end it: `_leftovers` does, by pid.
 }
 
 #[test]
 fn a_vkernel_that_ends_during_precopy_fails_the_migration_and_leaves_nothing_there() {
     let lab = NetLab::new("flt-ends", &["a", "b"]);
+    let _leftovers = KillLeftovers(&lab);
     let (a, b) = (lab.host("a"), lab.host("b"));
     let _listener = b.spawn_listen();
     a.run_vkload("web1", &["--mem", "64"]);
