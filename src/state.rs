@@ -426,10 +426,7 @@ fn arrival_file(id: &str) -> Result<String> {
 /// with the same pid.
 fn start_time(pid: i32) -> Result<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    stat.rfind(')')
-        .and_then(|i| stat[i + 1..].split_whitespace().nth(19))
-        .and_then(|f| f.parse().ok())
-        .context("no start time in its stat")
+    Ok(vkm_common::procfs::parse_stat(&stat)?.start_time)
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::netlab::{Host, NetLab, LISTEN_PORT};
-use common::{field_u64, tick_lines};
+use common::tick_lines;
 
 fn dest(h: &Host) -> String {
     format!("{}:{LISTEN_PORT}", h.addr)
@@ -41,10 +41,7 @@ fn a_running_vkload_moves_to_another_host_and_goes_on() {
     assert!(b.ps_names().unwrap().contains(&"web1".to_string()));
     let line = b.wait_tick("web1", seen + 10, Duration::from_secs(20));
     assert_eq!(line.get("pid").map(String::as_str), Some("2"));
-    let ticks: Vec<u64> = tick_lines(&b.console_log("web1"))
-        .iter()
-        .map(|l| field_u64(l, "tick"))
-        .collect();
+    let ticks = b.ticks("web1");
     assert!(
         ticks.first().is_some_and(|&t| t > seen),
         "B's console must go on from A's ticks (last seen {seen}): {ticks:?}"

@@ -188,10 +188,7 @@ fn a_link_lost_after_go_is_settled_by_asking_the_destination() {
     assert!(a.ps_names().unwrap().is_empty());
     assert_eq!(b.ps_names().unwrap(), ["web1"]);
     b.still_ticking("web1", TICKS);
-    let ticks: Vec<u64> = tick_lines(&b.console_log("web1"))
-        .iter()
-        .map(|l| field_u64(l, "tick"))
-        .collect();
+    let ticks = b.ticks("web1");
     assert!(
         ticks.first().is_some_and(|&t| t > seen),
         "B's console must go on from A's ticks (last seen {seen}): {ticks:?}"

@@ -8,15 +8,14 @@
 //! needs another mechanism (content hashing), and the final round of a migration must stop
 //! the target before its last [`DirtyTracker::collect`].
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
 use vkm_common::procfs;
-use vkm_sys::inject::{self, Remote};
+use vkm_sys::inject::Remote;
 use vkm_sys::ptrace::{self, Stop};
-use vkm_sys::{calls, proc, uffd};
+use vkm_sys::{proc, uffd};
 
 use crate::SrcError;
 
@@ -176,53 +175,14 @@ fn create_uffd_in(pid: i32) -> Result<OwnedFd, SrcError> {
 }
 
 fn inject_uffd(pid: i32) -> Result<OwnedFd, SrcError> {
-    let text = proc::read(proc::pid_path(pid, "maps"))?;
-    let vmas = procfs::parse_maps(&text).map_err(|source| SrcError::Parse {
-        what: "maps",
-        pid,
-        source,
-    })?;
-    let vdso = vmas
-        .iter()
-        .find(|v| v.path.as_deref() == Some("[vdso]"))
-        .ok_or(SrcError::Unsupported {
-            pid,
-            what: "it has no [vdso]".into(),
-        })?;
-    let path = proc::pid_path(pid, "mem");
-    let mem = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(|e| vkm_sys::SysError::Path { path, source: e })?;
-    let mut code = vec![0u8; usize::try_from(vdso.end - vdso.start).unwrap_or(0)];
-    mem.read_exact_at(&mut code, vdso.start)
-        .map_err(|e| vkm_sys::SysError::Syscall {
-            op: "pread(vdso)",
-            pid,
-            source: e,
-        })?;
-    let gadget = inject::find_syscall_insn(&code, vdso.start).ok_or(SrcError::Unsupported {
-        pid,
-        what: "its [vdso] has no syscall instruction".into(),
-    })?;
-    let mut r = Remote::new(pid, gadget, 0, 0, mem)?;
-    r.stack = r.saved.rsp;
+    let mut r = Remote::through_vdso(pid)?;
     let mask = ptrace::get_sigmask(pid)?;
     ptrace::set_sigmask(pid, u64::MAX)?;
-    let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | uffd::UFFD_USER_MODE_ONLY;
-    let made = r.call("userfaultfd", libc::SYS_userfaultfd, &[flags]);
-    let taken = made.as_ref().ok().map(|&fd| {
-        let pidfd = calls::pidfd_open(pid)?;
-        let out = calls::pidfd_getfd(&pidfd, i32::try_from(fd).unwrap_or(-1), pid);
-        let _ = r.call("close", libc::SYS_close, &[fd]);
-        out
-    });
+    let made = uffd::create_in(&mut r);
     let restored = r
         .restore_regs()
         .and_then(|()| ptrace::set_sigmask(pid, mask));
-    made?;
-    let fd = taken.ok_or(SrcError::Vanished { pid })??;
+    let fd = made?;
     restored?;
     Ok(fd)
 }

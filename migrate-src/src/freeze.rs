@@ -201,14 +201,7 @@ impl Frozen {
                         Begin::Gone => {}
                         Begin::Traced(tracer) => traced.push((pid, tid, tracer)),
                         Begin::Dead(status) if tid == pid => {
-                            if tids.len() > 1 {
-                                return Err(SrcError::Unsupported {
-                                    pid: self.processes[idx].ns_pid,
-                                    what: "its main thread has exited while other threads run"
-                                        .into(),
-                                });
-                            }
-                            self.processes[idx].zombie = Some(status);
+                            self.leader_exited(idx, tids.len(), Some(status))?;
                         }
                         Begin::Dead(_) => {}
                     }
@@ -253,16 +246,8 @@ impl Frozen {
             // The process exited between our interrupt and its stop: a zombie its frozen
             // parent has yet to reap, or gone already.
             match dead_status(pid) {
-                Some(Some(status)) if ntids == 1 => self.processes[idx].zombie = Some(status),
-                None if ntids == 1 => {
-                    self.processes.remove(idx);
-                }
-                Some(Some(_)) | None => {
-                    return Err(SrcError::Unsupported {
-                        pid: self.processes[idx].ns_pid,
-                        what: "its main thread has exited while other threads run".into(),
-                    })
-                }
+                Some(Some(status)) => self.leader_exited(idx, ntids, Some(status))?,
+                None => self.leader_exited(idx, ntids, None)?,
                 // Still on its way out: the next pass sees how it ended.
                 Some(None) => return Ok(true),
             }
@@ -280,6 +265,29 @@ impl Frozen {
             }
         }
         Ok(false)
+    }
+
+    /// The main thread of process #`idx`, which had `ntids` threads, has exited: with its wait
+    /// `status` the process is a zombie its parent has yet to reap, without one it is gone.
+    fn leader_exited(
+        &mut self,
+        idx: usize,
+        ntids: usize,
+        status: Option<i32>,
+    ) -> Result<(), SrcError> {
+        if ntids > 1 {
+            return Err(SrcError::Unsupported {
+                pid: self.processes[idx].ns_pid,
+                what: "its main thread has exited while other threads run".into(),
+            });
+        }
+        match status {
+            Some(s) => self.processes[idx].zombie = Some(s),
+            None => {
+                self.processes.remove(idx);
+            }
+        }
+        Ok(())
     }
 
     /// Move the quiesced UML's mconsole socket file aside, so that the destination can bind the

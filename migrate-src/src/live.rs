@@ -291,11 +291,10 @@ impl Precopy {
     }
 
     /// Stop the vkernel and work out what is left: the final state, and which pages the
-    /// destination's skeleton lacks.
-    /// Stop-and-copy: freeze the vkernel and find what is left to send. `just_before` runs
-    /// right before the freeze, after everything that can be read while the vkernel runs was
-    /// read (a throttled vkernel must be let go at full speed to stop at once, and what it
-    /// writes in that moment goes into the final round).
+    /// destination's skeleton lacks. `just_before` runs right before the freeze, after
+    /// everything that can be read while the vkernel runs was read (a throttled vkernel must be
+    /// let go at full speed to stop at once, and what it writes in that moment goes into the
+    /// final round).
     pub fn freeze(mut self, just_before: impl FnOnce()) -> Result<Final, SrcError> {
         let mut copts = self.opts.capture.clone();
         copts.skip_page_runs = true;

@@ -472,6 +472,11 @@ impl Throttle {
         self.permille
     }
 
+    /// The current limit in % of one CPU (100 = none), as reports show it.
+    pub fn percent(&self) -> f64 {
+        f64::from(self.permille) / 10.0
+    }
+
     /// The directory of the throttle's cgroup.
     pub fn path(&self) -> &Path {
         &self.dir

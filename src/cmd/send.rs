@@ -277,7 +277,7 @@ pub(crate) fn migrate_vkernel(
     );
     // The throttle never outlives the migration (it is released before a thaw, too).
     if let Some(t) = throttle.take() {
-        report.throttle_percent = f64::from(t.permille()) / 10.0;
+        report.throttle_percent = t.percent();
     }
     drop(sink);
     ui.finish();
@@ -450,7 +450,6 @@ fn migrate(
         // that fast: assume a LAN's speed then. A measured link is taken as it is, however
         // slow, or the pause would overrun its target by as much.
         let bandwidth = measured.unwrap_or(rate.max(ASSUMED_BANDWIDTH));
-        // What this round sent was written during the one before.
         // What this round sent was written during the one before, on the CPU it used then.
         let load = last.map(|(prev_secs, prev_cpu)| RoundLoad {
             dirty_rate: s.bytes_raw as f64 / prev_secs,
@@ -489,7 +488,7 @@ fn migrate(
                     permille = p;
                     ui.note(&format!(
                         "throttling the vkernel to {} % of a CPU",
-                        f64::from(p) / 10.0
+                        t.percent()
                     ));
                 }
             }
@@ -500,7 +499,7 @@ fn migrate(
     // Stop-and-copy. A throttled task takes its time to stop (it must be scheduled to see
     // the interrupt): the limit is lifted the moment before the freeze.
     if let Some(t) = throttle.as_ref() {
-        report.throttle_percent = f64::from(t.permille()) / 10.0;
+        report.throttle_percent = t.percent();
     }
     let lift = || {
         if let Some(t) = throttle.as_mut() {

@@ -25,6 +25,7 @@ use super::serve::{block_sigpipe, restored_console, send_reply, Running};
 use super::{Reply, RestoreStats};
 use crate::cli::ReceiveArgs;
 use crate::fault::{self, Fault};
+use crate::state::StateDir;
 
 /// How long the sender has to connect after `listen` accepted its offer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -100,7 +101,12 @@ impl Applied {
 
 /// Create the sandbox, then receive the vkernel into it. `status` gets a `receiving` line
 /// with the port the sender must connect to.
-pub fn setup_receive(args: &ReceiveArgs, dir: &Path, status: &mut File) -> Result<Running> {
+pub fn setup_receive(
+    args: &ReceiveArgs,
+    state: &StateDir,
+    dir: &Path,
+    status: &mut File,
+) -> Result<Running> {
     // The vkernel's clocks go on from where the offer said they were, plus the time since.
     let since = vkm_sys::calls::clock_ns(libc::CLOCK_MONOTONIC) - args.at_ns;
     let clocks = Clocks {
@@ -114,7 +120,7 @@ pub fn setup_receive(args: &ReceiveArgs, dir: &Path, status: &mut File) -> Resul
         .context("Cannot create the vkernel's sandbox");
     block_sigpipe();
     let mut sandbox = sandbox?;
-    match receive(args, dir, &mut sandbox, status) {
+    match receive(args, state, dir, &mut sandbox, status) {
         Ok(r) => Ok(r.into_running(sandbox)),
         Err(e) => {
             sandbox.kill();
@@ -152,6 +158,7 @@ impl Received {
 
 fn receive(
     args: &ReceiveArgs,
+    state: &StateDir,
     dir: &Path,
     sandbox: &mut Sandbox,
     status: &mut File,
@@ -181,7 +188,7 @@ fn receive(
     let peer = conn.remote_address();
     tracing::info!(%peer, "sender connected");
 
-    let result = converse(args, dir, sandbox, &rt, &conn, &mut control);
+    let result = converse(args, state, dir, sandbox, &rt, &conn, &mut control);
     match &result {
         Ok(_) => {}
         Err(e) => {
@@ -206,6 +213,7 @@ fn receive(
 
 fn converse(
     args: &ReceiveArgs,
+    state: &StateDir,
     dir: &Path,
     sandbox: &mut Sandbox,
     rt: &tokio::runtime::Runtime,
@@ -325,7 +333,6 @@ fn converse(
     // The commit point. Until the sandbox is committed it dies with us; from then on the
     // vkernel runs here whatever happens to us, and the note lets this host's daemon tell a
     // sender that lost us that it does.
-    let state = crate::state::StateDir::new(dir.parent().unwrap_or(dir));
     state.note_arrival(&args.migration_id, sandbox.init_pid)?;
     sandbox
         .commit()

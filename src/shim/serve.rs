@@ -89,7 +89,7 @@ pub fn main(state: &StateDir, args: ShimArgs, log_format: LogFormat) -> ExitCode
                 command, owned_tap, ..
             } => setup_run(command, &owned_tap),
             ShimMode::Restore { image, .. } => setup_restore(image),
-            ShimMode::Receive(r) => super::receive::setup_receive(&r, &dir, &mut status),
+            ShimMode::Receive(r) => super::receive::setup_receive(&r, state, &dir, &mut status),
         })
         .and_then(|mut running| {
             // Init and the vkernel have their own working directories now: do not pin the
@@ -147,8 +147,8 @@ pub fn main(state: &StateDir, args: ShimArgs, log_format: LogFormat) -> ExitCode
         }
     };
     release_owned_net(&running.owned_net);
-    if let (Some(id), Some(root)) = (&running.migration_id, dir.parent()) {
-        state::StateDir::new(root).forget_arrival(id);
+    if let Some(id) = &running.migration_id {
+        state.forget_arrival(id);
     }
     state::remove_vkernel_dir(&dir);
     drop(lock);

@@ -38,26 +38,24 @@ impl OneCpu {
     /// Run `tid` on our CPU from its next run on. A task that may not (its cpuset excludes our
     /// CPU) is left alone: only speed depends on it.
     pub fn add(&mut self, tid: i32) {
-        if self.pinned.iter().any(|(t, _)| *t == tid) {
-            return;
-        }
-        let pid = Pid::from_raw(tid);
-        let Ok(mask) = sched_getaffinity(pid) else {
-            return;
-        };
-        if sched_setaffinity(pid, &self.cpu).is_ok() {
-            self.pinned.push((tid, mask));
+        if let Ok(mask) = sched_getaffinity(Pid::from_raw(tid)) {
+            self.pin(tid, mask);
         }
     }
 
     /// Run `tid`, a task we created (which inherited whatever mask its creator had), on our
     /// CPU; on release it gets the mask the calling thread had, as if we had never pinned it.
     pub fn add_new(&mut self, tid: i32) {
+        self.pin(tid, self.ours);
+    }
+
+    /// Pin `tid` (once) and give it `release_to` on release.
+    fn pin(&mut self, tid: i32, release_to: CpuSet) {
         if self.pinned.iter().any(|(t, _)| *t == tid) {
             return;
         }
         if sched_setaffinity(Pid::from_raw(tid), &self.cpu).is_ok() {
-            self.pinned.push((tid, self.ours));
+            self.pinned.push((tid, release_to));
         }
     }
 

@@ -7,11 +7,11 @@
 //! kept (not delivered) and handed back to the caller, who decides whether they become pending
 //! signals of the image or are re-delivered on detach.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 
 use crate::ptrace::{self, Regs, Stop};
-use crate::{Result, SysError};
+use crate::{proc, Result, SysError};
 
 /// A stopped thread that syscalls can be injected into.
 pub struct Remote {
@@ -60,6 +60,23 @@ impl Remote {
         })
     }
 
+    /// A stopped thread ready for injection through a `syscall` instruction of its vDSO, on
+    /// its own stack.
+    pub fn through_vdso(tid: i32) -> Result<Remote> {
+        let mem_path = proc::pid_path(tid, "mem");
+        let mem = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&mem_path)
+            .map_err(|source| SysError::Path {
+                path: mem_path,
+                source,
+            })?;
+        let mut r = Remote::new(tid, vdso_gadget(tid)?, 0, 0, mem)?;
+        r.stack = r.saved.rsp;
+        Ok(r)
+    }
+
     /// Run syscall `nr` with `args` in the thread; returns the raw result (negative errno on
     /// failure).
     pub fn raw(&mut self, nr: i64, args: &[u64]) -> Result<i64> {
@@ -79,67 +96,29 @@ impl Remote {
         r.rsp = self.stack;
         ptrace::setregs(self.tid, &r)?;
         self.children.clear();
-        if self.traps {
-            return self.run_to_trap(nr);
-        }
-        ptrace::syscall(self.tid, 0)?;
+        // Through a trap gadget the call ends at its `int3`, otherwise at its exit stop.
+        let resume = |tid| {
+            if self.traps {
+                ptrace::cont(tid, 0)
+            } else {
+                ptrace::syscall(tid, 0)
+            }
+        };
+        let trap_at = self.gadget + TRAP_GADGET.len() as u64;
+        resume(self.tid)?;
         let mut entered = false;
         loop {
             match ptrace::wait(self.tid)? {
-                Stop::Syscall if !entered => {
-                    entered = true;
-                    ptrace::syscall(self.tid, 0)?;
-                }
-                Stop::Syscall => break,
-                Stop::Signal(_) => {
-                    self.swallowed.push(ptrace::getsiginfo(self.tid)?);
-                    ptrace::syscall(self.tid, 0)?;
-                }
-                Stop::Event(ev)
-                    if ev == ptrace::PTRACE_EVENT_FORK
-                        || ev == ptrace::PTRACE_EVENT_VFORK
-                        || ev == ptrace::PTRACE_EVENT_CLONE =>
-                {
-                    let child = ptrace::geteventmsg(self.tid)?;
-                    self.children.push(i32::try_from(child).unwrap_or(-1));
-                    ptrace::syscall(self.tid, 0)?;
-                }
-                Stop::Event(_) => ptrace::syscall(self.tid, 0)?,
-                Stop::Exited(code) => {
-                    return Err(SysError::Unexpected {
-                        pid: self.tid,
-                        what: format!("exited with status {code} during an injected syscall {nr}"),
-                    })
-                }
-                Stop::Killed(sig) => {
-                    return Err(SysError::Unexpected {
-                        pid: self.tid,
-                        what: format!("was killed by signal {sig} during an injected syscall {nr}"),
-                    })
-                }
-            }
-        }
-        let out = ptrace::getregs(self.tid)?;
-        Ok(out.rax as i64)
-    }
-
-    /// The rest of [`Remote::raw`] through a [`TRAP_GADGET`]: run to its `int3`.
-    fn run_to_trap(&mut self, nr: i64) -> Result<i64> {
-        ptrace::cont(self.tid, 0)?;
-        loop {
-            match ptrace::wait(self.tid)? {
-                Stop::Signal(libc::SIGTRAP) => {
+                Stop::Syscall if !self.traps && !entered => entered = true,
+                Stop::Syscall if !self.traps => break,
+                Stop::Signal(libc::SIGTRAP) if self.traps => {
                     let out = ptrace::getregs(self.tid)?;
-                    if out.rip == self.gadget + TRAP_GADGET.len() as u64 {
+                    if out.rip == trap_at {
                         return Ok(out.rax as i64);
                     }
                     self.swallowed.push(ptrace::getsiginfo(self.tid)?);
-                    ptrace::cont(self.tid, 0)?;
                 }
-                Stop::Signal(_) => {
-                    self.swallowed.push(ptrace::getsiginfo(self.tid)?);
-                    ptrace::cont(self.tid, 0)?;
-                }
+                Stop::Signal(_) => self.swallowed.push(ptrace::getsiginfo(self.tid)?),
                 Stop::Event(ev)
                     if ev == ptrace::PTRACE_EVENT_FORK
                         || ev == ptrace::PTRACE_EVENT_VFORK
@@ -147,9 +126,8 @@ impl Remote {
                 {
                     let child = ptrace::geteventmsg(self.tid)?;
                     self.children.push(i32::try_from(child).unwrap_or(-1));
-                    ptrace::cont(self.tid, 0)?;
                 }
-                Stop::Event(_) | Stop::Syscall => ptrace::cont(self.tid, 0)?,
+                Stop::Event(_) | Stop::Syscall => {}
                 Stop::Exited(code) => {
                     return Err(SysError::Unexpected {
                         pid: self.tid,
@@ -163,7 +141,10 @@ impl Remote {
                     })
                 }
             }
+            resume(self.tid)?;
         }
+        let out = ptrace::getregs(self.tid)?;
+        Ok(out.rax as i64)
     }
 
     /// Like [`Remote::raw`], mapping a negative result to [`SysError::Remote`] naming `op`.
@@ -183,40 +164,40 @@ impl Remote {
     /// process (for out-parameters, so that nothing of the process's own memory changes);
     /// returns its address. The caller unmaps it with [`Remote::unmap`].
     pub fn map_anon(&mut self, len: u64) -> Result<u64> {
-        self.call(
-            "mmap(scratch)",
-            libc::SYS_mmap,
-            &[
-                0,
-                len,
-                (libc::PROT_READ | libc::PROT_WRITE) as u64,
-                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
-                u64::MAX,
-                0,
-            ],
-        )
+        self.mmap_anon(len, libc::PROT_READ | libc::PROT_WRITE)
     }
 
     /// Map `len` bytes of private anonymous memory that can hold code, with a
     /// [`TRAP_GADGET`] at its start which every later call goes through. Returns its address;
     /// arguments belong past the gadget. Undo with [`Remote::unmap`].
     pub fn map_trap_gadget(&mut self, len: u64) -> Result<u64> {
-        let addr = self.call(
+        let addr = self.mmap_anon(len, libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC)?;
+        self.use_trap_gadget(addr)?;
+        Ok(addr)
+    }
+
+    /// Write a [`TRAP_GADGET`] at `addr` (executable memory of the thread's process) and make
+    /// every later call go through it.
+    pub fn use_trap_gadget(&mut self, addr: u64) -> Result<()> {
+        self.write(addr, &TRAP_GADGET)?;
+        self.gadget = addr;
+        self.traps = true;
+        Ok(())
+    }
+
+    fn mmap_anon(&mut self, len: u64, prot: i32) -> Result<u64> {
+        self.call(
             "mmap(scratch)",
             libc::SYS_mmap,
             &[
                 0,
                 len,
-                (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64,
+                prot as u64,
                 (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
                 u64::MAX,
                 0,
             ],
-        )?;
-        self.write(addr, &TRAP_GADGET)?;
-        self.gadget = addr;
-        self.traps = true;
-        Ok(addr)
+        )
     }
 
     /// Unmap what [`Remote::map_anon`] or [`Remote::map_trap_gadget`] mapped. A gadget inside
@@ -258,6 +239,30 @@ impl Remote {
     pub fn restore_regs(&self) -> Result<()> {
         ptrace::setregs(self.tid, &self.saved)
     }
+}
+
+/// A `syscall` instruction in the vDSO of `tid`'s process.
+pub fn vdso_gadget(tid: i32) -> Result<u64> {
+    let path = proc::pid_path(tid, "maps");
+    let maps = vkm_common::procfs::parse_maps(&proc::read(&path)?)
+        .map_err(|e| proc::parse_error(path, e))?;
+    let vdso = maps
+        .iter()
+        .find(|v| v.path.as_deref() == Some("[vdso]"))
+        .ok_or_else(|| SysError::Unexpected {
+            pid: tid,
+            what: "has no [vdso] to borrow a syscall instruction from".into(),
+        })?;
+    let mut code = vec![0u8; usize::try_from(vdso.end - vdso.start).unwrap_or(0)];
+    proc::read_vm(tid, vdso.start, &mut code).map_err(|source| SysError::Syscall {
+        op: "read the vDSO of",
+        pid: tid,
+        source,
+    })?;
+    find_syscall_insn(&code, vdso.start).ok_or_else(|| SysError::Unexpected {
+        pid: tid,
+        what: "has no syscall instruction in its [vdso]".into(),
+    })
 }
 
 /// Find a `syscall` instruction (`0f 05`) in a code blob (the vDSO) mapped at `base`.

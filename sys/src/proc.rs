@@ -111,12 +111,8 @@ pub fn read_vm(pid: i32, addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
 pub fn write_vm(pid: i32, addr: u64, data: &[u8]) -> std::io::Result<()> {
     let mut done = 0;
     while done < data.len() {
-        let remote = [nix::sys::uio::RemoteIoVec {
-            base: remote_base(addr, done),
-            len: data.len() - done,
-        }];
-        let local = [std::io::IoSlice::new(&data[done..])];
-        let n = nix::sys::uio::process_vm_writev(nix::unistd::Pid::from_raw(pid), &local, &remote)?;
+        let at = addr.saturating_add(done as u64);
+        let n = write_vm_some(pid, at, &data[done..])?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }

@@ -14,10 +14,9 @@
 //! resumes the task (only SIGCONT ends it), and the tracer then sees a second SIGSTOP stop on
 //! the task later (measured: UML logs "child stopped with signal 19" and kills the process).
 
-use std::fs::OpenOptions;
 use std::time::{Duration, Instant};
 
-use crate::inject::{self, Remote};
+use crate::inject::Remote;
 use crate::ptrace::{self, Stop};
 use crate::{proc, Result, SysError};
 
@@ -103,15 +102,9 @@ fn detach_stopped(r: &mut Remote, page: u64, tracee: i32, tracee_ns: i32) -> Res
 /// The signals `tid` blocks, from /proc/TID/status.
 fn blocked_mask(tid: i32) -> Result<u64> {
     let path = proc::pid_path(tid, "status");
-    let status = proc::read(&path)?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("SigBlk:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .ok_or_else(|| SysError::Unexpected {
-            pid: tid,
-            what: "has no SigBlk line in its status".into(),
-        })
+    let status = vkm_common::procfs::parse_status(&proc::read(&path)?)
+        .map_err(|e| proc::parse_error(path, e))?;
+    Ok(status.sig_blk)
 }
 
 /// The reverse of [`take`]: our stopped tracee `tracee` goes to `tracer` (stopped under our
@@ -121,7 +114,7 @@ fn blocked_mask(tid: i32) -> Result<u64> {
 pub fn give(tracer: i32, tracee: i32, tracee_ns: i32) -> Result<Vec<i32>> {
     // A pending signal it does not block would run its handler natively once detached: take
     // every one first (an injected getpid sees them as stops) and let the caller resend them.
-    let mut r = remote(tracee)?;
+    let mut r = Remote::through_vdso(tracee)?;
     let gadget = r.gadget;
     r.call("getpid", libc::SYS_getpid, &[])?;
     let taken: Vec<i32> = r
@@ -195,23 +188,6 @@ fn expect_stop(tid: i32, what: &str) -> Result<Stop> {
     }
 }
 
-/// A stopped thread ready for injection through a `syscall` instruction of its vDSO, on its
-/// own stack.
-fn remote(tid: i32) -> Result<Remote> {
-    let mem_path = proc::pid_path(tid, "mem");
-    let mem = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&mem_path)
-        .map_err(|source| SysError::Path {
-            path: mem_path,
-            source,
-        })?;
-    let mut r = Remote::new(tid, vdso_gadget(tid)?, 0, 0, mem)?;
-    r.stack = r.saved.rsp;
-    Ok(r)
-}
-
 /// Run injected calls in the stopped thread `tid` with its signals blocked, through a `syscall`
 /// instruction of its vDSO; its registers and signal mask are put back whatever happens.
 fn in_tracer<T>(tid: i32, f: impl FnOnce(&mut Remote) -> Result<T>) -> Result<T> {
@@ -219,7 +195,7 @@ fn in_tracer<T>(tid: i32, f: impl FnOnce(&mut Remote) -> Result<T>) -> Result<T>
     // Signals that arrive meanwhile (UML's timer) stay pending instead of being swallowed by
     // the injection, which would lose a timer tick for good.
     ptrace::set_sigmask(tid, u64::MAX)?;
-    let mut r = remote(tid)?;
+    let mut r = Remote::through_vdso(tid)?;
     let out = f(&mut r);
     let regs = r.restore_regs();
     let masked = ptrace::set_sigmask(tid, mask);
@@ -227,30 +203,6 @@ fn in_tracer<T>(tid: i32, f: impl FnOnce(&mut Remote) -> Result<T>) -> Result<T>
     regs?;
     masked?;
     Ok(out)
-}
-
-/// A `syscall` instruction in the vDSO of `tid`'s process.
-pub fn vdso_gadget(tid: i32) -> Result<u64> {
-    let path = proc::pid_path(tid, "maps");
-    let maps = vkm_common::procfs::parse_maps(&proc::read(&path)?)
-        .map_err(|e| proc::parse_error(path, e))?;
-    let vdso = maps
-        .iter()
-        .find(|v| v.path.as_deref() == Some("[vdso]"))
-        .ok_or_else(|| SysError::Unexpected {
-            pid: tid,
-            what: "has no [vdso] to borrow a syscall instruction from".into(),
-        })?;
-    let mut code = vec![0u8; usize::try_from(vdso.end - vdso.start).unwrap_or(0)];
-    proc::read_vm(tid, vdso.start, &mut code).map_err(|source| SysError::Syscall {
-        op: "read the vDSO of",
-        pid: tid,
-        source,
-    })?;
-    inject::find_syscall_insn(&code, vdso.start).ok_or_else(|| SysError::Unexpected {
-        pid: tid,
-        what: "has no syscall instruction in its [vdso]".into(),
-    })
 }
 
 /// Wait until `tid` is in `state` (`T`: stopped, `S`: asleep) in /proc/TID/stat.

@@ -3,8 +3,9 @@
 //! Debian 12's headers and the libc crate, so the constants and structs are defined here
 //! (values checked against Linux 6.18; see `research/dirty-tracking.md` §5).
 
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
+use crate::inject::Remote;
 use crate::{Result, SysError};
 
 pub const UFFD_USER_MODE_ONLY: u64 = 1;
@@ -60,6 +61,22 @@ fn ioctl(fd: BorrowedFd<'_>, req: u64, arg: *mut libc::c_void, op: &'static str)
         return Err(SysError::last(op, 0));
     }
     Ok(i64::from(r))
+}
+
+/// A userfaultfd of the address space of `r`'s stopped thread (a userfaultfd tracks the mm of
+/// the process that made it), created there by injection with `UFFD_USER_MODE_ONLY` and
+/// taken out with `pidfd_getfd`. The thread keeps no copy: closing ours unregisters everything.
+/// `UFFDIO_API` is still to be done.
+pub fn create_in(r: &mut Remote) -> Result<OwnedFd> {
+    let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | UFFD_USER_MODE_ONLY;
+    let fd = r.call("userfaultfd", libc::SYS_userfaultfd, &[flags])?;
+    let taken = crate::calls::pidfd_open(r.tid).and_then(|pidfd| {
+        crate::calls::pidfd_getfd(&pidfd, i32::try_from(fd).unwrap_or(-1), r.tid)
+    });
+    let closed = r.call("close", libc::SYS_close, &[fd]);
+    let taken = taken?;
+    closed?;
+    Ok(taken)
 }
 
 /// `UFFDIO_API`: enable `features` on a fresh userfaultfd; returns the features it has.

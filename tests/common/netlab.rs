@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use super::{field_u64, last_tick_line, vkload_bin, vkmigrate_bin, COMMAND_TIMEOUT};
+use super::{field_u64, last_tick_line, tick_lines, vkload_bin, vkmigrate_bin, COMMAND_TIMEOUT};
 
 /// The host side of a host's veth pair (its lan side is `vhI` in the lan namespace).
 pub const HOST_IF: &str = "eth0";
@@ -253,6 +253,14 @@ impl Host {
         let log = self.console_log(name);
         assert!(!log.contains("vkload FAIL"), "vkload failed:\n{log}");
         last_tick_line(&log).map_or(0, |l| field_u64(&l, "tick"))
+    }
+
+    /// Every tick vkload `name` printed on this host's console, in order.
+    pub fn ticks(&self, name: &str) -> Vec<u64> {
+        tick_lines(&self.console_log(name))
+            .iter()
+            .map(|l| field_u64(l, "tick"))
+            .collect()
     }
 
     /// vkload `name` runs on this host and ticks 5 more times within `timeout`, checks passing.

@@ -169,15 +169,15 @@ impl Skeleton {
             let rep = rep_of(&vk, &self.order, |p| p.mm == mm.id)?;
             let leader = self.r.leader(rep)?;
             let pid = leader.tid;
-            let fill = self.fills.create(leader, mm);
-            mms.insert(
-                mm.id,
-                MmTarget {
+            let mem = leader.mem.try_clone().map_err(|e| {
+                DstError::Sys(vkm_sys::SysError::Syscall {
+                    op: "dup(/proc/PID/mem)",
                     pid,
-                    mem: open_mem(pid)?,
-                    fill,
-                },
-            );
+                    source: e,
+                })
+            })?;
+            let fill = self.fills.create(leader, mm);
+            mms.insert(mm.id, MmTarget { pid, mem, fill });
         }
         let mut objects = BTreeMap::new();
         for o in &vk.objects {

@@ -23,7 +23,7 @@ use std::sync::{Arc, RwLock};
 use vkm_common::image::{Space, PAGE_SIZE};
 use vkm_common::model::{Backing, Mm};
 use vkm_sys::inject::Remote;
-use vkm_sys::{calls, proc, uffd};
+use vkm_sys::{proc, uffd};
 
 use crate::DstError;
 
@@ -91,17 +91,11 @@ impl Fills {
     }
 }
 
-/// Create a userfaultfd inside the stopped process behind `r` and take it out.
+/// A userfaultfd of the stopped process behind `r`, ready for use.
 fn uffd_in(r: &mut Remote) -> Result<OwnedFd, DstError> {
-    let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | uffd::UFFD_USER_MODE_ONLY;
-    let fd = r.call("userfaultfd", libc::SYS_userfaultfd, &[flags])?;
-    let taken = calls::pidfd_open(r.tid)
-        .and_then(|pidfd| calls::pidfd_getfd(&pidfd, i32::try_from(fd).unwrap_or(-1), r.tid));
-    // The target keeps no copy: ours is the only one, so closing it unregisters everything.
-    r.call("close", libc::SYS_close, &[fd])?;
-    let taken = taken?;
-    uffd::api(taken.as_fd(), 0)?;
-    Ok(taken)
+    let fd = uffd::create_in(r)?;
+    uffd::api(fd.as_fd(), 0)?;
+    Ok(fd)
 }
 
 /// Per address space: a process using it, its /proc/PID/mem, and its userfaultfd if any.

@@ -176,9 +176,7 @@ impl Restorer {
                 "scratch area landed at {got:#x}"
             )));
         }
-        r.write(self.scratch, &vkm_sys::inject::TRAP_GADGET)?;
-        r.gadget = self.scratch;
-        r.traps = true;
+        r.use_trap_gadget(self.scratch)?;
         r.scratch = self.scratch + ARGS_OFF;
         r.stack = self.scratch + SCRATCH_LEN - 256;
         Ok(())

@@ -1,5 +1,6 @@
 //! Address spaces: VMAs from smaps, which pages carry state (pagemap), shared memory objects.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
@@ -231,14 +232,14 @@ impl MemoryCapture {
         id: u32,
         pid: i32,
         page_runs: bool,
-        known_smaps: Option<&Vec<procfs::Vma>>,
+        known_smaps: Option<&[procfs::Vma]>,
     ) -> Result<(), SrcError> {
         if self.sysv.is_none() {
             self.sysv = Some(self.open_sysv(pid)?);
         }
         let entries = match known_smaps {
-            Some(known) if same_mappings(&read_maps(pid)?, known) => known.clone(),
-            _ => read_smaps(pid)?,
+            Some(known) if same_mappings(&read_maps(pid)?, known) => Cow::Borrowed(known),
+            _ => Cow::Owned(read_smaps(pid)?),
         };
         let pagemap =
             File::open(proc::pid_path(pid, "pagemap")).map_err(|e| vkm_sys::SysError::Path {
@@ -249,7 +250,7 @@ impl MemoryCapture {
         let mut runs = Vec::new();
         let mut vdso = Vec::new();
         let mut vdso_base = None;
-        for e in &entries {
+        for e in entries.iter() {
             let mut p = 0;
             if e.read {
                 p |= prot::READ;

@@ -122,7 +122,7 @@ pub fn capture(frozen: &Frozen, opts: &CaptureOptions) -> Result<Captured, SrcEr
             u32::try_from(id).unwrap_or(u32::MAX),
             pid,
             !opts.skip_page_runs,
-            opts.known_smaps.get(&pid),
+            opts.known_smaps.get(&pid).map(Vec::as_slice),
         )?;
     }
 
