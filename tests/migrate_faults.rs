@@ -13,7 +13,6 @@ use std::process::Output;
 use std::time::Duration;
 
 use common::netlab::{Host, Listener, NetLab, LISTEN_PORT};
-use common::{field_u64, tick_lines};
 
 const TICKS: Duration = Duration::from_secs(20);
 
