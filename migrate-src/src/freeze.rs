@@ -78,6 +78,21 @@ const STOP_TIMEOUT: Duration = Duration::from_millis(200);
 impl Frozen {
     /// Stop every process below `init` (the pid-1 reaper of the vkernel's namespace).
     pub fn freeze(init: i32) -> Result<Frozen, SrcError> {
+        Frozen::freeze_with(init, || {})
+    }
+
+    /// [`Frozen::freeze`], running `interrupted` once every thread has been told to stop and
+    /// before we wait for the first (or before a retry, or at the end, whichever comes
+    /// first). A live migration lifts its CPU throttle there: a throttled thread must run to
+    /// stop, and one lifted before it was interrupted would first pay back, at full speed,
+    /// the writing it was kept from (the final round would carry it).
+    pub fn freeze_with(init: i32, interrupted: impl FnOnce()) -> Result<Frozen, SrcError> {
+        let mut hook: Option<Box<dyn FnOnce() + '_>> = Some(Box::new(interrupted));
+        let mut run_hook = || {
+            if let Some(h) = hook.take() {
+                h();
+            }
+        };
         let mut frozen = Frozen {
             init,
             processes: Vec::new(),
@@ -95,7 +110,9 @@ impl Frozen {
             // Every thread is interrupted at once the first time; after a task that would not
             // stop (a vfork parent waits for its child, which we had stopped too), one after
             // the other, parents first, so that such a child runs on until its parent stops.
-            match frozen.freeze_all(attempt == 0) {
+            let result = frozen.freeze_all(attempt == 0, &mut run_hook);
+            run_hook();
+            match result {
                 Ok(()) => return Ok(frozen),
                 Err(SrcError::Traced { pid, tracer }) if frozen.mconsole.is_none() => {
                     frozen.thaw();
@@ -131,7 +148,11 @@ impl Frozen {
         Ok(())
     }
 
-    fn freeze_all(&mut self, pipelined: bool) -> Result<(), SrcError> {
+    fn freeze_all(
+        &mut self,
+        pipelined: bool,
+        interrupted: &mut dyn FnMut(),
+    ) -> Result<(), SrcError> {
         if self.cpu.is_none() {
             self.cpu = OneCpu::new();
         }
@@ -142,7 +163,7 @@ impl Frozen {
             // meanwhile is removed from the list, which moves the indices.
             let mut traced: Vec<(i32, i32, i32)> = Vec::new();
             // Seized and interrupted, not yet stopped: (host pid, tid, threads the process had).
-            let mut interrupted: Vec<(i32, i32, usize)> = Vec::new();
+            let mut waiting: Vec<(i32, i32, usize)> = Vec::new();
             let mut queue = vec![self.init];
             let mut order = Vec::new();
             while let Some(p) = queue.pop() {
@@ -193,7 +214,7 @@ impl Frozen {
                         Begin::Interrupted => {
                             self.stopping.push(tid);
                             if pipelined {
-                                interrupted.push((pid, tid, tids.len()));
+                                waiting.push((pid, tid, tids.len()));
                             } else {
                                 changed |= self.collect_stop(pid, tid, tids.len())?;
                             }
@@ -209,7 +230,8 @@ impl Frozen {
             }
             // (Pipelined:) every thread was interrupted before we wait for the first: they
             // stop side by side instead of one after the other.
-            for (pid, tid, ntids) in interrupted {
+            interrupted();
+            for (pid, tid, ntids) in waiting {
                 changed |= self.collect_stop(pid, tid, ntids)?;
             }
             for (pid, tid, tracer) in traced {

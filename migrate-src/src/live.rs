@@ -219,7 +219,14 @@ impl Precopy {
             let ranges = changed_pages(o)?;
             push_chunks(&mut chunks, Space::Object(o.id), &ranges);
         }
+        let t_found = t0.elapsed();
         let mut stats = self.send(sink, &chunks, !first, false)?;
+        tracing::debug!(
+            round = self.round,
+            find_ms = ms(t_found),
+            send_ms = ms(t0.elapsed() - t_found),
+            "round sent"
+        );
         stats.round = self.round;
         stats.duration_ms = ms(t0.elapsed());
         self.round += 1;
@@ -291,11 +298,10 @@ impl Precopy {
     }
 
     /// Stop the vkernel and work out what is left: the final state, and which pages the
-    /// destination's skeleton lacks. `just_before` runs right before the freeze, after
-    /// everything that can be read while the vkernel runs was read (a throttled vkernel must be
-    /// let go at full speed to stop at once, and what it writes in that moment goes into the
-    /// final round).
-    pub fn freeze(mut self, just_before: impl FnOnce()) -> Result<Final, SrcError> {
+    /// destination's skeleton lacks. `interrupted` runs once every thread has been told to
+    /// stop, before we wait for them (see [`Frozen::freeze_with`]): a throttled vkernel must
+    /// be let go at full speed to stop at once.
+    pub fn freeze(mut self, interrupted: impl FnOnce()) -> Result<Final, SrcError> {
         let mut copts = self.opts.capture.clone();
         copts.skip_page_runs = true;
         // Netlink dumps cost milliseconds: read the devices the vkernel holds while it runs
@@ -313,9 +319,8 @@ impl Precopy {
             .iter()
             .filter_map(|m| Some((m.pid, crate::capture::read_smaps(m.pid).ok()?)))
             .collect();
-        just_before();
         let t0 = Instant::now();
-        let mut frozen = Frozen::freeze(self.opts.init_pid)?;
+        let mut frozen = Frozen::freeze_with(self.opts.init_pid, interrupted)?;
         frozen.hide_mconsole()?;
         let t_frozen = t0.elapsed();
         // The objects' contents are compared on the other CPU while this one (which the
@@ -620,6 +625,32 @@ fn changed_pages(o: &TrackedObject) -> Result<Vec<(u64, u64)>, SrcError> {
     Ok(out)
 }
 
+/// Encoded bytes gathered into one message: a page stream's fixed costs (a hand-over to the
+/// writer task, a QUIC write, a wake-up at the destination) are paid per message, and a
+/// later round's dirty pages are mostly single pages.
+const BATCH: usize = 256 << 10;
+
+/// Consecutive chunks of one address space, at most [`CHUNK`] bytes and [`proc::MAX_IOV`]
+/// chunks: they are read with one `process_vm_readv`. A memory object's chunk goes alone.
+fn next_group(chunks: &[Chunk]) -> usize {
+    let Some(first) = chunks.first() else {
+        return 0;
+    };
+    if !matches!(first.space, Space::Mm(_)) {
+        return 1;
+    }
+    let mut total = 0;
+    chunks
+        .iter()
+        .take(proc::MAX_IOV)
+        .take_while(|c| {
+            total += c.end - c.start;
+            c.space == first.space && total <= CHUNK
+        })
+        .count()
+        .max(1)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn encode_stream(
     stream: usize,
@@ -634,80 +665,119 @@ fn encode_stream(
     let mut stats = RoundStats::default();
     let mut frames = 0u64;
     let mut buf = vec![0u8; CHUNK as usize];
-    for c in chunks {
-        let n = usize::try_from(c.end - c.start).unwrap_or(0);
-        let data = &mut buf[..n];
-        let read = match c.space {
-            Space::Mm(id) => {
-                let pid = mm_pids
-                    .iter()
-                    .find(|(m, _)| *m == id)
-                    .map_or(0, |(_, p)| *p);
-                proc::read_vm(pid, c.start, data).map_err(|e| (e, "process_vm_readv"))
-            }
-            Space::Object(id) => {
-                let (_, f, size, hashes) = objects
-                    .iter()
-                    .find(|(o, _, _, _)| *o == id)
-                    .ok_or(SrcError::Empty)?;
-                let want = n.min(usize::try_from(size.saturating_sub(c.start)).unwrap_or(n));
-                data.fill(0);
-                let r = f
-                    .read_exact_at(&mut data[..want], c.start)
-                    .map_err(|e| (e, "pread(memory object)"));
-                if r.is_ok() {
-                    let first = usize::try_from(c.start / PAGE).unwrap_or(usize::MAX);
-                    for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
-                        if let Some(h) = hashes.get(first.saturating_add(i)) {
-                            h.store(xxhash_rust::xxh3::xxh3_64(page), Ordering::Relaxed);
-                        }
-                    }
-                }
-                r
-            }
-        };
-        if let Err((e, op)) = read {
-            if strict {
-                return Err(vkm_sys::SysError::Syscall {
-                    op,
-                    pid: 0,
-                    source: e,
-                }
-                .into());
-            }
-            tracing::debug!(start = c.start, error = %e, "pages gone since they were found dirty");
-            continue;
+    let mut msg = Vec::new();
+    let mut k = 0u64;
+    let mut rest = chunks;
+    while !rest.is_empty() {
+        let n = next_group(rest);
+        let (group, after) = rest.split_at(n);
+        rest = after;
+        // What one read got of the group; a chunk beyond it is read on its own below (its
+        // pages may have gone since they were found dirty).
+        let mut got = 0;
+        if let (Space::Mm(id), true) = (group[0].space, group.len() > 1) {
+            let pid = mm_pids
+                .iter()
+                .find(|(m, _)| *m == id)
+                .map_or(0, |(_, p)| *p);
+            let ranges: Vec<(u64, usize)> = group
+                .iter()
+                .map(|c| (c.start, usize::try_from(c.end - c.start).unwrap_or(0)))
+                .collect();
+            got = proc::read_vm_many(pid, &ranges, &mut buf).unwrap_or(0);
         }
-        let enc = if keep_zero {
-            encode_pages_keep_zero(c.space, c.start, data, compression)?
-        } else {
-            encode_pages(c.space, c.start, data, compression)?
-        };
-        let mut msg = Vec::with_capacity(n / 2 + 4096);
-        let mut k = 0;
-        for run in &enc.runs {
-            run.write_wire(&mut msg);
-            k += 1;
-        }
-        stats.pages += (n / PAGE_SIZE) as u64;
-        stats.zero_pages += enc.zero_pages_skipped
-            + if keep_zero {
-                enc.runs
-                    .iter()
-                    .filter(|r| r.is_zero())
-                    .map(|r| r.pages())
-                    .sum::<u64>()
+        let mut off = 0;
+        for c in group {
+            let n = usize::try_from(c.end - c.start).unwrap_or(0);
+            let data = &mut buf[off..off + n];
+            let read = if off + n <= got {
+                Ok(())
             } else {
-                0
+                read_chunk(c, data, mm_pids, objects)
             };
-        stats.bytes_raw += n as u64;
-        stats.bytes_encoded += msg.len() as u64;
-        if k > 0 {
-            sink.send(stream, msg, k)?;
+            off += n;
+            if let Err((e, op)) = read {
+                if strict {
+                    return Err(vkm_sys::SysError::Syscall {
+                        op,
+                        pid: 0,
+                        source: e,
+                    }
+                    .into());
+                }
+                tracing::debug!(start = c.start, error = %e, "pages gone since they were found dirty");
+                continue;
+            }
+            let enc = if keep_zero {
+                encode_pages_keep_zero(c.space, c.start, data, compression)?
+            } else {
+                encode_pages(c.space, c.start, data, compression)?
+            };
+            for run in &enc.runs {
+                run.write_wire(&mut msg);
+                k += 1;
+            }
+            stats.pages += (n / PAGE_SIZE) as u64;
+            stats.zero_pages += enc.zero_pages_skipped
+                + if keep_zero {
+                    enc.runs
+                        .iter()
+                        .filter(|r| r.is_zero())
+                        .map(|r| r.pages())
+                        .sum::<u64>()
+                } else {
+                    0
+                };
+            stats.bytes_raw += n as u64;
+        }
+        if msg.len() >= BATCH || (rest.is_empty() && k > 0) {
+            stats.bytes_encoded += msg.len() as u64;
+            let full = std::mem::replace(&mut msg, Vec::with_capacity(BATCH + CHUNK as usize));
+            sink.send(stream, full, k)?;
             frames += k;
+            k = 0;
         }
     }
     Ok((stats, frames))
+}
+
+/// Read one chunk on its own: an address space's pages with `process_vm_readv`, an object's
+/// from its file (recording the hash of what is sent).
+fn read_chunk(
+    c: &Chunk,
+    data: &mut [u8],
+    mm_pids: &[(u32, i32)],
+    objects: &[SentObject],
+) -> Result<(), (std::io::Error, &'static str)> {
+    match c.space {
+        Space::Mm(id) => {
+            let pid = mm_pids
+                .iter()
+                .find(|(m, _)| *m == id)
+                .map_or(0, |(_, p)| *p);
+            proc::read_vm(pid, c.start, data).map_err(|e| (e, "process_vm_readv"))
+        }
+        Space::Object(id) => {
+            let Some((_, f, size, hashes)) = objects.iter().find(|(o, _, _, _)| *o == id) else {
+                return Err((
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "no such memory object"),
+                    "pread(memory object)",
+                ));
+            };
+            let n = data.len();
+            let want = n.min(usize::try_from(size.saturating_sub(c.start)).unwrap_or(n));
+            data.fill(0);
+            f.read_exact_at(&mut data[..want], c.start)
+                .map_err(|e| (e, "pread(memory object)"))?;
+            let first = usize::try_from(c.start / PAGE).unwrap_or(usize::MAX);
+            for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
+                if let Some(h) = hashes.get(first.saturating_add(i)) {
+                    h.store(xxhash_rust::xxh3::xxh3_64(page), Ordering::Relaxed);
+                }
+            }
+            Ok(())
+        }
+    }
 }
 
 fn add(a: &mut RoundStats, b: &RoundStats) {

@@ -276,9 +276,7 @@ pub(crate) fn migrate_vkernel(
         ui,
     );
     // The throttle never outlives the migration (it is released before a thaw, too).
-    if let Some(t) = throttle.take() {
-        report.throttle_percent = t.percent();
-    }
+    drop(throttle.take());
     drop(sink);
     ui.finish();
     let commit_err = |e: SrcError| SendError {
@@ -419,8 +417,9 @@ fn migrate(
     // Page data per second the link and both ends carry, from the rounds big enough to tell
     // (small rounds are dominated by fixed costs such as scanning and hashing).
     let mut measured: Option<f64> = None;
-    // The previous round's duration (s) and the share of a CPU the vkernel used meanwhile.
-    let mut last: Option<(f64, f64)> = None;
+    // The previous round's duration (s), the share of a CPU the vkernel used meanwhile and
+    // the limit it had.
+    let mut last: Option<(f64, f64, u32)> = None;
     loop {
         let t = Instant::now();
         let cpu0 = vkm_migrate_src::throttle::cpu_ns(&precopy.host_pids);
@@ -451,12 +450,14 @@ fn migrate(
         // slow, or the pause would overrun its target by as much.
         let bandwidth = measured.unwrap_or(rate.max(ASSUMED_BANDWIDTH));
         // What this round sent was written during the one before, on the CPU it used then.
-        let load = last.map(|(prev_secs, prev_cpu)| RoundLoad {
+        let load = last.map(|(prev_secs, prev_cpu, prev_throttle)| RoundLoad {
             dirty_rate: s.bytes_raw as f64 / prev_secs,
             cpu: prev_cpu,
+            throttle: prev_throttle,
+            send_rate: rate,
         });
         let dirty_rate = load.map(|l| l.dirty_rate);
-        last = Some((secs, cpu));
+        last = Some((secs, cpu, permille));
         ui.round(&s, dirty_rate, bandwidth, opts.downtime_ms);
         let first = s.round == 0;
         if !first {
@@ -486,6 +487,7 @@ fn migrate(
                         break;
                     }
                     permille = p;
+                    report.throttle_percent = t.percent();
                     ui.note(&format!(
                         "throttling the vkernel to {} % of a CPU",
                         t.percent()
@@ -498,9 +500,6 @@ fn migrate(
 
     // Stop-and-copy. A throttled task takes its time to stop (it must be scheduled to see
     // the interrupt): the limit is lifted the moment before the freeze.
-    if let Some(t) = throttle.as_ref() {
-        report.throttle_percent = t.percent();
-    }
     let lift = || {
         if let Some(t) = throttle.as_mut() {
             if let Err(e) = t.set_permille(NO_THROTTLE) {
@@ -513,8 +512,9 @@ fn migrate(
             .freeze(lift)
             .map_err(|e| before(anyhow::Error::from(e).context("Cannot freeze the vkernel")))?,
     );
-    // Frozen: the throttle has nothing left to do, and must not outlive a thaw.
-    drop(throttle.take());
+    // Frozen, the throttle has nothing left to do; it is lifted already, and the caller
+    // releases it (moving the processes back costs milliseconds) once the pause is over,
+    // before any thaw.
     // Reading what can be read while the vkernel runs came first: the pause starts here.
     let t_freeze = fin.frozen_at;
     let freeze_ms = ms(t_freeze.elapsed());
@@ -529,11 +529,12 @@ fn migrate(
     let mut restore_us = 0;
     let step: Result<()> = (|| {
         let t = Instant::now();
-        rt.block_on(send_msg(control, &msg))?;
-        match rt.block_on(recv_msg(control))? {
-            FromReceiver::FinalReady { delta_us } => restore_us += delta_us,
-            other => return Err(unexpected(other)),
+        // The final pages follow at once, behind a barrier on every page stream that the
+        // destination lifts once the final layout is in place.
+        for stream in 0..STREAMS {
+            sink.send(stream, BARRIER.to_vec(), 0)?;
         }
+        rt.block_on(send_msg(control, &msg))?;
         let t_state = t.elapsed();
         let (s, frames) = fin.send_pages(sink)?;
         let t_pages = t.elapsed();
@@ -583,6 +584,9 @@ fn migrate(
     report.downtime_ms = ms(t_freeze.elapsed());
     Ok(fin)
 }
+
+/// On a page stream: the runs after it wait for the final layout (see [`vkm_common::live`]).
+const BARRIER: [u8; 4] = 0u32.to_le_bytes();
 
 /// A round at least this big measures the bandwidth (its time is mostly moving pages).
 const BIG_ROUND: u64 = 4 << 20;

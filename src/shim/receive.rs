@@ -42,18 +42,59 @@ struct AppliedState {
     frames: Vec<u64>,
     pages: u64,
     error: Option<String>,
+    /// The final layout is in place: runs past a page stream's barrier may be written.
+    final_open: bool,
 }
 
 impl Applied {
-    fn add(&self, stream: usize, pages: u64) {
+    /// `frames` runs of `stream`, `pages` pages in all, are written.
+    fn add(&self, stream: usize, frames: u64, pages: u64) {
         if let Ok(mut s) = self.state.lock() {
             if s.frames.len() <= stream {
                 s.frames.resize(stream + 1, 0);
             }
-            s.frames[stream] += 1;
+            s.frames[stream] += frames;
             s.pages += pages;
         }
         self.cv.notify_all();
+    }
+
+    /// Let the page streams past their barriers.
+    fn open_final(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.final_open = true;
+        }
+        self.cv.notify_all();
+    }
+
+    /// At a page stream's barrier: wait until the final layout is in place. False when the
+    /// migration failed meanwhile (or never got there), and the stream is to stop.
+    fn wait_final(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let Ok(mut s) = self.state.lock() else {
+            return false;
+        };
+        loop {
+            if s.error.is_some() {
+                return false;
+            }
+            if s.final_open {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                s.error
+                    .get_or_insert_with(|| "the final layout never came".to_owned());
+                return false;
+            }
+            s = match self
+                .cv
+                .wait_timeout(s, left.min(Duration::from_millis(100)))
+            {
+                Ok(g) => g.0,
+                Err(_) => return false,
+            };
+        }
     }
 
     fn fail(&self, msg: String) {
@@ -254,7 +295,13 @@ fn converse(
     let (vk, frames, fresh, rebuild) = loop {
         match rt.block_on(recv(control))? {
             ToReceiver::RoundDone { round, frames } => {
+                let t = Instant::now();
                 applied.wait_for(&frames, Duration::from_secs(600))?;
+                tracing::debug!(
+                    round,
+                    wait_ms = t.elapsed().as_secs_f64() * 1e3,
+                    "round applied"
+                );
                 rt.block_on(send(control, &FromReceiver::RoundApplied { round }))?;
             }
             ToReceiver::Final {
@@ -274,6 +321,7 @@ fn converse(
         wait_ms = t.elapsed().as_secs_f64() * 1e3,
         "pre-copy pages applied"
     );
+    let t = Instant::now();
     let owned_net = vkm_common::net::OwnedNet::of(&vk.net);
     if rebuild {
         tracing::info!("the process tree changed during pre-copy: building a new skeleton");
@@ -294,12 +342,9 @@ fn converse(
             "final layout applied"
         );
     }
-    rt.block_on(send(
-        control,
-        &FromReceiver::FinalReady {
-            delta_us: us(t.elapsed()),
-        },
-    ))?;
+    // The final round's pages, held at the page streams' barriers, may go in now.
+    applied.open_final();
+    let delta = t.elapsed();
     let frames = match rt.block_on(recv(control))? {
         ToReceiver::Commit { frames } => frames,
         ToReceiver::Abort { reason } => bail!("The sender gave up: {reason}"),
@@ -321,7 +366,7 @@ fn converse(
         control,
         &FromReceiver::Ready {
             // Restoring only: waiting for the last pages is the link's time, not ours.
-            apply_us: us(t.elapsed() - t_wait),
+            apply_us: us(delta + t.elapsed() - t_wait),
         },
     ))?;
     match rt.block_on(recv(control))? {
@@ -430,7 +475,9 @@ async fn accept_streams(
 
 /// One page stream: length-prefixed runs. This task only reads them off the connection; a
 /// thread of its own decodes, verifies and writes them, so that the runtime's threads stay
-/// free to drive QUIC (decoding on them starves the connection and halves throughput).
+/// free to drive QUIC (decoding on them starves the connection and halves throughput). The
+/// thread gets every complete run that has arrived at once: a later round's runs are mostly
+/// single pages, and a hand-over per run costs more than the page.
 async fn apply_stream(
     idx: usize,
     mut stream: quinn::RecvStream,
@@ -446,10 +493,11 @@ async fn apply_stream(
         std::thread::Builder::new()
             .name(format!("pages-{idx}"))
             .spawn(move || {
-                while let Some(buf) = rx.blocking_recv() {
-                    if !apply_message(idx, &buf, &targets, &applied) {
+                while let Some(mut buf) = rx.blocking_recv() {
+                    if !apply_runs(idx, &buf, &targets, &applied) {
                         return;
                     }
+                    buf.clear();
                     // The reader may be gone; the buffer then simply goes.
                     let _ = recycle.send(buf);
                 }
@@ -459,58 +507,122 @@ async fn apply_stream(
         applied.fail(format!("page stream {idx}: cannot start a thread: {e}"));
         return;
     }
+    let mut pending: Vec<u8> = Vec::new();
+    // Everything that has arrived, in one go.
+    let mut got = vec![vkm_transport::bytes::Bytes::new(); 256];
     loop {
-        let mut len = [0u8; 4];
-        match stream.read_exact(&mut len).await {
-            Ok(()) => {}
-            // The sender finished the stream (or the connection ended): nothing more.
-            Err(quinn::ReadExactError::FinishedEarly(0)) => return,
+        match stream.read_chunks(&mut got).await {
+            Ok(Some(n)) => {
+                for b in &got[..n] {
+                    pending.extend_from_slice(b);
+                }
+            }
+            Ok(None) => {
+                if !pending.is_empty() {
+                    applied.fail(format!(
+                        "page stream {idx}: the stream ended inside a run ({} bytes of it)",
+                        pending.len()
+                    ));
+                }
+                return;
+            }
             Err(e) => {
                 applied.fail(format!("page stream {idx}: {e}"));
                 return;
             }
+        };
+        let complete = match complete_runs(&pending) {
+            Ok(n) => n,
+            Err(e) => {
+                applied.fail(format!("page stream {idx}: {e}"));
+                return;
+            }
+        };
+        if complete == 0 {
+            continue;
         }
-        let n = u32::from_le_bytes(len) as usize;
-        if n > vkm_common::image::MAX_PAGES_LEN {
-            applied.fail(format!("page stream {idx}: a message of {n} bytes"));
-            return;
-        }
-        let mut buf = recycled.try_recv().unwrap_or_default();
-        // Only bytes beyond what the buffer held before are zeroed.
-        buf.resize(n, 0);
-        if let Err(e) = stream.read_exact(&mut buf).await {
-            applied.fail(format!("page stream {idx}: {e}"));
-            return;
-        }
+        // The start of a run that is still on its way goes into the next buffer.
+        let mut next = recycled.try_recv().unwrap_or_default();
+        next.extend_from_slice(&pending[complete..]);
+        pending.truncate(complete);
         // The applier stopped on an error it has reported.
-        if tx.send(buf).await.is_err() {
+        if tx
+            .send(std::mem::replace(&mut pending, next))
+            .await
+            .is_err()
+        {
             return;
         }
     }
 }
 
-/// Decode, verify and write one run; false (with the error reported) to stop.
-fn apply_message(
+/// How long a page stream waits at its barrier for the final layout (a rebuilt skeleton of a
+/// big vkernel takes a while).
+const FINAL_LAYOUT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The length of the complete runs at the start of `buf` (each a `u32` length, then the run).
+fn complete_runs(buf: &[u8]) -> Result<usize> {
+    let mut at = 0;
+    while let Some(len) = buf.get(at..at + 4) {
+        let n = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        if n > vkm_common::image::MAX_PAGES_LEN {
+            bail!("a run of {n} bytes");
+        }
+        if buf.len() < at + 4 + n {
+            break;
+        }
+        at += 4 + n;
+    }
+    Ok(at)
+}
+
+/// Decode, verify and write complete runs; false (with the error reported) to stop.
+fn apply_runs(
     idx: usize,
-    buf: &[u8],
+    mut buf: &[u8],
     targets: &RwLock<Arc<PageTargets>>,
     applied: &Applied,
 ) -> bool {
-    let (space, addr, data) = match decode_run(buf) {
-        Ok(x) => x,
-        Err(e) => {
-            applied.fail(format!("page stream {idx}: {e}"));
+    let Ok(mut t) = targets.read().map(|t| Arc::clone(&t)) else {
+        return false;
+    };
+    let (mut frames, mut pages) = (0, 0);
+    while buf.len() >= 4 {
+        let n = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        let Some(run) = buf.get(4..4 + n) else {
+            break;
+        };
+        buf = &buf[4 + n..];
+        if n == 0 {
+            // The barrier: what came before counts now (the receiver waits for it before it
+            // applies the final layout), what comes after waits for that layout, and goes
+            // where it says (a rebuilt skeleton has new targets).
+            applied.add(idx, frames, pages);
+            (frames, pages) = (0, 0);
+            if !applied.wait_final(FINAL_LAYOUT_TIMEOUT) {
+                return false;
+            }
+            let Ok(now) = targets.read().map(|t| Arc::clone(&t)) else {
+                return false;
+            };
+            t = now;
+            continue;
+        }
+        let (space, addr, data) = match decode_run(run) {
+            Ok(x) => x,
+            Err(e) => {
+                applied.fail(format!("page stream {idx}: {e}"));
+                return false;
+            }
+        };
+        if let Err(e) = t.apply(space, addr, &data) {
+            applied.fail(format!("page stream {idx}: {space} at {addr:#x}: {e}"));
             return false;
         }
-    };
-    let Ok(t) = targets.read().map(|t| Arc::clone(&t)) else {
-        return false;
-    };
-    if let Err(e) = t.apply(space, addr, &data) {
-        applied.fail(format!("page stream {idx}: {space} at {addr:#x}: {e}"));
-        return false;
+        frames += 1;
+        pages += (data.len() / vkm_common::image::PAGE_SIZE) as u64;
     }
-    applied.add(idx, (data.len() / vkm_common::image::PAGE_SIZE) as u64);
+    applied.add(idx, frames, pages);
     true
 }
 

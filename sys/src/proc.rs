@@ -106,6 +106,33 @@ pub fn read_vm(pid: i32, addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The most ranges one `process_vm_readv` takes (the kernel's `UIO_MAXIOV`).
+pub const MAX_IOV: usize = 1024;
+
+/// Copy the ranges `(addr, len)` of `pid`, one after the other, into the start of `buf` with
+/// one `process_vm_readv` (at most [`MAX_IOV`] ranges): a later round's dirty pages are mostly
+/// single pages, and one call per page costs more than the copy. Returns the bytes copied,
+/// which stop short at the first range that is no longer mapped.
+pub fn read_vm_many(pid: i32, ranges: &[(u64, usize)], buf: &mut [u8]) -> std::io::Result<usize> {
+    let remote: Vec<nix::sys::uio::RemoteIoVec> = ranges
+        .iter()
+        .map(|&(addr, len)| nix::sys::uio::RemoteIoVec {
+            base: remote_base(addr, 0),
+            len,
+        })
+        .collect();
+    let total: usize = ranges.iter().map(|r| r.1).sum();
+    let Some(dst) = buf.get_mut(..total) else {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    };
+    let mut local = [std::io::IoSliceMut::new(dst)];
+    Ok(nix::sys::uio::process_vm_readv(
+        nix::unistd::Pid::from_raw(pid),
+        &mut local,
+        &remote,
+    )?)
+}
+
 /// Copy `data` into `pid` at `addr` with `process_vm_writev`. Unlike a write to
 /// /proc/PID/mem it honours the target's protections: read-only pages fail.
 pub fn write_vm(pid: i32, addr: u64, data: &[u8]) -> std::io::Result<()> {

@@ -422,15 +422,19 @@ fn main() -> Result<()> {
             } else {
                 format!("{rate} MiB/s")
             };
+            let throttle = if samples.iter().all(|s| s.throttle >= 100.0) {
+                "–".to_string()
+            } else {
+                format!("{} %", range(&|s| s.throttle, 1))
+            };
             println!(
-                "| {size} MiB | {rate_s} | {} | {} ms | {} ms | {} | {} MiB | {} GB/s | {} % |",
+                "| {size} MiB | {rate_s} | {} | {} ms | {} ms | {} | {} MiB | {} GB/s | {throttle} |",
                 samples.len(),
                 range(&|s| s.total_ms, 0),
                 range(&|s| s.downtime_ms, 1),
                 range(&|s| s.rounds as f64, 0),
                 range(&|s| s.wire_mib, 0),
                 range(&|s| s.round0_gbs, 2),
-                range(&|s| s.throttle, 1),
             );
         }
     }

@@ -235,12 +235,14 @@ impl Skeleton {
         if let Some(c) = self.cpu.as_mut() {
             self.r.pin_all(c);
         }
+        let t0 = Instant::now();
         let r = &mut self.r;
         let vk = Arc::clone(&r.vk);
         r.remove_sysv()?;
         // Devices before the fds attached to them. Created this late (the vkernel is frozen
         // on the source by now) because a device name can exist only once per host.
         self.net = Network::create(&vk.net)?;
+        let t_net = t0.elapsed();
         let agent_files = r.prepare_files(console, &self.net)?;
         for table in &vk.fd_tables {
             let rep = rep_of(&vk, &self.order, |p| p.fd_table == table.id)?;
@@ -248,6 +250,7 @@ impl Skeleton {
                 .map_err(|e| step("files", vk.processes[rep].pid, e))?;
         }
         drop(agent_files);
+        let t_files = t0.elapsed();
         for &i in &self.order {
             if vk.processes[i].zombie.is_some() {
                 continue;
@@ -256,7 +259,16 @@ impl Skeleton {
             r.process_state(i)
                 .map_err(|e| step("process state", pid, e))?;
         }
-        r.prepare_resume(&self.order)
+        let t_procs = t0.elapsed();
+        r.prepare_resume(&self.order)?;
+        tracing::debug!(
+            net_ms = ms(t_net),
+            files_ms = ms(t_files - t_net),
+            processes_ms = ms(t_procs - t_files),
+            resume_ms = ms(t0.elapsed() - t_procs),
+            "state applied"
+        );
+        Ok(())
     }
 
     /// Every thread runs (the barrier: until now none did). The network goes to the caller,
@@ -798,4 +810,8 @@ pub fn check_compat(offer: &vkm_common::live::Offer) -> Result<(), String> {
 /// The vDSO of this host, hashed, for an offer.
 pub fn vdso_hash() -> Result<Vec<u8>, DstError> {
     Ok(blake3::hash(&own_vdso()?).as_bytes().to_vec())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }

@@ -174,29 +174,34 @@ fn fill_write(fill: &Fill, t: &MmTarget, addr: u64, data: &[u8]) -> Result<(), D
     Ok(())
 }
 
-/// Pages of a registered mapping: missing ones by `UFFDIO_COPY`, present ones (`EEXIST`) by
-/// `process_vm_writev` up to the next missing one (which it cannot fault in: `EFAULT`).
+/// Pages of a registered mapping: present ones by `process_vm_writev`, which stops at the
+/// next missing one (it cannot fault it in: `EFAULT`), missing ones by `UFFDIO_COPY`, which
+/// stops at the next present one (`EEXIST`). The plain copy goes first: a later round's pages
+/// are present, and `UFFDIO_COPY` copies a page into a new one before it finds out; round 0's
+/// runs are long, so its failed first try costs little.
 fn fill_registered(fill: &Fill, t: &MmTarget, addr: u64, data: &[u8]) -> Result<(), DstError> {
     let mut done = 0;
     let mut retries = 0;
     while done < data.len() {
         let at = addr + done as u64;
+        if let Ok(n) = proc::write_vm_some(t.pid, at, &data[done..]) {
+            if n > 0 {
+                done += n;
+                continue;
+            }
+        }
         let (n, err) = uffd::copy(fill.uffd.as_fd(), at, &data[done..]);
         done += n;
         match err {
             None => {}
-            Some(libc::EEXIST) => {
-                let at = addr + done as u64;
-                let n = proc::write_vm_some(t.pid, at, &data[done..]).unwrap_or(0);
-                if n == 0 {
-                    // Present but not writable by the target (read-only): one page by force.
-                    let end = (done + PAGE_SIZE).min(data.len());
-                    mem_write(t, at, &data[done..end])?;
-                    done = end;
-                } else {
-                    done += n;
-                }
+            Some(libc::EEXIST) if n == 0 => {
+                // Present, yet the plain copy failed: not writable by the target (read-only).
+                // One page by force.
+                let end = (done + PAGE_SIZE).min(data.len());
+                mem_write(t, at, &data[done..end])?;
+                done = end;
             }
+            Some(libc::EEXIST) => {}
             Some(libc::EAGAIN) if retries < MAX_RETRIES => retries += 1,
             // No longer registered (the final layout replaced the mapping): the ordinary way.
             Some(libc::ENOENT) => return plain_write(t, addr + done as u64, &data[done..]),
