@@ -20,7 +20,8 @@
 //!  last pages, Commit{frames} ────────────▶ fds, signals, timers, registers: all but running
 //!        ◀──────────────────────────────── Ready
 //!  Go ────────────────────────────────────▶ every thread runs
-//!        ◀──────────────────────────────── Running
+//!        ◀──────────────────────────────── Resumed (the pause ends)
+//!        ◀──────────────────────────────── Running (recorded there)
 //!  (source discards its copy)
 //! ```
 //!
@@ -177,6 +178,11 @@ pub enum FromReceiver {
     Ready {
         apply_us: u64,
     },
+    /// Every thread runs (the pause is over); `resume_us`: since `Go` arrived.
+    Resumed {
+        resume_us: u64,
+    },
+    /// The vkernel is this host's now: `ps` there lists it.
     Running {
         resume_us: u64,
         init_pid: i32,

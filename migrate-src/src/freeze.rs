@@ -248,6 +248,14 @@ impl Frozen {
         Ok(())
     }
 
+    /// Move the calling thread, started by us while frozen, off the CPU we and the frozen
+    /// threads share (see [`OneCpu::move_elsewhere`]).
+    pub fn move_elsewhere(&self) {
+        if let Some(c) = &self.cpu {
+            c.move_elsewhere();
+        }
+    }
+
     /// Every frozen thread gets its own CPUs back, and so do we: call it once the injections
     /// are done. Threads we start from now on (page readers, encoders) would otherwise inherit
     /// our single CPU and queue up behind each other.

@@ -327,14 +327,18 @@ impl Precopy {
         // frozen threads share with us) captures: neither waits for the other. The result is
         // used unless the process tree changed and the objects with it.
         let objects = &self.objects;
+        let frozen_ref = &frozen;
         let (captured, object_changes) = std::thread::scope(|scope| {
             let scan = scope.spawn(|| {
+                // It inherited our single CPU: on it, it would hold up the threads the capture
+                // starts and waits for by a scheduler tick each (1 ms here).
+                frozen_ref.move_elsewhere();
                 objects
                     .iter()
                     .map(changed_pages)
                     .collect::<Result<Vec<_>, SrcError>>()
             });
-            let captured = capture(&frozen, &copts);
+            let captured = capture(frozen_ref, &copts);
             // A panic there is a bug of ours: it goes on here as one.
             let scanned = scan.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
             (captured, scanned)

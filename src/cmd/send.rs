@@ -562,26 +562,36 @@ fn migrate(
         // `go` may or may not have left.
         return Err(Failure::Unknown(e, fin));
     }
-    match rt.block_on(recv_msg(control)) {
-        Ok(FromReceiver::Running { .. }) => {}
-        Ok(FromReceiver::Failed { chain }) => {
-            // The destination failed before it let anything run.
-            return Err(Failure::Before(
-                anyhow!(chain.join(": ")).context("The destination could not resume the vkernel"),
-                Some(fin),
-            ));
+    // `Resumed` ends the pause; `Running` follows once the destination has recorded it.
+    let mut resumed: Option<(f64, f64)> = None;
+    loop {
+        match rt.block_on(recv_msg(control)) {
+            Ok(FromReceiver::Resumed { .. }) if resumed.is_none() => {
+                resumed = Some((ms(t_go.elapsed()), ms(t_freeze.elapsed())));
+            }
+            Ok(FromReceiver::Running { .. }) => break,
+            Ok(FromReceiver::Failed { chain }) if resumed.is_none() => {
+                // The destination failed before it let anything run.
+                return Err(Failure::Before(
+                    anyhow!(chain.join(": "))
+                        .context("The destination could not resume the vkernel"),
+                    Some(fin),
+                ));
+            }
+            Ok(other) => return Err(Failure::Unknown(unexpected(other), fin)),
+            Err(e) => return Err(Failure::Unknown(e, fin)),
         }
-        Ok(other) => return Err(Failure::Unknown(unexpected(other), fin)),
-        Err(e) => return Err(Failure::Unknown(e, fin)),
     }
-    let resume_ms = ms(t_go.elapsed());
+    // A destination that said only `Running`: the pause lasted until then, for all we know.
+    let (resume_ms, downtime_ms) =
+        resumed.unwrap_or_else(|| (ms(t_go.elapsed()), ms(t_freeze.elapsed())));
     report.downtime = Downtime {
         freeze_ms,
         final_transfer_ms,
         restore_ms: restore_us as f64 / 1000.0,
         resume_ms,
     };
-    report.downtime_ms = ms(t_freeze.elapsed());
+    report.downtime_ms = downtime_ms;
     Ok(fin)
 }
 

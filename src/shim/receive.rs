@@ -383,6 +383,15 @@ fn converse(
         .commit()
         .context("Cannot let the vkernel's sandbox outlive this shim")?;
     let (report, net) = skel.go().context("Cannot resume the vkernel")?;
+    // The pause ends here; the sender learns so at once, the rest follows.
+    if !fault::armed(Fault::SilentAfterGo) {
+        let _ = rt.block_on(send(
+            control,
+            &FromReceiver::Resumed {
+                resume_us: us(t.elapsed()),
+            },
+        ));
+    }
     // The switches between here and the clients learn the guest's new port now, while the
     // source still waits for `running`.
     net.announce();

@@ -35,6 +35,21 @@ impl OneCpu {
         })
     }
 
+    /// Move the calling thread, one the pinned caller started (it inherited the single CPU),
+    /// to the caller's other CPUs: work that runs beside the tracer must not queue up behind
+    /// it, nor hold up the threads the tracer starts and waits for. Where the caller had no
+    /// other CPU it gets the caller's whole mask.
+    pub fn move_elsewhere(&self) {
+        let mut rest = self.ours;
+        for c in 0..CpuSet::count() {
+            if self.cpu.is_set(c).unwrap_or(false) {
+                let _ = rest.unset(c);
+            }
+        }
+        let any = (0..CpuSet::count()).any(|c| rest.is_set(c).unwrap_or(false));
+        let _ = sched_setaffinity(Pid::from_raw(0), if any { &rest } else { &self.ours });
+    }
+
     /// Run `tid` on our CPU from its next run on. A task that may not (its cpuset excludes our
     /// CPU) is left alone: only speed depends on it.
     pub fn add(&mut self, tid: i32) {

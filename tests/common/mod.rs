@@ -205,7 +205,9 @@ impl Lab {
                 !log.lines().any(|l| l.contains("FAIL")),
                 "{name} failed a self-check:\n{log}"
             );
-            if let Some(v) = log.lines().filter_map(&mut pick).last() {
+            // Only whole lines: the last one may still be on its way.
+            let whole = &log[..log.rfind('\n').map_or(0, |i| i + 1)];
+            if let Some(v) = whole.lines().filter_map(&mut pick).last() {
                 return v;
             }
             assert!(

@@ -89,6 +89,9 @@ pub fn restore<R: Read + Send>(
 /// when the source froze), [`Skeleton::finish`] (all other state), [`Skeleton::go`].
 pub struct Skeleton {
     r: Restorer,
+    /// The description the skeleton was built from (and [`Restorer::process_early`] applied):
+    /// [`Skeleton::finish`] applies only what the final one changes.
+    built_from: Arc<Vkernel>,
     order: Vec<usize>,
     /// The tun/tap devices, once [`Skeleton::finish`] created them (removed if dropped).
     net: Network,
@@ -148,9 +151,20 @@ impl Skeleton {
             r.layout(mm, rep)
                 .map_err(|e| step("layout", vk.processes[rep].pid, e))?;
         }
-        // Unpinned while pages arrive: the threads that write them are started by us.
+        for &i in &order {
+            if vk.processes[i].zombie.is_none() {
+                r.process_early(i)
+                    .map_err(|e| step("process state", vk.processes[i].pid, e))?;
+            }
+        }
+        // Unpinned while pages arrive (the threads that write them are started by us), and
+        // so are the threads just made.
+        if let Some(c) = cpu.as_mut() {
+            r.pin_all(c);
+        }
         drop(cpu);
         Ok(Skeleton {
+            built_from: Arc::clone(&r.vk),
             r,
             order,
             net: Network::empty(),
@@ -256,7 +270,10 @@ impl Skeleton {
                 continue;
             }
             let pid = vk.processes[i].pid;
-            r.process_state(i)
+            let early = self.built_from.processes.get(i).ok_or_else(|| {
+                DstError::Inconsistent(format!("process {pid} is not in the skeleton"))
+            })?;
+            r.process_state(i, early)
                 .map_err(|e| step("process state", pid, e))?;
         }
         let t_procs = t0.elapsed();

@@ -110,66 +110,78 @@ impl Restorer {
         Ok(())
     }
 
-    pub(super) fn process_state(&mut self, i: usize) -> Result<(), DstError> {
+    /// Before any page arrives: what a running vkernel rarely changes, from the description
+    /// the skeleton is built from. Threads with their TIDs, and each thread's rseq, robust
+    /// list, tid address, altstack and name; signal handlers, cwd, umask, personality, limits
+    /// and parent-death signal. A live migration does this while the source still runs, and
+    /// [`Restorer::process_state`] applies only what changed meanwhile.
+    pub(super) fn process_early(&mut self, i: usize) -> Result<(), DstError> {
+        let vk_arc = Arc::clone(&self.vk);
+        let p = &vk_arc.processes[i];
+        let args = self.args();
+        let r = self.leader(i)?;
+        // A skeleton has the limits its creator had: only the others are set.
+        let now = proc::read(proc::pid_path(r.tid, "limits"))?;
+        let now = vkm_common::procfs::parse_limits(&now).map_err(|e| {
+            DstError::Inconsistent(format!("cannot parse the limits of process {}: {e}", p.pid))
+        })?;
+        let limits: Vec<model::Rlimit> = now
+            .into_iter()
+            .map(|l| model::Rlimit {
+                resource: l.resource,
+                soft: l.soft,
+                hard: l.hard,
+            })
+            .collect();
+        process_statics(r, p, None, &limits, args)?;
+        // Threads, with their TIDs, created by the leader.
+        let flags = (libc::CLONE_VM
+            | libc::CLONE_FS
+            | libc::CLONE_FILES
+            | libc::CLONE_SIGHAND
+            | libc::CLONE_THREAD
+            | libc::CLONE_SYSVSEM) as u64;
+        for t in p.threads.iter().skip(1) {
+            let host = self
+                .clone_in(i, flags, 0, t.tid)
+                .map_err(|e| step("thread", t.tid, e))?;
+            let scratch = self.scratch;
+            let mut rt = self.adopt(host, scratch, true)?;
+            rt.scratch = args;
+            rt.stack = scratch + SCRATCH_LEN - 256;
+            self.procs
+                .get_mut(&i)
+                .ok_or_else(|| DstError::Inconsistent("lost process".into()))?
+                .threads
+                .push(rt);
+        }
+        let rp = self
+            .procs
+            .get_mut(&i)
+            .ok_or_else(|| DstError::Inconsistent("lost process".into()))?;
+        for (t, r) in p.threads.iter().zip(rp.threads.iter_mut()) {
+            thread_state(r, t, None, args)?;
+        }
+        Ok(())
+    }
+
+    /// Stage 4 of process `i`: what [`Restorer::process_early`] set from `early`, where the
+    /// final description differs; then root, controlling terminal, timers, pending signals.
+    pub(super) fn process_state(
+        &mut self,
+        i: usize,
+        early: &model::Process,
+    ) -> Result<(), DstError> {
         let vk_arc = Arc::clone(&self.vk);
         let vk = &*vk_arc;
         let p = &vk.processes[i];
         let args = self.args();
         {
             let r = self.leader(i)?;
-            for sig in 1..=64i32 {
-                if sig == libc::SIGKILL || sig == libc::SIGSTOP {
-                    continue;
-                }
-                // Skeletons start with every handler at its default (init reset them and no
-                // process shares handlers with another yet): set only the others.
-                let Some(a) = p.sigactions.iter().find(|a| a.signo == sig) else {
-                    continue;
-                };
-                let words = [a.handler, a.flags, a.restorer, a.mask];
-                r.write(
-                    args,
-                    &words
-                        .iter()
-                        .flat_map(|w| w.to_le_bytes())
-                        .collect::<Vec<u8>>(),
-                )?;
-                r.call(
-                    "rt_sigaction",
-                    libc::SYS_rt_sigaction,
-                    &[sig as u64, args, 0, 8],
-                )?;
-            }
-            r.write(args, &cstr(&p.cwd))?;
-            r.call("chdir", libc::SYS_chdir, &[args])?;
+            process_statics(r, p, Some(early), &early.rlimits, args)?;
             if p.root != "/" {
                 r.write(args, &cstr(&p.root))?;
                 r.call("chroot", libc::SYS_chroot, &[args])?;
-            }
-            r.call("umask", libc::SYS_umask, &[u64::from(p.umask)])?;
-            if p.personality != 0 {
-                r.call("personality", libc::SYS_personality, &[p.personality])?;
-            }
-            for l in &p.rlimits {
-                let mut b = l.soft.to_le_bytes().to_vec();
-                b.extend_from_slice(&l.hard.to_le_bytes());
-                r.write(args, &b)?;
-                if let Err(e) = r.call(
-                    "prlimit64",
-                    libc::SYS_prlimit64,
-                    &[0, u64::from(l.resource), args, 0],
-                ) {
-                    // Raising a hard limit needs CAP_SYS_RESOURCE, which hosts may lack.
-                    tracing::warn!(pid = p.pid, resource = l.resource, error = %e, "rlimit not restored");
-                }
-            }
-            if p.pdeathsig != 0 {
-                let sig = u64::try_from(p.pdeathsig).unwrap_or(0);
-                r.call(
-                    "prctl(PR_SET_PDEATHSIG)",
-                    libc::SYS_prctl,
-                    &[libc::PR_SET_PDEATHSIG as u64, sig, 0, 0, 0],
-                )?;
             }
             if p.ctty {
                 // The console is the controlling terminal of this session again; any fd of the
@@ -228,33 +240,25 @@ impl Restorer {
                 )?;
             }
         }
-        // Threads, with their TIDs, created by the leader.
-        let flags = (libc::CLONE_VM
-            | libc::CLONE_FS
-            | libc::CLONE_FILES
-            | libc::CLONE_SIGHAND
-            | libc::CLONE_THREAD
-            | libc::CLONE_SYSVSEM) as u64;
-        for t in p.threads.iter().skip(1) {
-            let host = self
-                .clone_in(i, flags, 0, t.tid)
-                .map_err(|e| step("thread", t.tid, e))?;
-            let scratch = self.scratch;
-            let mut rt = self.adopt(host, scratch, true)?;
-            rt.scratch = args;
-            rt.stack = scratch + SCRATCH_LEN - 256;
-            self.procs
-                .get_mut(&i)
-                .ok_or_else(|| DstError::Inconsistent("lost process".into()))?
-                .threads
-                .push(rt);
-        }
         let rp = self
             .procs
             .get_mut(&i)
             .ok_or_else(|| DstError::Inconsistent("lost process".into()))?;
-        for (t, r) in p.threads.iter().zip(rp.threads.iter_mut()) {
-            thread_state(r, t, args)?;
+        if rp.threads.len() != p.threads.len() || early.threads.len() != p.threads.len() {
+            return Err(DstError::Inconsistent(format!(
+                "process {} has {} threads, its skeleton {}",
+                p.pid,
+                p.threads.len(),
+                rp.threads.len()
+            )));
+        }
+        for ((t, e), r) in p
+            .threads
+            .iter()
+            .zip(&early.threads)
+            .zip(rp.threads.iter_mut())
+        {
+            thread_state(r, t, Some(e), args)?;
         }
         let r = &mut rp.threads[0];
         if !p.posix_timers.is_empty() {
@@ -317,54 +321,167 @@ impl Restorer {
         Ok(())
     }
 }
-pub(super) fn thread_state(r: &mut Remote, t: &model::Thread, args: u64) -> Result<(), DstError> {
-    if let Some(rs) = t.rseq {
+/// Signal handlers, cwd, umask, personality, limits and parent-death signal of `p`, through
+/// its leader `r`: all of them (`before` None: a fresh skeleton, whose handlers are at their
+/// defaults and whose limits are `limits`), or those that differ from `before`, the
+/// description they were set from.
+fn process_statics(
+    r: &mut Remote,
+    p: &model::Process,
+    before: Option<&model::Process>,
+    limits: &[model::Rlimit],
+    args: u64,
+) -> Result<(), DstError> {
+    for sig in 1..=64i32 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        let want = p.sigactions.iter().find(|a| a.signo == sig);
+        let had = before.and_then(|b| b.sigactions.iter().find(|a| a.signo == sig));
+        if want == had {
+            continue;
+        }
+        // Gone since: back to the default.
+        let words = want.map_or([0; 4], |a| [a.handler, a.flags, a.restorer, a.mask]);
+        r.write(
+            args,
+            &words
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        )?;
         r.call(
-            "rseq",
-            libc::SYS_rseq,
-            &[rs.addr, u64::from(rs.len), 0, u64::from(rs.sig)],
+            "rt_sigaction",
+            libc::SYS_rt_sigaction,
+            &[sig as u64, args, 0, 8],
         )?;
     }
-    if t.robust_list != 0 {
+    if before.is_none_or(|b| b.cwd != p.cwd) {
+        r.write(args, &cstr(&p.cwd))?;
+        r.call("chdir", libc::SYS_chdir, &[args])?;
+    }
+    if before.is_none_or(|b| b.umask != p.umask) {
+        r.call("umask", libc::SYS_umask, &[u64::from(p.umask)])?;
+    }
+    if before.map_or(p.personality != 0, |b| b.personality != p.personality) {
+        r.call("personality", libc::SYS_personality, &[p.personality])?;
+    }
+    for l in &p.rlimits {
+        if limits.contains(l) {
+            continue;
+        }
+        let mut b = l.soft.to_le_bytes().to_vec();
+        b.extend_from_slice(&l.hard.to_le_bytes());
+        r.write(args, &b)?;
+        if let Err(e) = r.call(
+            "prlimit64",
+            libc::SYS_prlimit64,
+            &[0, u64::from(l.resource), args, 0],
+        ) {
+            // Raising a hard limit needs CAP_SYS_RESOURCE, which hosts may lack.
+            tracing::warn!(pid = p.pid, resource = l.resource, error = %e, "rlimit not restored");
+        }
+    }
+    if before.map_or(p.pdeathsig != 0, |b| b.pdeathsig != p.pdeathsig) {
+        let sig = u64::try_from(p.pdeathsig).unwrap_or(0);
+        r.call(
+            "prctl(PR_SET_PDEATHSIG)",
+            libc::SYS_prctl,
+            &[libc::PR_SET_PDEATHSIG as u64, sig, 0, 0, 0],
+        )?;
+    }
+    Ok(())
+}
+
+/// A thread's rseq, robust list, tid address, altstack and name: all of them (`before` None:
+/// a thread just made, with none of them), or those that differ from `before`, the
+/// description they were set from.
+pub(super) fn thread_state(
+    r: &mut Remote,
+    t: &model::Thread,
+    before: Option<&model::Thread>,
+    args: u64,
+) -> Result<(), DstError> {
+    let had_rseq = before.and_then(|b| b.rseq);
+    if t.rseq != had_rseq {
+        if let Some(old) = had_rseq {
+            r.call(
+                "rseq(unregister)",
+                libc::SYS_rseq,
+                &[
+                    old.addr,
+                    u64::from(old.len),
+                    RSEQ_FLAG_UNREGISTER,
+                    u64::from(old.sig),
+                ],
+            )?;
+        }
+        if let Some(rs) = t.rseq {
+            r.call(
+                "rseq",
+                libc::SYS_rseq,
+                &[rs.addr, u64::from(rs.len), 0, u64::from(rs.sig)],
+            )?;
+        }
+    }
+    let robust = (t.robust_list, t.robust_list_len);
+    if before.map_or(t.robust_list != 0, |b| {
+        (b.robust_list, b.robust_list_len) != robust
+    }) {
+        // The kernel takes only its own head size, also to clear the list.
+        let len = if t.robust_list_len == 0 {
+            ROBUST_LIST_HEAD_LEN
+        } else {
+            t.robust_list_len
+        };
         r.call(
             "set_robust_list",
             libc::SYS_set_robust_list,
-            &[t.robust_list, t.robust_list_len],
+            &[t.robust_list, len],
         )?;
     }
-    r.call(
-        "set_tid_address",
-        libc::SYS_set_tid_address,
-        &[t.clear_child_tid],
-    )?;
+    if before.is_none_or(|b| b.clear_child_tid != t.clear_child_tid) {
+        r.call(
+            "set_tid_address",
+            libc::SYS_set_tid_address,
+            &[t.clear_child_tid],
+        )?;
+    }
     let ss = t.sigaltstack;
-    let disabled = ss.flags & libc::SS_DISABLE != 0;
-    let w: [u64; 3] = if disabled {
-        [0, libc::SS_DISABLE as u64, 0]
-    } else {
-        // SS_ONSTACK is a report, not a setting.
-        [
-            ss.sp,
-            u64::try_from(ss.flags & !libc::SS_ONSTACK).unwrap_or(0),
-            ss.size,
-        ]
-    };
-    r.write(
-        args,
-        &w.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
-    )?;
-    r.call("sigaltstack", libc::SYS_sigaltstack, &[args, 0])?;
-    let mut name = t.comm.as_bytes().to_vec();
-    name.truncate(15);
-    name.push(0);
-    r.write(args, &name)?;
-    r.call(
-        "prctl(PR_SET_NAME)",
-        libc::SYS_prctl,
-        &[libc::PR_SET_NAME as u64, args, 0, 0, 0],
-    )?;
+    if before.is_none_or(|b| b.sigaltstack != ss) {
+        let disabled = ss.flags & libc::SS_DISABLE != 0;
+        let w: [u64; 3] = if disabled {
+            [0, libc::SS_DISABLE as u64, 0]
+        } else {
+            // SS_ONSTACK is a report, not a setting.
+            [
+                ss.sp,
+                u64::try_from(ss.flags & !libc::SS_ONSTACK).unwrap_or(0),
+                ss.size,
+            ]
+        };
+        r.write(
+            args,
+            &w.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+        )?;
+        r.call("sigaltstack", libc::SYS_sigaltstack, &[args, 0])?;
+    }
+    if before.is_none_or(|b| b.comm != t.comm) {
+        let mut name = t.comm.as_bytes().to_vec();
+        name.truncate(15);
+        name.push(0);
+        r.write(args, &name)?;
+        r.call(
+            "prctl(PR_SET_NAME)",
+            libc::SYS_prctl,
+            &[libc::PR_SET_NAME as u64, args, 0, 0, 0],
+        )?;
+    }
     Ok(())
 }
+
+/// `sizeof(struct robust_list_head)` on x86_64.
+const ROBUST_LIST_HEAD_LEN: u64 = 24;
 
 pub(super) fn queue_signal(
     r: &mut Remote,

@@ -202,6 +202,10 @@ pub struct MemoryCapture {
     vdso_base: Vec<Option<u64>>,
     /// The vkernel's SysV IPC namespace, looked at with the first address space.
     sysv: Option<SysvNs>,
+    /// Mapped files (by the device and inode maps shows) and their size and mtime: a library
+    /// is mapped several times by every process, and a stat through `map_files` costs while
+    /// the vkernel is frozen.
+    files: BTreeMap<(u32, u32, u64), (u64, i128)>,
 }
 
 /// The SysV IPC namespace of the vkernel and the shared memory segments in it.
@@ -292,7 +296,7 @@ impl MemoryCapture {
                             offset: e.offset,
                         }
                     } else if path.starts_with('/') {
-                        file_backing(pid, e, &path)?
+                        self.file_backing(pid, e, &path)?
                     } else {
                         return Err(unsupported("shared mapping of an unknown kind"));
                     }
@@ -300,7 +304,7 @@ impl MemoryCapture {
                 "" | "[heap]" | "[stack]" => Backing::Anon,
                 _ if path.starts_with("[anon:") || path.starts_with("[stack:") => Backing::Anon,
                 _ if path.starts_with('/') && !path.ends_with(" (deleted)") => {
-                    file_backing(pid, e, &path)?
+                    self.file_backing(pid, e, &path)?
                 }
                 // A private mapping of a memfd or unlinked file: the object's contents travel
                 // as an object, the pages this mapping copied on write as its own.
@@ -594,6 +598,34 @@ impl MemoryCapture {
         self.object_by_inode(meta.dev(), meta.ino(), path, &open_path)
     }
 
+    /// A private or shared mapping of file `path`: where it is, and the size and mtime the
+    /// destination checks its copy of the file against.
+    fn file_backing(&mut self, pid: i32, e: &procfs::Vma, path: &str) -> Result<Backing, SrcError> {
+        let key = (e.dev_major, e.dev_minor, e.inode);
+        let (size, mtime_ns) = match self.files.get(&key) {
+            Some(&known) => known,
+            None => {
+                let map_file = proc::pid_path(pid, &format!("map_files/{:x}-{:x}", e.start, e.end));
+                let meta = std::fs::metadata(&map_file).map_err(|err| vkm_sys::SysError::Path {
+                    path: map_file,
+                    source: err,
+                })?;
+                let known = (
+                    meta.size(),
+                    i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+                );
+                self.files.insert(key, known);
+                known
+            }
+        };
+        Ok(Backing::File {
+            path: path.to_string(),
+            offset: e.offset,
+            size,
+            mtime_ns,
+        })
+    }
+
     pub fn finish(self) -> (Vec<Mm>, Vec<MemObject>, MemoryPlan) {
         if let Some(ns) = &self.sysv {
             for s in ns.segments.values() {
@@ -646,20 +678,6 @@ fn sysv_of(s: &ShmStat) -> SysvShm {
 /// file), shared anonymous memory (`/dev/zero (deleted)`).
 fn is_object_path(path: &str) -> bool {
     path.starts_with("/memfd:") || path.ends_with(" (deleted)") || path == "/dev/zero"
-}
-
-fn file_backing(pid: i32, e: &procfs::Vma, path: &str) -> Result<Backing, SrcError> {
-    let map_file = proc::pid_path(pid, &format!("map_files/{:x}-{:x}", e.start, e.end));
-    let meta = std::fs::metadata(&map_file).map_err(|err| vkm_sys::SysError::Path {
-        path: map_file,
-        source: err,
-    })?;
-    Ok(Backing::File {
-        path: path.to_string(),
-        offset: e.offset,
-        size: meta.size(),
-        mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-    })
 }
 
 fn read_mem(pid: i32, start: u64, end: u64) -> Result<Vec<u8>, SrcError> {
