@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::netlab::{Host, NetLab};
@@ -72,6 +72,16 @@ fn wait_log_tick(
     ok: impl Fn((u64, f64)) -> bool,
     t: Duration,
 ) -> (u64, f64) {
+    wait_log_tick_or(log, ok, t, String::new)
+}
+
+/// [`wait_log_tick`], with `why` (logs that may explain it) in the message if none comes.
+fn wait_log_tick_or(
+    log: impl Fn() -> String,
+    ok: impl Fn((u64, f64)) -> bool,
+    t: Duration,
+    why: impl Fn() -> String,
+) -> (u64, f64) {
     let t0 = Instant::now();
     loop {
         let text = log();
@@ -80,7 +90,8 @@ fn wait_log_tick(
         }
         assert!(
             t0.elapsed() < t,
-            "no such tick within {t:?}; console:\n{text}"
+            "no such tick within {t:?}; console:\n{text}\n{}",
+            why()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -203,6 +214,157 @@ fn a_uml_with_a_memory_heavy_job_moves_and_goes_on() {
     move_uml("uml-busy", &init);
 }
 
+/// Both shims' logs of vkernel `name`, B's daemon's, and what `kept` kept of B's files, for a
+/// failure's message.
+fn shim_logs(a: &Host, b: &Host, name: &str, kept: &Kept) -> String {
+    let read = |h: &Host| {
+        std::fs::read_to_string(h.state_dir.join(name).join("shim.log")).unwrap_or_default()
+    };
+    let log_b = read(b);
+    format!(
+        "--- shim log on A ---\n{}\n--- shim log on B ---\n{log_b}\n--- processes on B ---\n{}\n\
+         --- B's daemon ---\n{}\n--- kept ---\n{}",
+        read(a),
+        tree_of(&log_b),
+        std::fs::read_to_string(b.dir.join("listen.stderr")).unwrap_or_default(),
+        kept.text()
+    )
+}
+
+/// The last contents seen of some files, read every 100 ms until dropped: a vkernel that ends
+/// takes its directory (console and shim log) with it.
+struct Kept {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(PathBuf, String)>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Kept {
+    fn new(paths: Vec<PathBuf>) -> Kept {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(
+            paths
+                .iter()
+                .map(|p| (p.clone(), String::new()))
+                .collect::<Vec<_>>(),
+        ));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, st) = (seen.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(mut v) = s.lock() {
+                    for (p, text) in v.iter_mut() {
+                        if let Ok(t) = std::fs::read_to_string(&*p) {
+                            *text = t;
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Kept { seen, stop }
+    }
+
+    fn text(&self) -> String {
+        self.seen
+            .lock()
+            .map(|v| {
+                v.iter()
+                    .map(|(p, t)| format!("{}:\n{t}", p.display()))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Every process below the sandbox init that `log` (a receiving shim's) names: pid, name,
+/// state, where it waits, its tracer, pending and blocked signals.
+fn tree_of(log: &str) -> String {
+    let Some(init) = log
+        .split("init_pid=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse::<i32>().ok())
+    else {
+        return "(no init pid in the log)".into();
+    };
+    let mut out = String::new();
+    let mut queue = vec![init];
+    while let Some(pid) = queue.pop() {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(k))
+                .map(|l| l[k.len()..].trim().to_string())
+                .unwrap_or_default()
+        };
+        let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+        // Where a running one is: its syscall (or "running") and user time, twice.
+        let syscall = || {
+            std::fs::read_to_string(format!("/proc/{pid}/syscall"))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| {
+                        let l = std::fs::read_link(e.path()).unwrap_or_default();
+                        let flags = std::fs::read_to_string(format!(
+                            "/proc/{pid}/fdinfo/{}",
+                            e.file_name().to_string_lossy()
+                        ))
+                        .unwrap_or_default()
+                        .lines()
+                        .find(|l| l.starts_with("flags:"))
+                        .unwrap_or_default()
+                        .to_string();
+                        format!(
+                            "{}={} ({flags})",
+                            e.file_name().to_string_lossy(),
+                            l.display()
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        out += &format!("  syscall: {} | {}\n  fds: {fds}\n", syscall(), {
+            std::thread::sleep(Duration::from_millis(20));
+            syscall()
+        });
+        out += &format!(
+            "{pid} {} {} wchan={wchan} tracer={} threads={} pnd={} shdpnd={} blk={}\n",
+            field("Name:"),
+            field("State:"),
+            field("TracerPid:"),
+            field("Threads:"),
+            field("SigPnd:"),
+            field("ShdPnd:"),
+            field("SigBlk:"),
+        );
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for t in tasks.flatten() {
+                let children =
+                    std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+                queue.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<i32>().ok()),
+                );
+            }
+        }
+    }
+    out
+}
+
 /// `send` NAME from `a` to `b`, which must succeed; prints its summary (rounds, downtime) for
 /// whoever runs the tests with `--nocapture`.
 fn send_ok(a: &Host, name: &str, b: &Host) {
@@ -224,9 +386,18 @@ fn move_uml(test: &str, init: &str) {
     run.extend(args.iter().map(String::as_str));
     a.ok(&run);
     let (n0, up0) = wait_log_tick(|| a.console_log("umlm"), |(n, _)| n >= 2, BOOT);
+    let kept = Kept::new(vec![
+        b.state_dir.join("umlm").join("console.log"),
+        b.state_dir.join("umlm").join("shim.log"),
+    ]);
     send_ok(a, "umlm", b);
     assert!(!a.ps_names().expect("ps on a").contains(&"umlm".to_string()));
-    let (n1, up1) = wait_log_tick(|| b.console_log("umlm"), |(n, _)| n > n0 + 3, TICKS);
+    let (n1, up1) = wait_log_tick_or(
+        || b.console_log("umlm"),
+        |(n, _)| n > n0 + 3,
+        TICKS,
+        || shim_logs(a, b, "umlm", &kept),
+    );
     // A page that did not come along shows up as the guest kernel's own complaints.
     let log = b.console_log("umlm");
     for sign in ["BUG", "segfault", "Kernel panic", "Oops"] {
@@ -360,8 +531,17 @@ fn a_uml_keeps_its_tcp_connection_through_a_move() {
         Duration::from_secs(120),
     );
 
+    let kept = Kept::new(vec![
+        b.state_dir.join("umln").join("console.log"),
+        b.state_dir.join("umln").join("shim.log"),
+    ]);
     send_ok(a, "umln", b);
-    wait_log_tick(|| b.console_log("umln"), |(n, _)| n >= 1, TICKS);
+    wait_log_tick_or(
+        || b.console_log("umln"),
+        |(n, _)| n >= 1,
+        TICKS,
+        || shim_logs(a, b, "umln", &kept),
+    );
     // Some more messages after the move, then the client stops and reports.
     std::thread::sleep(Duration::from_secs(3));
     std::fs::write(&stop, b"").expect("stop file");
