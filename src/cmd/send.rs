@@ -448,7 +448,14 @@ fn migrate(
         // Until a round big enough to measure went, a small one only says the link is at least
         // that fast: assume a LAN's speed then. A measured link is taken as it is, however
         // slow, or the pause would overrun its target by as much.
-        let bandwidth = measured.unwrap_or(rate.max(ASSUMED_BANDWIDTH));
+        let measured_or_assumed = measured.unwrap_or(rate.max(ASSUMED_BANDWIDTH));
+        // Round 0's long runs move faster than a later round's scattered pages, and the final
+        // round is one of the latter: a round big enough to tell says how fast it will go.
+        let bandwidth = if s.round > 0 && s.bytes_raw >= BIG_ROUND {
+            measured_or_assumed.min(rate)
+        } else {
+            measured_or_assumed
+        };
         // What this round sent was written during the one before, on the CPU it used then.
         let load = last.map(|(prev_secs, prev_cpu, prev_throttle)| RoundLoad {
             dirty_rate: s.bytes_raw as f64 / prev_secs,
