@@ -588,17 +588,18 @@ fn set_caps(r: &mut Remote, args: u64, caps: &model::Caps, last_cap: u64) -> Res
 fn unregister_rseq(r: &mut Remote) -> Result<(), DstError> {
     let c = ptrace::rseq_config(r.tid)?;
     if c.rseq_abi_pointer != 0 {
-        r.call(
-            "rseq(unregister)",
-            libc::SYS_rseq,
-            &[
-                c.rseq_abi_pointer,
-                u64::from(c.rseq_abi_size),
-                RSEQ_FLAG_UNREGISTER,
-                u64::from(c.signature),
-            ],
-        )?;
+        rseq_unregister(r, c.rseq_abi_pointer, c.rseq_abi_size, c.signature)?;
     }
+    Ok(())
+}
+
+/// Unregister the rseq area at `addr` (`len` bytes, signature `sig`) of the thread behind `r`.
+fn rseq_unregister(r: &mut Remote, addr: u64, len: u32, sig: u32) -> Result<(), DstError> {
+    r.call(
+        "rseq(unregister)",
+        libc::SYS_rseq,
+        &[addr, u64::from(len), RSEQ_FLAG_UNREGISTER, u64::from(sig)],
+    )?;
     Ok(())
 }
 

@@ -405,16 +405,7 @@ pub(super) fn thread_state(
     let had_rseq = before.and_then(|b| b.rseq);
     if t.rseq != had_rseq {
         if let Some(old) = had_rseq {
-            r.call(
-                "rseq(unregister)",
-                libc::SYS_rseq,
-                &[
-                    old.addr,
-                    u64::from(old.len),
-                    RSEQ_FLAG_UNREGISTER,
-                    u64::from(old.sig),
-                ],
-            )?;
+            rseq_unregister(r, old.addr, old.len, old.sig)?;
         }
         if let Some(rs) = t.rseq {
             r.call(
