@@ -121,11 +121,11 @@ impl StateDir {
     /// `init_pid` (host pid). Written before the commit point, so that whatever happens to the
     /// receiving shim from then on, [`StateDir::arrival_runs`] tells the truth.
     pub fn note_arrival(&self, id: &str, init_pid: i32) -> Result<()> {
+        let path = self.arrival_path(id)?;
         let dir = self.root.join(ARRIVALS_DIR);
         fs::create_dir_all(&dir).with_context(|| format!("Cannot create {}", dir.display()))?;
         let start = start_time(init_pid)
             .with_context(|| format!("Cannot read the start time of process {init_pid}"))?;
-        let path = dir.join(arrival_file(id)?);
         let tmp = path.with_extension("tmp");
         fs::write(&tmp, format!("{init_pid} {start}\n"))
             .and_then(|()| fs::rename(&tmp, &path))
@@ -135,10 +135,9 @@ impl StateDir {
     /// Whether the vkernel of migration `id` runs here according to its arrival note: its
     /// sandbox's init is the same process and alive. A note whose sandbox is gone is removed.
     pub fn arrival_runs(&self, id: &str) -> bool {
-        let Ok(file) = arrival_file(id) else {
+        let Ok(path) = self.arrival_path(id) else {
             return false;
         };
-        let path = self.root.join(ARRIVALS_DIR).join(file);
         let Ok(text) = fs::read_to_string(&path) else {
             return false;
         };
@@ -158,9 +157,22 @@ impl StateDir {
 
     /// Forget the arrival note of migration `id` (its vkernel ended here, or never ran).
     pub fn forget_arrival(&self, id: &str) {
-        if let Ok(file) = arrival_file(id) {
-            let _ = fs::remove_file(self.root.join(ARRIVALS_DIR).join(file));
+        if let Ok(path) = self.arrival_path(id) {
+            let _ = fs::remove_file(path);
         }
+    }
+
+    /// The arrival note of migration `id` (ids come from the sender: no path tricks).
+    fn arrival_path(&self, id: &str) -> Result<PathBuf> {
+        if id.is_empty()
+            || id.len() > 128
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            bail!("a migration id of unexpected form: {id:?}");
+        }
+        Ok(self.root.join(ARRIVALS_DIR).join(id))
     }
 
     /// Why this host refuses arrivals (the draining marker's text), if it does.
@@ -407,19 +419,6 @@ pub fn same_file(f: &File, path: &Path) -> bool {
         (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
         _ => false,
     }
-}
-
-/// A migration id as a file name (ids come from the sender: no path tricks).
-fn arrival_file(id: &str) -> Result<String> {
-    if id.is_empty()
-        || id.len() > 128
-        || !id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        bail!("a migration id of unexpected form: {id:?}");
-    }
-    Ok(id.to_owned())
 }
 
 /// Field 22 of /proc/PID/stat: when the process started, which tells it from a later process

@@ -36,6 +36,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Clocks, CpuInfo, Mm, Vkernel};
 
+/// The barrier on a page stream (a run of length 0, see above).
+pub const PAGE_STREAM_BARRIER: [u8; 4] = 0u32.to_le_bytes();
+
 /// Version of the conversation above; both sides must speak the same.
 pub const PROTOCOL_VERSION: u32 = 2;
 
@@ -485,6 +488,16 @@ mod tests {
         );
     }
 
+    /// What a round saw an unthrottled vkernel do: bytes/s written, share of a CPU, bytes/s sent.
+    fn unthrottled(dirty_rate: f64, cpu: f64, send_rate: f64) -> RoundLoad {
+        RoundLoad {
+            dirty_rate,
+            cpu,
+            throttle: NO_THROTTLE,
+            send_rate,
+        }
+    }
+
     #[test]
     fn a_writer_that_needs_little_cpu_is_throttled_to_the_share_that_converges() {
         let c = Convergence {
@@ -494,56 +507,31 @@ mod tests {
         let stalled = [30_000_000, 30_000_000];
         // 200 MB/s on 3 % of a CPU, 500 MB/s sent: at 3 % * 250/200 = 3.75 % it writes half
         // as fast.
-        let load = RoundLoad {
-            dirty_rate: 200e6,
-            cpu: 0.03,
-            throttle: NO_THROTTLE,
-            send_rate: 1e12,
-        };
+        let load = unthrottled(200e6, 0.03, 1e12);
         assert_eq!(
             c.next(30_000_000, 500e6, &stalled, NO_THROTTLE, Some(load)),
             Next::Throttle(37)
         );
         // A busy writer (a whole CPU at 800 MB/s) gets the plain step, never less.
-        let busy = RoundLoad {
-            dirty_rate: 800e6,
-            cpu: 1.0,
-            throttle: NO_THROTTLE,
-            send_rate: 1e12,
-        };
+        let busy = unthrottled(800e6, 1.0, 1e12);
         assert_eq!(
             c.next(30_000_000, 500e6, &stalled, NO_THROTTLE, Some(busy)),
             Next::Throttle(312)
         );
-        let mild = RoundLoad {
-            dirty_rate: 100e6,
-            cpu: 1.0,
-            throttle: NO_THROTTLE,
-            send_rate: 1e12,
-        };
+        let mild = unthrottled(100e6, 1.0, 1e12);
         assert_eq!(
             c.next(30_000_000, 500e6, &stalled, NO_THROTTLE, Some(mild)),
             Next::Throttle(800)
         );
         // Aimed at what rounds of scattered pages send, not at round 0's speed: 200 MB/s on
         // 14 % of a CPU, sent at 250 MB/s, writes half as fast on 8.75 %.
-        let scattered = RoundLoad {
-            dirty_rate: 200e6,
-            cpu: 0.14,
-            throttle: NO_THROTTLE,
-            send_rate: 250e6,
-        };
+        let scattered = unthrottled(200e6, 0.14, 250e6);
         assert_eq!(
             c.next(30_000_000, 500e6, &stalled, NO_THROTTLE, Some(scattered)),
             Next::Throttle(87)
         );
         // Never below the floor.
-        let tiny = RoundLoad {
-            dirty_rate: 1e9,
-            cpu: 0.001,
-            throttle: NO_THROTTLE,
-            send_rate: 1e12,
-        };
+        let tiny = unthrottled(1e9, 0.001, 1e12);
         assert_eq!(
             c.next(30_000_000, 500e6, &stalled, 500, Some(tiny)),
             Next::Throttle(MIN_THROTTLE)

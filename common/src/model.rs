@@ -129,6 +129,16 @@ pub struct Rlimit {
     pub hard: u64,
 }
 
+impl From<crate::procfs::Limit> for Rlimit {
+    fn from(l: crate::procfs::Limit) -> Rlimit {
+        Rlimit {
+            resource: l.resource,
+            soft: l.soft,
+            hard: l.hard,
+        }
+    }
+}
+
 /// `struct kernel_sigaction` as the raw `rt_sigaction` syscall sees it.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SigAction {

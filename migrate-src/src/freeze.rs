@@ -87,7 +87,7 @@ impl Frozen {
     /// stop, and one lifted before it was interrupted would first pay back, at full speed,
     /// the writing it was kept from (the final round would carry it).
     pub fn freeze_with(init: i32, interrupted: impl FnOnce()) -> Result<Frozen, SrcError> {
-        let mut hook: Option<Box<dyn FnOnce() + '_>> = Some(Box::new(interrupted));
+        let mut hook = Some(interrupted);
         let mut run_hook = || {
             if let Some(h) = hook.take() {
                 h();

@@ -669,7 +669,8 @@ fn encode_stream(
     let mut stats = RoundStats::default();
     let mut frames = 0u64;
     let mut buf = vec![0u8; CHUNK as usize];
-    let mut msg = Vec::new();
+    let new_msg = || Vec::with_capacity(BATCH + CHUNK as usize);
+    let mut msg = new_msg();
     let mut k = 0u64;
     let mut rest = chunks;
     while !rest.is_empty() {
@@ -680,10 +681,7 @@ fn encode_stream(
         // pages may have gone since they were found dirty).
         let mut got = 0;
         if let (Space::Mm(id), true) = (group[0].space, group.len() > 1) {
-            let pid = mm_pids
-                .iter()
-                .find(|(m, _)| *m == id)
-                .map_or(0, |(_, p)| *p);
+            let pid = pid_of(mm_pids, id);
             let ranges: Vec<(u64, usize)> = group
                 .iter()
                 .map(|c| (c.start, usize::try_from(c.end - c.start).unwrap_or(0)))
@@ -736,13 +734,21 @@ fn encode_stream(
         }
         if msg.len() >= BATCH || (rest.is_empty() && k > 0) {
             stats.bytes_encoded += msg.len() as u64;
-            let full = std::mem::replace(&mut msg, Vec::with_capacity(BATCH + CHUNK as usize));
+            let full = std::mem::replace(&mut msg, new_msg());
             sink.send(stream, full, k)?;
             frames += k;
             k = 0;
         }
     }
     Ok((stats, frames))
+}
+
+/// The process whose memory address space `id` is read through (0: none, which fails).
+fn pid_of(mm_pids: &[(u32, i32)], id: u32) -> i32 {
+    mm_pids
+        .iter()
+        .find(|(m, _)| *m == id)
+        .map_or(0, |(_, p)| *p)
 }
 
 /// Read one chunk on its own: an address space's pages with `process_vm_readv`, an object's
@@ -755,11 +761,7 @@ fn read_chunk(
 ) -> Result<(), (std::io::Error, &'static str)> {
     match c.space {
         Space::Mm(id) => {
-            let pid = mm_pids
-                .iter()
-                .find(|(m, _)| *m == id)
-                .map_or(0, |(_, p)| *p);
-            proc::read_vm(pid, c.start, data).map_err(|e| (e, "process_vm_readv"))
+            proc::read_vm(pid_of(mm_pids, id), c.start, data).map_err(|e| (e, "process_vm_readv"))
         }
         Space::Object(id) => {
             let Some((_, f, size, hashes)) = objects.iter().find(|(o, _, _, _)| *o == id) else {

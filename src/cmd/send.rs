@@ -19,7 +19,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use vkm_common::live::{
     Convergence, FromDaemon, FromReceiver, MappedFile, Next, Offer, RoundLoad, ToDaemon,
-    ToReceiver, NO_THROTTLE, PROTOCOL_VERSION,
+    ToReceiver, NO_THROTTLE, PAGE_STREAM_BARRIER, PROTOCOL_VERSION,
 };
 use vkm_common::model::{Backing, Vkernel};
 use vkm_migrate_src::live::{Final, LiveOptions, PageSink, Precopy, RoundStats};
@@ -413,7 +413,8 @@ fn migrate(
         max_rounds: opts.max_rounds,
     };
     let mut history: Vec<u64> = Vec::new();
-    let mut permille = NO_THROTTLE;
+    // The CPU limit the vkernel has now, in ‰.
+    let limit = |t: &Option<Throttle>| t.as_ref().map_or(NO_THROTTLE, Throttle::permille);
     // Page data per second the link and both ends carry, from the rounds big enough to tell
     // (small rounds are dominated by fixed costs such as scanning and hashing).
     let mut measured: Option<f64> = None;
@@ -464,7 +465,7 @@ fn migrate(
             send_rate: rate,
         });
         let dirty_rate = load.map(|l| l.dirty_rate);
-        last = Some((secs, cpu, permille));
+        last = Some((secs, cpu, limit(throttle)));
         ui.round(&s, dirty_rate, bandwidth, opts.downtime_ms);
         let first = s.round == 0;
         if !first {
@@ -475,7 +476,7 @@ fn migrate(
         if first {
             continue;
         }
-        match conv.next(remaining, bandwidth, &history, permille, load) {
+        match conv.next(remaining, bandwidth, &history, limit(throttle), load) {
             Next::Round => {}
             Next::StopAndCopy => break,
             Next::Throttle(p) if !opts.no_throttle => {
@@ -493,7 +494,6 @@ fn migrate(
                         tracing::warn!(error = %e, "cannot throttle the vkernel; stopping pre-copy");
                         break;
                     }
-                    permille = p;
                     report.throttle_percent = t.percent();
                     ui.note(&format!(
                         "throttling the vkernel to {} % of a CPU",
@@ -506,7 +506,7 @@ fn migrate(
     }
 
     // Stop-and-copy. A throttled task takes its time to stop (it must be scheduled to see
-    // the interrupt): the limit is lifted the moment before the freeze.
+    // the interrupt): the limit is lifted once every thread has been told to stop.
     let lift = || {
         if let Some(t) = throttle.as_mut() {
             if let Err(e) = t.set_permille(NO_THROTTLE) {
@@ -539,7 +539,7 @@ fn migrate(
         // The final pages follow at once, behind a barrier on every page stream that the
         // destination lifts once the final layout is in place.
         for stream in 0..STREAMS {
-            sink.send(stream, BARRIER.to_vec(), 0)?;
+            sink.send(stream, PAGE_STREAM_BARRIER.to_vec(), 0)?;
         }
         rt.block_on(send_msg(control, &msg))?;
         let t_state = t.elapsed();
@@ -601,9 +601,6 @@ fn migrate(
     report.downtime_ms = downtime_ms;
     Ok(fin)
 }
-
-/// On a page stream: the runs after it wait for the final layout (see [`vkm_common::live`]).
-const BARRIER: [u8; 4] = 0u32.to_le_bytes();
 
 /// A round at least this big measures the bandwidth (its time is mostly moving pages).
 const BIG_ROUND: u64 = 4 << 20;

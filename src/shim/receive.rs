@@ -70,30 +70,17 @@ impl Applied {
     /// At a page stream's barrier: wait until the final layout is in place. False when the
     /// migration failed meanwhile (or never got there), and the stream is to stop.
     fn wait_final(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let Ok(mut s) = self.state.lock() else {
-            return false;
-        };
-        loop {
-            if s.error.is_some() {
-                return false;
+        let opened = self.wait_until(
+            timeout,
+            |s| s.final_open.then_some(()),
+            |_| "the final layout never came".to_owned(),
+        );
+        match opened {
+            Ok(()) => true,
+            Err(e) => {
+                self.fail(format!("{e}"));
+                false
             }
-            if s.final_open {
-                return true;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                s.error
-                    .get_or_insert_with(|| "the final layout never came".to_owned());
-                return false;
-            }
-            s = match self
-                .cv
-                .wait_timeout(s, left.min(Duration::from_millis(100)))
-            {
-                Ok(g) => g.0,
-                Err(_) => return false,
-            };
         }
     }
 
@@ -106,6 +93,33 @@ impl Applied {
 
     /// Wait until every stream has applied the frames the sender counted.
     fn wait_for(&self, want: &[u64], timeout: Duration) -> Result<u64> {
+        self.wait_until(
+            timeout,
+            |s| {
+                want.iter()
+                    .enumerate()
+                    .all(|(i, &w)| s.frames.get(i).copied().unwrap_or(0) >= w)
+                    .then_some(s.pages)
+            },
+            |s| {
+                format!(
+                    "Pages did not arrive within {} s (applied {:?} of {:?} messages per stream)",
+                    timeout.as_secs(),
+                    s.frames,
+                    want
+                )
+            },
+        )
+    }
+
+    /// Wait until `ready` has what it waits for, a page stream fails, or `timeout` passes
+    /// (`late` then says what did not come).
+    fn wait_until<T>(
+        &self,
+        timeout: Duration,
+        ready: impl Fn(&AppliedState) -> Option<T>,
+        late: impl FnOnce(&AppliedState) -> String,
+    ) -> Result<T> {
         let deadline = Instant::now() + timeout;
         let mut s = self
             .state
@@ -115,21 +129,12 @@ impl Applied {
             if let Some(e) = &s.error {
                 bail!("A page stream failed: {e}");
             }
-            let done = want
-                .iter()
-                .enumerate()
-                .all(|(i, &w)| s.frames.get(i).copied().unwrap_or(0) >= w);
-            if done {
-                return Ok(s.pages);
+            if let Some(v) = ready(&s) {
+                return Ok(v);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                bail!(
-                    "Pages did not arrive within {} s (applied {:?} of {:?} messages per stream)",
-                    timeout.as_secs(),
-                    s.frames,
-                    want
-                );
+                bail!("{}", late(&s));
             }
             s = self
                 .cv
@@ -569,20 +574,27 @@ async fn apply_stream(
 /// big vkernel takes a while).
 const FINAL_LAYOUT_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The length of the complete runs at the start of `buf` (each a `u32` length, then the run).
+/// The length of the complete runs at the start of `buf`.
 fn complete_runs(buf: &[u8]) -> Result<usize> {
-    let mut at = 0;
-    while let Some(len) = buf.get(at..at + 4) {
-        let n = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
-        if n > vkm_common::image::MAX_PAGES_LEN {
-            bail!("a run of {n} bytes");
-        }
-        if buf.len() < at + 4 + n {
-            break;
-        }
-        at += 4 + n;
+    let mut rest = buf;
+    while let Some((_, after)) = split_run(rest)? {
+        rest = after;
     }
-    Ok(at)
+    Ok(buf.len() - rest.len())
+}
+
+/// The run at the start of `buf` (after its `u32` length) and what follows it; None while
+/// part of it is still on its way. An empty run is the barrier
+/// ([`vkm_common::live::PAGE_STREAM_BARRIER`]).
+fn split_run(buf: &[u8]) -> Result<Option<(&[u8], &[u8])>> {
+    let Some(len) = buf.get(..4) else {
+        return Ok(None);
+    };
+    let n = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    if n > vkm_common::image::MAX_PAGES_LEN {
+        bail!("a run of {n} bytes");
+    }
+    Ok(buf.get(4..4 + n).map(|run| (run, &buf[4 + n..])))
 }
 
 /// Decode, verify and write complete runs; false (with the error reported) to stop.
@@ -596,13 +608,10 @@ fn apply_runs(
         return false;
     };
     let (mut frames, mut pages) = (0, 0);
-    while buf.len() >= 4 {
-        let n = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-        let Some(run) = buf.get(4..4 + n) else {
-            break;
-        };
-        buf = &buf[4 + n..];
-        if n == 0 {
+    // The reader handed over complete runs only.
+    while let Ok(Some((run, after))) = split_run(buf) {
+        buf = after;
+        if run.is_empty() {
             // The barrier: what came before counts now (the receiver waits for it before it
             // applies the final layout), what comes after waits for that layout, and goes
             // where it says (a rebuilt skeleton has new targets).

@@ -7,7 +7,7 @@
 //! kept (not delivered) and handed back to the caller, who decides whether they become pending
 //! signals of the image or are re-delivered on detach.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use crate::ptrace::{self, Regs, Stop};
@@ -63,16 +63,7 @@ impl Remote {
     /// A stopped thread ready for injection through a `syscall` instruction of its vDSO, on
     /// its own stack.
     pub fn through_vdso(tid: i32) -> Result<Remote> {
-        let mem_path = proc::pid_path(tid, "mem");
-        let mem = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&mem_path)
-            .map_err(|source| SysError::Path {
-                path: mem_path,
-                source,
-            })?;
-        let mut r = Remote::new(tid, vdso_gadget(tid)?, 0, 0, mem)?;
+        let mut r = Remote::new(tid, vdso_gadget(tid)?, 0, 0, proc::open_mem(tid)?)?;
         r.stack = r.saved.rsp;
         Ok(r)
     }

@@ -36,6 +36,17 @@ pub fn pid_path(pid: i32, rest: &str) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}/{rest}"))
 }
 
+/// `/proc/PID/mem` of `pid`, for reading and writing (a write there also reaches read-only
+/// private pages).
+pub fn open_mem(pid: i32) -> Result<std::fs::File> {
+    let path = pid_path(pid, "mem");
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|source| SysError::Path { path, source })
+}
+
 /// Host pids of every child of every thread of `pid`.
 pub fn children(pid: i32) -> Result<Vec<i32>> {
     let mut out = Vec::new();

@@ -468,9 +468,15 @@ impl Restorer {
     }
 
     fn leader(&mut self, i: usize) -> Result<&mut Remote, DstError> {
+        self.rproc(i)?
+            .threads
+            .first_mut()
+            .ok_or_else(|| DstError::Inconsistent(format!("process #{i} was not created")))
+    }
+
+    fn rproc(&mut self, i: usize) -> Result<&mut RProc, DstError> {
         self.procs
             .get_mut(&i)
-            .and_then(|p| p.threads.first_mut())
             .ok_or_else(|| DstError::Inconsistent(format!("process #{i} was not created")))
     }
 
@@ -514,10 +520,7 @@ impl Restorer {
             if p.zombie.is_some() {
                 continue;
             }
-            let rp = self
-                .procs
-                .get_mut(&i)
-                .ok_or_else(|| DstError::Inconsistent("lost process".into()))?;
+            let rp = self.rproc(i)?;
             if !unmapped.contains(&p.mm) {
                 // The last injected call removes the scratch area; the thread stops at the
                 // syscall's exit and never runs another instruction there.
@@ -620,15 +623,6 @@ fn wait_stopped(tid: i32) -> Result<(), DstError> {
             }
         }
     }
-}
-
-fn open_mem(pid: i32) -> Result<File, DstError> {
-    let path = proc::pid_path(pid, "mem");
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(|e| DstError::Sys(vkm_sys::SysError::Path { path, source: e }))
 }
 
 fn cstr(s: &str) -> Vec<u8> {

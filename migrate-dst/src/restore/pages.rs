@@ -184,11 +184,9 @@ fn fill_registered(fill: &Fill, t: &MmTarget, addr: u64, data: &[u8]) -> Result<
     let mut retries = 0;
     while done < data.len() {
         let at = addr + done as u64;
-        if let Ok(n) = proc::write_vm_some(t.pid, at, &data[done..]) {
-            if n > 0 {
-                done += n;
-                continue;
-            }
+        if let Ok(n @ 1..) = proc::write_vm_some(t.pid, at, &data[done..]) {
+            done += n;
+            continue;
         }
         let (n, err) = uffd::copy(fill.uffd.as_fd(), at, &data[done..]);
         done += n;

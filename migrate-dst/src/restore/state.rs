@@ -125,14 +125,7 @@ impl Restorer {
         let now = vkm_common::procfs::parse_limits(&now).map_err(|e| {
             DstError::Inconsistent(format!("cannot parse the limits of process {}: {e}", p.pid))
         })?;
-        let limits: Vec<model::Rlimit> = now
-            .into_iter()
-            .map(|l| model::Rlimit {
-                resource: l.resource,
-                soft: l.soft,
-                hard: l.hard,
-            })
-            .collect();
+        let limits: Vec<model::Rlimit> = now.into_iter().map(model::Rlimit::from).collect();
         process_statics(r, p, None, &limits, args)?;
         // Threads, with their TIDs, created by the leader.
         let flags = (libc::CLONE_VM
@@ -149,16 +142,9 @@ impl Restorer {
             let mut rt = self.adopt(host, scratch, true)?;
             rt.scratch = args;
             rt.stack = scratch + SCRATCH_LEN - 256;
-            self.procs
-                .get_mut(&i)
-                .ok_or_else(|| DstError::Inconsistent("lost process".into()))?
-                .threads
-                .push(rt);
+            self.rproc(i)?.threads.push(rt);
         }
-        let rp = self
-            .procs
-            .get_mut(&i)
-            .ok_or_else(|| DstError::Inconsistent("lost process".into()))?;
+        let rp = self.rproc(i)?;
         for (t, r) in p.threads.iter().zip(rp.threads.iter_mut()) {
             thread_state(r, t, None, args)?;
         }
@@ -240,10 +226,7 @@ impl Restorer {
                 )?;
             }
         }
-        let rp = self
-            .procs
-            .get_mut(&i)
-            .ok_or_else(|| DstError::Inconsistent("lost process".into()))?;
+        let rp = self.rproc(i)?;
         if rp.threads.len() != p.threads.len() || early.threads.len() != p.threads.len() {
             return Err(DstError::Inconsistent(format!(
                 "process {} has {} threads, its skeleton {}",

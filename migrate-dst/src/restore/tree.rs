@@ -156,7 +156,7 @@ impl Restorer {
             wait_stopped(host)?;
         }
         ptrace::set_sigmask(host, u64::MAX)?;
-        let mut r = Remote::new(host, gadget, 0, 0, open_mem(host)?)?;
+        let mut r = Remote::new(host, gadget, 0, 0, proc::open_mem(host)?)?;
         // A task cloned from a skeleton shares or copied its scratch area and its gadget.
         r.traps = gadget == self.scratch;
         r.stack = r.saved.rsp;

@@ -2,7 +2,6 @@
 //! shows is read by injecting the syscall into the stopped thread.
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
 
 use vkm_common::model::{
     ITimer, PosixTimer, Process, Rlimit, Rseq, SigAction, SigAltStack, Thread,
@@ -64,11 +63,7 @@ pub fn capture_process(
             source,
         })?
         .into_iter()
-        .map(|l| Rlimit {
-            resource: l.resource,
-            soft: l.soft,
-            hard: l.hard,
-        })
+        .map(Rlimit::from)
         .collect();
     let timers_text = proc::read(proc::pid_path(pid, "timers")).unwrap_or_default();
     let timers = procfs::parse_timers(&timers_text).map_err(|source| SrcError::Parse {
@@ -94,16 +89,7 @@ pub fn capture_process(
         threads.push(capture_thread_outside(tid, own_caps, p)?);
     }
 
-    let mem_path = proc::pid_path(pid, "mem");
-    let mem = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&mem_path)
-        .map_err(|e| vkm_sys::SysError::Path {
-            path: mem_path,
-            source: e,
-        })?;
-    let mut leader = Remote::new(pid, gadget, 0, 0, mem)?;
+    let mut leader = Remote::new(pid, gadget, 0, 0, proc::open_mem(pid)?)?;
     leader.stack = leader.saved.rsp;
     // Block every signal while we inject: a vkernel whose timers fire faster than an injection
     // takes would otherwise keep us busy with signal-delivery stops forever. What arrives
