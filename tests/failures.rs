@@ -149,3 +149,52 @@ fn non_root_process_is_refused() {
     let n = lab.wait_line("nr", LONG, ok_counter);
     lab.wait_line("nr", LONG, |l| ok_counter(l).filter(|&m| m >= n + 5));
 }
+
+/// Counts SIGALRMs of a one-shot timer that its handler re-arms every 50 µs, and traces a child
+/// of its own, so that every freeze stops each thread and is then refused and undone. A signal
+/// that was being delivered when a thread was stopped must be delivered after the thaw: the
+/// timer is re-armed only by that handler, so a lost one stops the count for good (as it stops
+/// a UML's clock).
+const TICKER: &str = r#"
+import ctypes, os, signal, time
+libc = ctypes.CDLL(None, use_errno=True)
+pid = os.fork()
+if pid == 0:
+    libc.ptrace(0, 0, None, None)
+    os.kill(os.getpid(), signal.SIGSTOP)
+    while True: time.sleep(1)
+os.waitpid(pid, os.WUNTRACED)
+n = 0
+def tick(s, f):
+    global n
+    n += 1
+    signal.setitimer(signal.ITIMER_REAL, 0.00005)
+signal.signal(signal.SIGALRM, tick)
+signal.setitimer(signal.ITIMER_REAL, 0.00005)
+while True:
+    time.sleep(0.1)
+    print("ok", n, flush=True)
+"#;
+
+/// Refused freezes lose no signal: a vkernel whose timer fires every 50 µs still counts its
+/// ticks after 100 checkpoints that were refused (each one stopped and let go every thread).
+#[test]
+fn a_refused_freeze_loses_no_signal() {
+    let mut lab = Lab::new();
+    let py = common::python3();
+    lab.run("tick1", &[&py, "-c", TICKER]);
+    lab.wait_line("tick1", LONG, ok_counter);
+    let image = lab.path("tick1.vkimg");
+    for _ in 0..100 {
+        let out = lab.vkm(&["checkpoint", "tick1", "-o", image.to_str().expect("utf-8")]);
+        assert!(!out.status.success(), "a traced process was checkpointed");
+    }
+    // Lines come every 0.1 s whatever happens; the count in them must move.
+    let before = lab.wait_line("tick1", LONG, ok_counter);
+    std::thread::sleep(Duration::from_millis(300));
+    let after = lab.wait_line("tick1", LONG, ok_counter);
+    assert!(
+        after > before,
+        "the timer stopped at {before} ticks: a SIGALRM was lost in a freeze"
+    );
+}

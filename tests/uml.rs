@@ -355,6 +355,12 @@ fn tree_of(log: &str) -> String {
             std::thread::sleep(Duration::from_millis(20));
             syscall()
         });
+        let timers = std::fs::read_to_string(format!("/proc/{pid}/timers"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        out += &format!("  timers: {timers}\n  rip: {}\n", rip_samples(pid));
         out += &format!(
             "{pid} {} {} wchan={wchan} tracer={} threads={} pnd={} shdpnd={} blk={}\n",
             field("Name:"),
@@ -378,6 +384,49 @@ fn tree_of(log: &str) -> String {
         }
     }
     out
+}
+
+/// Where `pid` is, sampled 5 times 10 ms apart through ptrace (rip, rax, orig_rax), when no
+/// one traces it; a process that spins shows where.
+fn rip_samples(pid: i32) -> String {
+    use vkm_sys::ptrace;
+    let mut out = Vec::new();
+    for _ in 0..5 {
+        if ptrace::seize(pid, 0).is_err() {
+            return "(cannot seize)".into();
+        }
+        let regs = ptrace::interrupt(pid)
+            .ok()
+            .and_then(|()| ptrace::wait_timeout(pid, Duration::from_millis(200)).ok())
+            .and_then(|_| ptrace::getregs(pid).ok());
+        let _ = ptrace::detach(pid, 0);
+        match regs {
+            Some(r) => out.push(format!(
+                "{:#x}/{}/{}",
+                r.rip, r.rax as i64, r.orig_rax as i64
+            )),
+            None => out.push("?".into()),
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The mapping of the first sample's rip.
+    let first = out
+        .first()
+        .and_then(|s| s.split('/').next())
+        .and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok());
+    let region = first.and_then(|rip| {
+        std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            .ok()?
+            .lines()
+            .find(|l| {
+                let mut r = l.split_whitespace().next().unwrap_or("").split('-');
+                let lo = u64::from_str_radix(r.next().unwrap_or(""), 16).unwrap_or(1);
+                let hi = u64::from_str_radix(r.next().unwrap_or(""), 16).unwrap_or(0);
+                (lo..hi).contains(&rip)
+            })
+            .map(str::to_string)
+    });
+    format!("{} in {}", out.join(" "), region.unwrap_or_default())
 }
 
 /// `send` NAME from `a` to `b`, which must succeed; prints its summary (rounds, downtime) for

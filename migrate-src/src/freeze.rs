@@ -13,7 +13,7 @@
 //! because a UML frozen inside `wait4` for a running guest process has no consistent point.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use vkm_sys::cpu::OneCpu;
@@ -30,8 +30,9 @@ pub struct FrozenProcess {
     pub ns_pid: i32,
     /// Host tids, leader first.
     pub threads: Vec<i32>,
-    /// Signals that stopped a thread while we interrupted it; re-delivered on thaw.
-    pub stop_signals: BTreeMap<i32, (i32, Vec<u8>)>,
+    /// Signals (number, siginfo) that were being delivered to a thread when we interrupted
+    /// it, per thread, in order: taken from it, to be made pending again on thaw.
+    pub stop_signals: BTreeMap<i32, Vec<(i32, Vec<u8>)>>,
     /// A process that has exited but was not reaped yet: its wait status. It has no threads
     /// left to stop; restore recreates it as a zombie so that its parent can still reap it.
     pub zombie: Option<i32>,
@@ -78,7 +79,7 @@ const STOP_TIMEOUT: Duration = Duration::from_millis(200);
 impl Frozen {
     /// Stop every process below `init` (the pid-1 reaper of the vkernel's namespace).
     pub fn freeze(init: i32) -> Result<Frozen, SrcError> {
-        Frozen::freeze_with(init, || {})
+        Frozen::freeze_with(init, None, || {})
     }
 
     /// [`Frozen::freeze`], running `interrupted` once every thread has been told to stop and
@@ -86,7 +87,15 @@ impl Frozen {
     /// first). A live migration lifts its CPU throttle there: a throttled thread must run to
     /// stop, and one lifted before it was interrupted would first pay back, at full speed,
     /// the writing it was kept from (the final round would carry it).
-    pub fn freeze_with(init: i32, interrupted: impl FnOnce()) -> Result<Frozen, SrcError> {
+    ///
+    /// `mconsole`: the socket of a UML found in an earlier freeze of the same vkernel, stopped
+    /// first (see [`Frozen::quiesce`]) instead of after a freeze that finds its traced guest
+    /// processes and has to let everything go again.
+    pub fn freeze_with(
+        init: i32,
+        mconsole: Option<&Path>,
+        interrupted: impl FnOnce(),
+    ) -> Result<Frozen, SrcError> {
         let mut hook = Some(interrupted);
         let mut run_hook = || {
             if let Some(h) = hook.take() {
@@ -102,6 +111,15 @@ impl Frozen {
             borrowed: Vec::new(),
             cpu: None,
         };
+        if let Some(socket) = mconsole {
+            match vkm_common::mconsole::request(socket, "stop") {
+                Ok(_) => frozen.mconsole = Some(socket.to_path_buf()),
+                // Gone or changed since: found again the long way.
+                Err(e) => {
+                    tracing::debug!(socket = %socket.display(), error = %e, "UML not stopped ahead")
+                }
+            }
+        }
         // A task that cannot stop now (a vfork parent waits, uninterruptibly, for its child,
         // which we may have stopped already) makes us let go of everything and try again: the
         // child runs on, execs or exits, and releases its parent.
@@ -354,12 +372,20 @@ impl Frozen {
             tracer,
             tid,
             ns_tid,
-            taken,
+            taken: taken.clone(),
         });
         if let Some(c) = self.cpu.as_mut() {
             c.add(tid);
         }
         let p = &mut self.processes[idx];
+        // Pending for it again wherever it runs next: on thaw they are sent again (see
+        // `thaw`), and a capture finds them with the signals taken during the freeze.
+        for &sig in &taken {
+            p.stop_signals
+                .entry(tid)
+                .or_default()
+                .push((sig, ptrace::tkill_siginfo(sig)));
+        }
         p.tracer = Some(tracer);
         p.threads.insert(0, tid);
         Ok(())
@@ -395,8 +421,17 @@ impl Frozen {
                 if borrowed.iter().any(|b| b.tid == t) {
                     continue;
                 }
-                let sig = p.stop_signals.get(&t).map_or(0, |s| s.0);
-                if let Err(e) = ptrace::detach(t, sig) {
+                // A signal that was being delivered when we stopped the thread was taken from
+                // it (see `wait_for_stop`): pending again before it runs. A detach with the
+                // signal would not do: it is delivered only from the stop the signal itself
+                // caused, and this thread sits in our interrupt's (a lost SIGALRM leaves a
+                // UML without its one-shot timer, spinning in its idle loop for good).
+                for (sig, si) in p.stop_signals.get(&t).into_iter().flatten() {
+                    if let Err(e) = vkm_sys::calls::requeue_signal(p.host_pid, t, *sig, si) {
+                        tracing::error!(tid = t, sig, error = %e, "a signal taken during the freeze is lost");
+                    }
+                }
+                if let Err(e) = ptrace::detach(t, 0) {
                     tracing::warn!(tid = t, error = %e, "detach failed");
                 }
             }
@@ -551,7 +586,7 @@ fn begin_stop(tid: i32) -> Result<Begin, SrcError> {
 /// when it exited meanwhile.
 fn wait_for_stop(
     tid: i32,
-    stop_signals: &mut BTreeMap<i32, (i32, Vec<u8>)>,
+    stop_signals: &mut BTreeMap<i32, Vec<(i32, Vec<u8>)>>,
 ) -> Result<bool, SrcError> {
     loop {
         let Some(stop) = ptrace::wait_timeout(tid, STOP_TIMEOUT)? else {
@@ -562,7 +597,10 @@ fn wait_for_stop(
             // A signal was being delivered when we interrupted: keep it to re-deliver on thaw,
             // and wait for the interrupt's own stop.
             Stop::Signal(sig) => {
-                stop_signals.insert(tid, (sig, ptrace::getsiginfo(tid)?));
+                stop_signals
+                    .entry(tid)
+                    .or_default()
+                    .push((sig, ptrace::getsiginfo(tid)?));
                 ptrace::cont(tid, 0)?;
                 ptrace::interrupt(tid)?;
             }

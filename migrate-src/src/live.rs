@@ -320,7 +320,8 @@ impl Precopy {
             .filter_map(|m| Some((m.pid, crate::capture::read_smaps(m.pid).ok()?)))
             .collect();
         let t0 = Instant::now();
-        let mut frozen = Frozen::freeze_with(self.opts.init_pid, interrupted)?;
+        let mconsole = self.skeleton.mconsole.as_deref().map(std::path::Path::new);
+        let mut frozen = Frozen::freeze_with(self.opts.init_pid, mconsole, interrupted)?;
         frozen.hide_mconsole()?;
         let t_frozen = t0.elapsed();
         // The objects' contents are compared on the other CPU while this one (which the

@@ -305,6 +305,39 @@ pub fn tgkill(tgid: i32, tid: i32, sig: i32) -> Result<()> {
     Ok(())
 }
 
+/// Make `sig` pending again for thread `tid` of `tgid` with the siginfo it came with (as read
+/// by `PTRACE_GETSIGINFO`), so that its handler sees what it would have seen. The kernel lets
+/// another process queue only siginfos that user space could have made (a negative `si_code`
+/// such as a POSIX timer's `SI_TIMER`); any other (a kernel-made `SI_KERNEL`, `kill`'s
+/// `SI_USER`) is sent with `tgkill` instead: the signal itself is never lost.
+pub fn requeue_signal(tgid: i32, tid: i32, sig: i32, siginfo: &[u8]) -> Result<()> {
+    if siginfo.len() == crate::ptrace::SIGINFO_SIZE {
+        // SAFETY: `siginfo` is a readable buffer of the kernel's siginfo size, which is all
+        // the kernel reads.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_rt_tgsigqueueinfo,
+                tgid,
+                tid,
+                sig,
+                siginfo.as_ptr(),
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EPERM) {
+            return Err(SysError::Syscall {
+                op: "rt_tgsigqueueinfo",
+                pid: tid,
+                source: e,
+            });
+        }
+    }
+    tgkill(tgid, tid, sig)
+}
+
 /// `getsockopt(fd, level, name)` for an `int` option.
 pub fn getsockopt_int(fd: &impl AsRawFd, level: i32, name: i32, op: &'static str) -> Result<i32> {
     let mut v: libc::c_int = 0;

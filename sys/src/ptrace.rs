@@ -200,6 +200,15 @@ struct PeekSiginfoArgs {
 const PTRACE_PEEKSIGINFO_SHARED: u32 = 1;
 pub const SIGINFO_SIZE: usize = 128;
 
+/// The siginfo a `tgkill(sig)` of an unknown sender would have queued (`SI_TKILL`): for a
+/// signal that was pending but whose own siginfo we did not get to read.
+pub fn tkill_siginfo(sig: i32) -> Vec<u8> {
+    let mut si = vec![0u8; SIGINFO_SIZE];
+    si[0..4].copy_from_slice(&sig.to_ne_bytes());
+    si[8..12].copy_from_slice(&libc::SI_TKILL.to_ne_bytes());
+    si
+}
+
 /// Pending signals of a stopped thread (`shared`: the process-wide queue), as raw siginfos,
 /// without dequeuing them.
 pub fn peek_siginfo(pid: i32, shared: bool) -> Result<Vec<Vec<u8>>> {

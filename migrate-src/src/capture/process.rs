@@ -328,9 +328,13 @@ fn capture_thread_outside(
         .to_string();
     let ns_tid = proc::ns_pid(tid)?;
     let mut pending = ptrace::peek_siginfo(tid, false)?;
-    if let Some((_, si)) = p.stop_signals.get(&tid) {
-        pending.push(si.clone());
-    }
+    pending.extend(
+        p.stop_signals
+            .get(&tid)
+            .into_iter()
+            .flatten()
+            .map(|(_, si)| si.clone()),
+    );
     let caps = caps_of(&proc::read(format!(
         "/proc/{}/task/{tid}/status",
         p.host_pid
