@@ -622,7 +622,24 @@ fn a_uml_keeps_its_tcp_connection_through_a_move() {
     if let Some(mut o) = client.0.stdout.take() {
         let _ = std::io::Read::read_to_string(&mut o, &mut said);
     }
-    assert!(status.success(), "the connection broke: {said}");
+    if !status.success() {
+        let show = |ns: &str, cmd: &str| {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", ns, "sh", "-c", cmd])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            format!("--- {ns}: {cmd} ---\n{out}")
+        };
+        panic!(
+            "the connection broke: {said}\n{}\n{}\n{}\n{}\n{}",
+            shim_logs(a, b, "umln", &kept),
+            show(&lab.lan, "bridge fdb show | grep -v permanent"),
+            show(&a.netns, "bridge fdb show | grep -v permanent; ip -s link"),
+            show(&b.netns, "bridge fdb show | grep -v permanent; ip -s link"),
+            kept.text(),
+        );
+    }
     let n: u64 = said
         .trim()
         .strip_prefix("ok ")
