@@ -26,6 +26,8 @@ pub struct DirtyTracker {
     pagemap: File,
     /// Registered and protected ranges, sorted.
     tracked: Vec<(u64, u64)>,
+    /// The mappings (as maps shows them) when we last looked for new ones.
+    maps_seen: Vec<procfs::Vma>,
 }
 
 impl DirtyTracker {
@@ -49,6 +51,7 @@ impl DirtyTracker {
             uffd,
             pagemap,
             tracked: Vec::new(),
+            maps_seen: Vec::new(),
         };
         t.track_new_mappings()?;
         Ok(t)
@@ -56,9 +59,19 @@ impl DirtyTracker {
 
     /// Page-aligned ranges written since the previous call (or since `attach`), merged. New
     /// or grown mappings are reported whole, once, and tracked from then on.
+    ///
+    /// New mappings are looked for (through smaps, which walks every page table: 10 ms for
+    /// 256 MiB) only when maps shows a change, or when a tracked range stopped being one
+    /// registered mapping: a mapping unmapped and mapped again alike looks the same in maps,
+    /// but its scan then fails, so it is found all the same.
     pub fn collect(&mut self) -> Result<Vec<(u64, u64)>, SrcError> {
+        let before = self.tracked.len();
         let mut dirty = self.collect_tracked()?;
-        dirty.extend(self.track_new_mappings()?);
+        let lost = self.tracked.len() != before;
+        let maps = crate::capture::read_maps(self.pid)?;
+        if lost || !crate::capture::same_mappings(&maps, &self.maps_seen) {
+            dirty.extend(self.track_new_mappings()?);
+        }
         Ok(crate::merge_ranges(dirty))
     }
 
@@ -91,6 +104,8 @@ impl DirtyTracker {
     /// registration (`uw` in smaps: a tracked VMA that was split by mprotect, or grown in
     /// place) is tracked on without being reported: its writes show in the scans.
     fn track_new_mappings(&mut self) -> Result<Vec<(u64, u64)>, SrcError> {
+        // Before smaps: a change in between shows as a difference next time.
+        self.maps_seen = crate::capture::read_maps(self.pid)?;
         let text = proc::read(proc::pid_path(self.pid, "smaps"))?;
         let vmas = procfs::parse_smaps(&text).map_err(|source| SrcError::Parse {
             what: "smaps",
@@ -146,12 +161,14 @@ fn create_uffd_in(pid: i32) -> Result<OwnedFd, SrcError> {
     ptrace::seize(pid, ptrace::PTRACE_O_TRACESYSGOOD)?;
     let result = (|| {
         ptrace::interrupt(pid)?;
-        let mut pending_sig = 0;
+        // Signals that were being delivered as it stopped: taken from it here, pending again
+        // before it runs (a detach with the signal would drop it: see `Frozen::thaw`).
+        let mut taken = Vec::new();
         loop {
             match ptrace::wait_timeout(pid, Duration::from_secs(2))? {
                 Some(Stop::Event(_)) | Some(Stop::Syscall) => break,
                 Some(Stop::Signal(sig)) => {
-                    pending_sig = sig;
+                    taken.push((sig, ptrace::getsiginfo(pid)?));
                     ptrace::cont(pid, 0)?;
                     ptrace::interrupt(pid)?;
                 }
@@ -162,7 +179,12 @@ fn create_uffd_in(pid: i32) -> Result<OwnedFd, SrcError> {
             }
         }
         let r = inject_uffd(pid);
-        let detached = ptrace::detach(pid, pending_sig);
+        for (sig, si) in &taken {
+            if let Err(e) = vkm_sys::calls::requeue_signal(pid, pid, *sig, si) {
+                tracing::error!(pid, sig, error = %e, "a signal taken while tracking started is lost");
+            }
+        }
+        let detached = ptrace::detach(pid, 0);
         let fd = r?;
         detached?;
         Ok(fd)

@@ -182,15 +182,7 @@ impl Frozen {
             let mut traced: Vec<(i32, i32, i32)> = Vec::new();
             // Seized and interrupted, not yet stopped: (host pid, tid, threads the process had).
             let mut waiting: Vec<(i32, i32, usize)> = Vec::new();
-            let mut queue = vec![self.init];
-            let mut order = Vec::new();
-            while let Some(p) = queue.pop() {
-                for c in proc::children(p)? {
-                    order.push(c);
-                    queue.push(c);
-                }
-            }
-            for pid in order {
+            for pid in proc::descendants(self.init)? {
                 let idx = match self.processes.iter().position(|p| p.host_pid == pid) {
                     Some(i) => i,
                     None => {

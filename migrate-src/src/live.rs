@@ -103,8 +103,17 @@ impl Precopy {
     /// Freeze the vkernel for a moment to capture the skeleton's state, let it run again, and
     /// start tracking its writes. Returns the state the destination builds its skeleton from.
     pub fn start(opts: LiveOptions) -> Result<(Precopy, Vkernel), SrcError> {
+        let mut copts = opts.capture.clone();
+        // Round 0 finds the pages with state itself, as they are then.
+        copts.skip_page_runs = true;
+        // smaps walks every page table (about 20 ms per GiB): read while the vkernel runs,
+        // not while it waits for us (see `CaptureOptions::known_smaps`).
+        copts.known_smaps = proc::descendants(opts.init_pid)?
+            .into_iter()
+            .filter_map(|pid| Some((pid, crate::capture::read_smaps(pid).ok()?)))
+            .collect();
         let mut frozen = Frozen::freeze(opts.init_pid)?;
-        let captured = capture(&frozen, &opts.capture);
+        let captured = capture(&frozen, &copts);
         let host_pids: Vec<i32> = frozen
             .processes
             .iter()

@@ -164,3 +164,66 @@ fn every_changed_page_is_reported() {
     )
     .expect("SIGCONT");
 }
+
+/// Maps 64 pages, waits for a line on stdin, then unmaps them, maps them again at the same
+/// address (maps shows the very same line before and after) and writes page 5.
+const REMAPPER: &str = r#"
+import ctypes, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+N = 64 * 4096
+# PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS
+a = libc.mmap(None, N, 3, 0x22, -1, 0)
+ctypes.memset(a, 1, N)
+print(a, flush=True)
+sys.stdin.readline()
+libc.munmap(a, N)
+# MAP_FIXED_NOREPLACE: the same place or nothing
+b = libc.mmap(a, N, 3, 0x22 | 0x100000, -1, 0)
+if b != a:
+    print("FAIL", b, flush=True)
+    sys.exit(1)
+ctypes.memset(b + 5 * 4096, 2, 4096)
+print("done", flush=True)
+time.sleep(60)
+"#;
+
+/// A mapping unmapped and mapped again alike between two collects is not registered any
+/// more; its writes must still be reported (the tracker looks for new mappings only when
+/// something shows a change).
+#[test]
+fn a_mapping_made_again_in_the_same_place_is_still_tracked() {
+    use std::io::{BufRead, BufReader, Write};
+    let mut child = Command::new("python3")
+        .args(["-c", REMAPPER])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start python3");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let child = Killed(child);
+    let pid = i32::try_from(child.0.id()).expect("pid");
+    let addr: u64 = lines
+        .next()
+        .expect("a line")
+        .expect("read")
+        .trim()
+        .parse()
+        .expect("an address");
+
+    let mut tracker = DirtyTracker::attach(pid).expect("attach");
+    // Whatever was written until now.
+    tracker.collect().expect("collect");
+    writeln!(stdin).expect("go on");
+    let done = lines.next().expect("a line").expect("read");
+    assert_eq!(done, "done", "the remapper failed");
+    let dirty = tracker.collect().expect("collect");
+    let page = addr + 5 * PAGE;
+    assert!(
+        dirty.iter().any(|&(s, e)| (s..e).contains(&page)),
+        "the page written in the mapping made again at {addr:#x} is not reported: {dirty:x?}"
+    );
+}

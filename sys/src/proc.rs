@@ -47,6 +47,19 @@ pub fn open_mem(pid: i32) -> Result<std::fs::File> {
         .map_err(|source| SysError::Path { path, source })
 }
 
+/// Host pids of every process below `pid`, parents before their children.
+pub fn descendants(pid: i32) -> Result<Vec<i32>> {
+    let mut queue = vec![pid];
+    let mut out = Vec::new();
+    while let Some(p) = queue.pop() {
+        for c in children(p)? {
+            out.push(c);
+            queue.push(c);
+        }
+    }
+    Ok(out)
+}
+
 /// Host pids of every child of every thread of `pid`.
 pub fn children(pid: i32) -> Result<Vec<i32>> {
     let mut out = Vec::new();

@@ -27,6 +27,7 @@ struct Args {
     runs: usize,
     downtime_ms: u64,
     uml: bool,
+    mtu: u32,
 }
 
 fn parse_args() -> Result<Args> {
@@ -36,6 +37,7 @@ fn parse_args() -> Result<Args> {
         runs: 1,
         downtime_ms: 20,
         uml: false,
+        mtu: 1500,
     };
     let mut it = std::env::args().skip(1);
     let list = |v: Option<String>| -> Result<Vec<u64>> {
@@ -51,9 +53,10 @@ fn parse_args() -> Result<Args> {
             "--runs" => a.runs = it.next().context("--runs N")?.parse()?,
             "--downtime-ms" => a.downtime_ms = it.next().context("--downtime-ms MS")?.parse()?,
             "--uml" => a.uml = true,
+            "--mtu" => a.mtu = it.next().context("--mtu BYTES")?.parse()?,
             "-h" | "--help" => {
                 println!(
-                    "usage: migrate [--sizes MIB,...] [--rates MBPS,...] [--runs N] [--downtime-ms MS] [--uml]"
+                    "usage: migrate [--sizes MIB,...] [--rates MBPS,...] [--runs N] [--downtime-ms MS] [--uml] [--mtu BYTES]"
                 );
                 std::process::exit(0);
             }
@@ -72,7 +75,7 @@ struct Lab {
 }
 
 impl Lab {
-    fn new(bin: &Path) -> Result<Lab> {
+    fn new(bin: &Path, mtu: u32) -> Result<Lab> {
         let tag = format!("vkmbench{}", std::process::id());
         let work = std::env::temp_dir().join(&tag);
         std::fs::create_dir_all(&work)?;
@@ -95,6 +98,9 @@ impl Lab {
                 "ip", "-n", &lan, "link", "add", &vh, "type", "veth", "peer", "name", "eth0",
                 "netns", ns,
             ])?;
+            let mtu = mtu.to_string();
+            sh(&["ip", "-n", &lan, "link", "set", &vh, "mtu", &mtu])?;
+            sh(&["ip", "-n", ns, "link", "set", "eth0", "mtu", &mtu])?;
             sh(&["ip", "-n", &lan, "link", "set", &vh, "master", "br0", "up"])?;
             let addr = format!("198.18.0.{}/24", i + 1);
             sh(&["ip", "-n", ns, "addr", "add", &addr, "dev", "eth0"])?;
@@ -387,7 +393,7 @@ fn main() -> Result<()> {
         .parent()
         .context("no directory")?
         .to_path_buf();
-    let mut lab = Lab::new(&bin)?;
+    let mut lab = Lab::new(&bin, args.mtu)?;
     lab.listen()?;
     println!(
         "| size | dirtying | runs | total time | downtime (pause) | rounds | on the wire | round-0 page throughput | throttle |"

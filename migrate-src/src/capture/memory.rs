@@ -774,7 +774,7 @@ pub fn read_smaps(pid: i32) -> Result<Vec<procfs::Vma>, SrcError> {
     })
 }
 
-fn read_maps(pid: i32) -> Result<Vec<procfs::Vma>, SrcError> {
+pub(crate) fn read_maps(pid: i32) -> Result<Vec<procfs::Vma>, SrcError> {
     let text = proc::read(proc::pid_path(pid, "maps"))?;
     procfs::parse_maps(&text).map_err(|source| SrcError::Parse {
         what: "maps",
@@ -787,7 +787,7 @@ fn read_maps(pid: i32) -> Result<Vec<procfs::Vma>, SrcError> {
 /// sharing, offset, file). A madvise() that changes only the flags of whole mappings shows in
 /// smaps' VmFlags but not here; such a change in the milliseconds between the reading before a
 /// freeze and the freeze is not seen.
-fn same_mappings(maps: &[procfs::Vma], smaps: &[procfs::Vma]) -> bool {
+pub(crate) fn same_mappings(maps: &[procfs::Vma], smaps: &[procfs::Vma]) -> bool {
     maps.len() == smaps.len()
         && maps.iter().zip(smaps).all(|(a, b)| {
             (a.start, a.end, a.read, a.write, a.exec, a.shared, a.offset)

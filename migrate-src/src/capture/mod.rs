@@ -17,7 +17,7 @@ use vkm_sys::calls;
 use crate::freeze::Frozen;
 use crate::SrcError;
 
-pub(crate) use memory::{data_extents, state_runs};
+pub(crate) use memory::{data_extents, read_maps, same_mappings, state_runs};
 pub use memory::{read_smaps, MemoryPlan};
 
 #[derive(Debug, Clone, Default)]
