@@ -125,21 +125,7 @@ pub fn encode_pages(
     data: &[u8],
     compression: bool,
 ) -> Result<EncodedPages> {
-    if addr & PAGE_MASK != 0 {
-        return Err(CommonError::InvalidArgument {
-            reason: format!("page address {addr:#x} is not page-aligned"),
-        });
-    }
-    if data.len() & (PAGE_SIZE - 1) != 0 {
-        return Err(CommonError::InvalidArgument {
-            reason: format!("page data of {} bytes is not whole pages", data.len()),
-        });
-    }
-    if addr.checked_add(data.len() as u64).is_none() {
-        return Err(CommonError::InvalidArgument {
-            reason: format!("pages at {addr:#x} run past the end of the address range"),
-        });
-    }
+    check_pages(addr, data)?;
     let npages = data.len() / PAGE_SIZE;
     let page = |i: usize| &data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
     let mut out = EncodedPages::default();
@@ -303,6 +289,105 @@ pub fn encode_pages_keep_zero(
         }
     }
     Ok(out)
+}
+
+/// What [`encode_pages_wire`] appended.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WireCounts {
+    /// Runs (page-stream messages) written.
+    pub runs: u64,
+    /// Zero pages left out.
+    pub zero_pages_skipped: u64,
+    /// Zero pages sent as data-less runs (`keep_zero`).
+    pub zero_pages_sent: u64,
+}
+
+/// [`encode_pages`] (with `keep_zero`, [`encode_pages_keep_zero`]) straight into `out`, each
+/// run as a page-stream message in [`EncodedRun::write_wire`]'s form: the page data is copied
+/// once, into `out`, or compressed into it, instead of into a run and then again into the
+/// message (a migration moves gigabytes through here, and both ends share the CPUs).
+pub fn encode_pages_wire(
+    space: Space,
+    addr: u64,
+    data: &[u8],
+    compression: bool,
+    keep_zero: bool,
+    out: &mut Vec<u8>,
+) -> Result<WireCounts> {
+    check_pages(addr, data)?;
+    let mut counts = WireCounts::default();
+    let npages = data.len() / PAGE_SIZE;
+    let page = |i: usize| &data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+    let mut i = 0;
+    while i < npages {
+        let zero = is_zero_page(page(i));
+        let start = i;
+        i += 1;
+        while i < npages && i - start < MAX_RUN_PAGES && is_zero_page(page(i)) == zero {
+            i += 1;
+        }
+        let n = i - start;
+        let run_addr = addr + (start * PAGE_SIZE) as u64;
+        if zero {
+            if keep_zero {
+                zero_run(space, run_addr, n).write_wire(out);
+                counts.runs += 1;
+                counts.zero_pages_sent += n as u64;
+            } else {
+                counts.zero_pages_skipped += n as u64;
+            }
+            continue;
+        }
+        let run = &data[start * PAGE_SIZE..i * PAGE_SIZE];
+        let at = out.len();
+        // Length and header are filled in once the body's size and encoding are known.
+        out.resize(at + 4 + PAGES_HEADER_LEN, 0);
+        let body_at = out.len();
+        let mut encoding = ENCODING_RAW;
+        if compression && compresses(&run[..PAGE_SIZE]) {
+            out.resize(
+                body_at + lz4_flex::block::get_maximum_output_size(run.len()),
+                0,
+            );
+            match lz4_flex::block::compress_into(run, &mut out[body_at..]) {
+                Ok(m) if m <= run.len() - run.len() / 8 => {
+                    out.truncate(body_at + m);
+                    encoding = ENCODING_LZ4;
+                }
+                // Not worth it (or failed): stored raw.
+                _ => out.truncate(body_at),
+            }
+        }
+        if encoding == ENCODING_RAW {
+            out.extend_from_slice(run);
+        }
+        out.extend_from_slice(blake3::hash(run).as_bytes());
+        let len = (out.len() - at - 4) as u32;
+        out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        out[at + 4..body_at].copy_from_slice(&run_header(space, run_addr, n, encoding));
+        counts.runs += 1;
+    }
+    Ok(counts)
+}
+
+/// `data` is whole pages at page-aligned `addr`, within the address range.
+fn check_pages(addr: u64, data: &[u8]) -> Result<()> {
+    if addr & PAGE_MASK != 0 {
+        return Err(CommonError::InvalidArgument {
+            reason: format!("page address {addr:#x} is not page-aligned"),
+        });
+    }
+    if data.len() & (PAGE_SIZE - 1) != 0 {
+        return Err(CommonError::InvalidArgument {
+            reason: format!("page data of {} bytes is not whole pages", data.len()),
+        });
+    }
+    if addr.checked_add(data.len() as u64).is_none() {
+        return Err(CommonError::InvalidArgument {
+            reason: format!("pages at {addr:#x} run past the end of the address range"),
+        });
+    }
+    Ok(())
 }
 
 /// The 32-byte header of a run: space kind, space id, address, pages, encoding, raw length.

@@ -789,3 +789,71 @@ fn golden_image_1_0_still_reads() {
     assert_eq!(s.pages, 4);
     assert!(s.compressed_page_frames >= 1);
 }
+
+/// The page-stream encoder writes exactly what encoding runs and then their messages does,
+/// and each of its messages decodes back to the pages it carries.
+#[test]
+fn wire_encoding_matches_the_runs_and_decodes() {
+    use vkm_common::image::{
+        decode_run, encode_pages, encode_pages_keep_zero, encode_pages_wire, WireCounts,
+    };
+    let mut kinds = Vec::new();
+    for i in 0..(MAX_RUN_PAGES * 2 + 7) {
+        kinds.push(match i % 11 {
+            0 | 1 => PageKind::Zero,
+            2..=5 => PageKind::Text,
+            _ => PageKind::Random,
+        });
+    }
+    // A run of text pages long enough to be compressed on its own, and one of random pages.
+    kinds.extend([PageKind::Text; 8]);
+    kinds.extend([PageKind::Random; 3]);
+    let data = pages(&kinds, 7);
+    let addr = 0x7f00_0000_0000u64;
+    for compression in [false, true] {
+        for keep_zero in [false, true] {
+            let runs = if keep_zero {
+                encode_pages_keep_zero(Space::Mm(3), addr, &data, compression)
+            } else {
+                encode_pages(Space::Mm(3), addr, &data, compression)
+            }
+            .expect("encode");
+            let mut want = Vec::new();
+            for r in &runs.runs {
+                r.write_wire(&mut want);
+            }
+            let mut got = b"before".to_vec();
+            let counts =
+                encode_pages_wire(Space::Mm(3), addr, &data, compression, keep_zero, &mut got)
+                    .expect("encode_pages_wire");
+            assert_eq!(&got[..6], b"before", "what was in the buffer is kept");
+            assert_eq!(
+                got[6..],
+                want[..],
+                "compression {compression}, keep_zero {keep_zero}"
+            );
+            let zero = kinds.iter().filter(|k| matches!(k, PageKind::Zero)).count() as u64;
+            assert_eq!(
+                counts,
+                WireCounts {
+                    runs: runs.runs.len() as u64,
+                    zero_pages_skipped: if keep_zero { 0 } else { zero },
+                    zero_pages_sent: if keep_zero { zero } else { 0 },
+                }
+            );
+            // Every message decodes to its pages of `data`.
+            let mut rest = &got[6..];
+            while !rest.is_empty() {
+                let n = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
+                let (space, at, pages) = decode_run(&rest[4..4 + n]).expect("decode");
+                assert_eq!(space, Space::Mm(3));
+                let off = usize::try_from(at - addr).expect("offset");
+                assert_eq!(pages[..], data[off..off + pages.len()]);
+                rest = &rest[4 + n..];
+            }
+        }
+    }
+    assert!(
+        encode_pages_wire(Space::Mm(3), addr + 1, &data, true, false, &mut Vec::new()).is_err()
+    );
+}

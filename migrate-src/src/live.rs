@@ -18,7 +18,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use vkm_common::image::{encode_pages, encode_pages_keep_zero, Space, PAGE_SIZE};
+use vkm_common::image::{encode_pages_wire, Space, PAGE_SIZE};
 use vkm_common::live::{objects_kept, skeleton_fits};
 use vkm_common::model::{Vkernel, Vma};
 use vkm_sys::proc;
@@ -720,26 +720,11 @@ fn encode_stream(
                 tracing::debug!(start = c.start, error = %e, "pages gone since they were found dirty");
                 continue;
             }
-            let enc = if keep_zero {
-                encode_pages_keep_zero(c.space, c.start, data, compression)?
-            } else {
-                encode_pages(c.space, c.start, data, compression)?
-            };
-            for run in &enc.runs {
-                run.write_wire(&mut msg);
-                k += 1;
-            }
+            let counts =
+                encode_pages_wire(c.space, c.start, data, compression, keep_zero, &mut msg)?;
+            k += counts.runs;
             stats.pages += (n / PAGE_SIZE) as u64;
-            stats.zero_pages += enc.zero_pages_skipped
-                + if keep_zero {
-                    enc.runs
-                        .iter()
-                        .filter(|r| r.is_zero())
-                        .map(|r| r.pages())
-                        .sum::<u64>()
-                } else {
-                    0
-                };
+            stats.zero_pages += counts.zero_pages_skipped + counts.zero_pages_sent;
             stats.bytes_raw += n as u64;
         }
         if msg.len() >= BATCH || (rest.is_empty() && k > 0) {
