@@ -58,17 +58,6 @@ fn uml_command_with(dir: &Path, name: &str, init_text: &str, extra: &[String]) -
     .collect()
 }
 
-/// One UML test at a time. Two UMLs booting and moving side by side on a 2-core machine
-/// trip the known bug the README describes under "User-Mode Linux" (a guest handed to the
-/// wrong tracer; about one move in five): until it is fixed, these tests run one after the
-/// other, and each still fails, with a diagnosis, when it happens.
-fn one_uml_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    // A test that failed holding it poisoned it; the next one runs all the same.
-    ONE.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// Boot a UML named `name` in the lab; returns once its init has ticked twice.
 fn boot(lab: &mut Lab, name: &str) -> (u64, f64) {
     let args = uml_command(lab.dir.path(), name);
@@ -128,7 +117,6 @@ fn first_tick(lab: &Lab, name: &str) -> (u64, f64) {
 
 #[test]
 fn a_uml_goes_on_after_checkpoint_and_restore_twice_from_one_image() {
-    let _one = one_uml_at_a_time();
     let mut lab = Lab::new();
     let (n0, up0) = boot(&mut lab, "uml1");
     let image = lab.path("uml1.vkimg");
@@ -170,7 +158,6 @@ fn a_uml_goes_on_after_checkpoint_and_restore_twice_from_one_image() {
 /// cannot be checkpointed: the refusal names the traced process and its tracer, and it runs on.
 #[test]
 fn a_vkernel_that_traces_its_own_process_otherwise_is_refused_and_runs_on() {
-    let _one = one_uml_at_a_time();
     let mut lab = Lab::new();
     let py = common::python3();
     let script = "import ctypes, os, signal, sys, time\n\
@@ -210,7 +197,6 @@ fn a_vkernel_that_traces_its_own_process_otherwise_is_refused_and_runs_on() {
 /// copy on hostA is gone with all its processes.
 #[test]
 fn a_running_uml_moves_to_another_host_and_goes_on() {
-    let _one = one_uml_at_a_time();
     move_uml("uml-move", INIT);
 }
 
@@ -218,7 +204,6 @@ fn a_running_uml_moves_to_another_host_and_goes_on() {
 /// still end (throttling the guest if need be) and the guest go on.
 #[test]
 fn a_uml_with_a_memory_heavy_job_moves_and_goes_on() {
-    let _one = one_uml_at_a_time();
     let init = INIT.replace(
         "i=0\n",
         "mount -t tmpfs tmpfs /dev/shm\n\
@@ -547,7 +532,6 @@ fn wait_file(path: &Path, what: &str, t: Duration) {
 /// message is lost or repeated.
 #[test]
 fn a_uml_keeps_its_tcp_connection_through_a_move() {
-    let _one = one_uml_at_a_time();
     let lab = NetLab::bridged("uml-tcp", &["a", "b"]);
     let (a, b) = (lab.host("a"), lab.host("b"));
     let _listener = b.spawn_listen();

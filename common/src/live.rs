@@ -235,6 +235,12 @@ pub fn vma_delta(before: &Mm, after: &Mm, fresh: &[u64]) -> VmaDelta {
 /// zombies), the same memory objects, and special mappings in place. Otherwise the receiver
 /// rebuilds from `after`.
 pub fn skeleton_fits(before: &Vkernel, after: &Vkernel) -> bool {
+    skeleton_misfit(before, after).is_none()
+}
+
+/// Why a skeleton built from `before` does not fit `after` (see [`skeleton_fits`]), for the
+/// log: a rebuild sends every page again.
+pub fn skeleton_misfit(before: &Vkernel, after: &Vkernel) -> Option<String> {
     let procs_same = before.processes.len() == after.processes.len()
         && before.processes.iter().zip(&after.processes).all(|(a, b)| {
             a.pid == b.pid
@@ -264,7 +270,27 @@ pub fn skeleton_fits(before: &Vkernel, after: &Vkernel) -> bool {
                 specials(a) == specials(b)
             }
         });
-    procs_same && objects_same && mms_same
+    if !procs_same {
+        let pids = |v: &Vkernel| {
+            v.processes
+                .iter()
+                .map(|p| format!("{}:{}", p.pid, p.threads.len()))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        return Some(format!(
+            "processes (pid:threads) were [{}], are [{}]",
+            pids(before),
+            pids(after)
+        ));
+    }
+    if !objects_same {
+        return Some("the memory objects changed".into());
+    }
+    if !mms_same {
+        return Some("a special mapping (vdso, vvar) moved".into());
+    }
+    None
 }
 
 /// Whether a destination that rebuilds its skeleton (see [`skeleton_fits`]) keeps its memory

@@ -13,14 +13,16 @@
 //! (chosen from its space and address), so a page sent again in a later round can never
 //! overtake its older copy on another stream.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use vkm_common::image::{encode_pages_wire, Space, PAGE_SIZE};
-use vkm_common::live::{objects_kept, skeleton_fits};
+use vkm_common::live::{objects_kept, skeleton_misfit};
 use vkm_common::model::{Vkernel, Vma};
+use vkm_common::procfs;
 use vkm_sys::proc;
 
 use crate::capture::{capture, data_extents, state_runs, CaptureOptions, Captured};
@@ -95,6 +97,10 @@ pub struct Precopy {
     /// Messages' frames sent per stream so far.
     frames: Vec<u64>,
     round: u32,
+    /// Whether the address spaces' writes are tracked yet (see [`Precopy::track`]).
+    tracking: bool,
+    /// smaps of every address space, as the last round read it (see [`Precopy::read_smaps`]).
+    smaps: BTreeMap<i32, Vec<procfs::Vma>>,
     /// Host pids of the vkernel's processes when pre-copy began (for throttling).
     pub host_pids: Vec<i32>,
 }
@@ -124,23 +130,15 @@ impl Precopy {
         drop(frozen);
         let Captured { vk, memory, held } = captured?;
         crate::checkpoint::redeliver(&held);
-        let mut mms = Vec::new();
-        for m in &memory.mms {
-            // Tracking starts only now, after the thaw; round 0 reads pages after it, so a
-            // write in between is either read by round 0 or reported by round 1.
-            let tracker = match DirtyTracker::attach(m.pid) {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    tracing::warn!(pid = m.pid, error = %e, "address space not tracked: its pages go in the final round");
-                    None
-                }
-            };
-            mms.push(TrackedMm {
+        let mms = memory
+            .mms
+            .iter()
+            .map(|m| TrackedMm {
                 id: m.id,
                 pid: m.pid,
-                tracker,
-            });
-        }
+                tracker: None,
+            })
+            .collect();
         let objects = memory
             .objects
             .into_iter()
@@ -162,10 +160,47 @@ impl Precopy {
                 objects,
                 frames: vec![0; streams],
                 round: 0,
+                tracking: false,
+                smaps: BTreeMap::new(),
                 host_pids,
             },
             vk,
         ))
+    }
+
+    /// Read smaps of every address space for the freeze (see [`Precopy::freeze`]). smaps
+    /// walks every page table, about 20 ms per GiB, and holds the address space's lock while
+    /// it does: read just before the freeze, a 4 GiB vkernel ran on 80 ms longer and its final
+    /// round grew by what it wrote then; read on a thread of its own, it made the injected
+    /// calls of the capture wait for that lock. So each later round reads it first, before it
+    /// looks for the pages written since the round before.
+    fn read_smaps(&mut self) {
+        self.smaps = self
+            .mms
+            .iter()
+            // Processes gone since are simply not found.
+            .filter_map(|m| Some((m.pid, crate::capture::read_smaps(m.pid).ok()?)))
+            .collect();
+    }
+
+    /// Start tracking the writes of every address space (write-protecting all of its pages
+    /// takes about 7 ms per 256 MiB): call it while waiting for something else, such as the
+    /// destination's answer to the offer; the first round or sample does it otherwise.
+    /// Tracking starts after the capture's thaw and round 0 reads pages after it, so a write
+    /// in between is either read by round 0 or reported by round 1. An address space that
+    /// cannot be tracked goes whole in the final round.
+    pub fn track(&mut self) {
+        if std::mem::replace(&mut self.tracking, true) {
+            return;
+        }
+        for m in &mut self.mms {
+            match DirtyTracker::attach(m.pid) {
+                Ok(t) => m.tracker = Some(t),
+                Err(e) => {
+                    tracing::warn!(pid = m.pid, error = %e, "address space not tracked: its pages go in the final round");
+                }
+            }
+        }
     }
 
     /// Bytes per second the vkernel writes through its own address spaces, measured over
@@ -174,6 +209,7 @@ impl Precopy {
     /// a hash of every page, too much for an estimate. Call it before the first round only:
     /// it consumes what the trackers saw.
     pub fn sample_dirty_rate(&mut self, over: Duration) -> Result<f64, SrcError> {
+        self.track();
         for m in &mut self.mms {
             if let Some(t) = m.tracker.as_mut() {
                 t.collect_tracked()?;
@@ -197,8 +233,13 @@ impl Precopy {
 
     /// Send one round: the first sends every page with state, the others what changed since.
     pub fn round(&mut self, sink: &dyn PageSink) -> Result<RoundStats, SrcError> {
+        self.track();
         let t0 = Instant::now();
         let first = self.round == 0;
+        if !first {
+            // Any later round may be the last before the freeze.
+            self.read_smaps();
+        }
         let mut chunks = Vec::new();
         for m in &mut self.mms {
             let Some(tracker) = m.tracker.as_mut() else {
@@ -322,12 +363,17 @@ impl Precopy {
             .iter()
             .map(|d| crate::capture::read_net(&d.name))
             .collect::<Result<_, _>>()?;
-        // Processes gone since are simply not found.
-        copts.known_smaps = self
-            .mms
-            .iter()
-            .filter_map(|m| Some((m.pid, crate::capture::read_smaps(m.pid).ok()?)))
-            .collect();
+        // The capture reads smaps again for an address space whose mappings changed since.
+        let mut known = std::mem::take(&mut self.smaps);
+        for m in &self.mms {
+            if let std::collections::btree_map::Entry::Vacant(e) = known.entry(m.pid) {
+                // Processes gone since are simply not found.
+                if let Ok(v) = crate::capture::read_smaps(m.pid) {
+                    e.insert(v);
+                }
+            }
+        }
+        copts.known_smaps = known;
         let t0 = Instant::now();
         let mconsole = self.skeleton.mconsole.as_deref().map(std::path::Path::new);
         let mut frozen = Frozen::freeze_with(self.opts.init_pid, mconsole, interrupted)?;
@@ -357,7 +403,14 @@ impl Precopy {
         let mut captured = captured?;
         let capture_ms = ms(t0.elapsed() - t_frozen);
         tracing::info!(freeze_ms = ms(t_frozen), capture_ms, "frozen and captured");
-        let rebuild = !skeleton_fits(&self.skeleton, &captured.vk);
+        let misfit = skeleton_misfit(&self.skeleton, &captured.vk);
+        let rebuild = misfit.is_some();
+        if let Some(why) = &misfit {
+            tracing::info!(
+                why = %why,
+                "the vkernel changed during pre-copy: the destination rebuilds its skeleton and every page goes again"
+            );
+        }
         let kept = rebuild && objects_kept(&self.skeleton, &captured.vk);
         let mut chunks = Vec::new();
         let mut fresh = Vec::new();
@@ -409,6 +462,14 @@ impl Precopy {
                     if kept {
                         ranges.extend(clip(&dirty, std::slice::from_ref(v)));
                     } else {
+                        tracing::debug!(
+                            start = v.start,
+                            end = v.end,
+                            changed = !before.contains(v),
+                            before = ?before.iter().find(|b| b.start == v.start),
+                            now = ?v,
+                            "mapping sent whole"
+                        );
                         fresh.push((fm.id, v.start));
                         untracked.push(v.clone());
                     }

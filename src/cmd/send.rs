@@ -202,12 +202,18 @@ pub(crate) fn migrate_vkernel(
         compression: !opts.no_compress,
         streams: STREAMS,
     };
-    let (precopy, skeleton) = Precopy::start(live)
+    let (mut precopy, skeleton) = Precopy::start(live)
         .with_context(|| format!("Cannot start migrating vkernel {}", rec.name))
         .map_err(SendError::at(Stage::Source))?;
     let offer = make_offer(&skeleton, &migration_id).map_err(SendError::at(Stage::Source))?;
+    // Write tracking starts (it write-protects every page: tens of milliseconds per GiB)
+    // while the destination looks at the offer and starts a shim.
+    let asked = rt.spawn(ask_daemon(daemon, ToDaemon::Offer(Box::new(offer))));
+    precopy.track();
     let answer = rt
-        .block_on(ask_daemon(daemon, ToDaemon::Offer(Box::new(offer))))
+        .block_on(asked)
+        .map_err(|e| anyhow!("The offer's task failed: {e}"))
+        .and_then(|a| a)
         .map_err(SendError::at(Stage::Connect))?;
     let port = match answer {
         FromDaemon::Accept { port } => port,

@@ -88,7 +88,11 @@ pub fn children(pid: i32) -> Result<Vec<i32>> {
 
 /// The pid of a task in the innermost PID namespace it belongs to (last NSpid entry).
 pub fn ns_pid(pid: i32) -> Result<i32> {
-    let status = read(pid_path(pid, "status"))?;
+    ns_pid_in(pid, &read(pid_path(pid, "status"))?)
+}
+
+/// [`ns_pid`] from the status text of `pid` read already.
+pub fn ns_pid_in(pid: i32, status: &str) -> Result<i32> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("NSpid:"))

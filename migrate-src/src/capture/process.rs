@@ -326,7 +326,9 @@ fn capture_thread_outside(
     let comm = proc::read(format!("/proc/{}/task/{tid}/comm", p.host_pid))?
         .trim_end()
         .to_string();
-    let ns_tid = proc::ns_pid(tid)?;
+    // One read of the thread's status for its namespace tid and its capabilities.
+    let status = proc::read(format!("/proc/{}/task/{tid}/status", p.host_pid))?;
+    let ns_tid = proc::ns_pid_in(tid, &status)?;
     let mut pending = ptrace::peek_siginfo(tid, false)?;
     pending.extend(
         p.stop_signals
@@ -335,10 +337,7 @@ fn capture_thread_outside(
             .flatten()
             .map(|(_, si)| si.clone()),
     );
-    let caps = caps_of(&proc::read(format!(
-        "/proc/{}/task/{tid}/status",
-        p.host_pid
-    ))?);
+    let caps = caps_of(&status);
     Ok(Thread {
         caps: (caps != *own_caps).then_some(caps),
         tid: ns_tid,
