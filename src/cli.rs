@@ -311,7 +311,8 @@ pub struct SendArgs {
     #[arg(long, value_parser = parse_rate, value_name = "RATE")]
     pub max_bandwidth: Option<u64>,
 
-    /// Write a JSON report of the migration (rounds, bytes, downtime and its parts) to FILE.
+    /// Write a JSON report of the migration (rounds, bytes, total time until the vkernel runs
+    /// there, the cleanup after, downtime and its parts) to FILE.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
 
