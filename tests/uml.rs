@@ -336,16 +336,8 @@ fn tree_of(log: &str) -> String {
                     .join(", ")
             })
             .unwrap_or_default();
-        out += &format!("  syscall: {} | {}\n  fds: {fds}\n", syscall(), {
-            std::thread::sleep(Duration::from_millis(20));
-            syscall()
-        });
-        let timers = std::fs::read_to_string(format!("/proc/{pid}/timers"))
-            .unwrap_or_default()
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ");
-        out += &format!("  timers: {timers}\n  rip: {}\n", rip_samples(pid));
+        // The process's line first, then what belongs to it, indented (the other way round,
+        // a syscall line once read as the next process's).
         out += &format!(
             "{pid} {} {} wchan={wchan} tracer={} threads={} pnd={} shdpnd={} blk={}\n",
             field("Name:"),
@@ -356,6 +348,16 @@ fn tree_of(log: &str) -> String {
             field("ShdPnd:"),
             field("SigBlk:"),
         );
+        out += &format!("  syscall: {} | {}\n  fds: {fds}\n", syscall(), {
+            std::thread::sleep(Duration::from_millis(20));
+            syscall()
+        });
+        let timers = std::fs::read_to_string(format!("/proc/{pid}/timers"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        out += &format!("  timers: {timers}\n  rip: {}\n", rip_samples(pid));
         if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
             for t in tasks.flatten() {
                 let children =

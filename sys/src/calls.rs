@@ -310,7 +310,12 @@ pub fn tgkill(tgid: i32, tid: i32, sig: i32) -> Result<()> {
 /// another process queue only siginfos that user space could have made (a negative `si_code`
 /// such as a POSIX timer's `SI_TIMER`); any other (a kernel-made `SI_KERNEL`, `kill`'s
 /// `SI_USER`) is sent with `tgkill` instead: the signal itself is never lost.
+///
+/// A fault that comes again by itself ([`crate::ptrace::comes_again`]) is not queued.
 pub fn requeue_signal(tgid: i32, tid: i32, sig: i32, siginfo: &[u8]) -> Result<()> {
+    if crate::ptrace::comes_again(sig, siginfo) {
+        return Ok(());
+    }
     if siginfo.len() == crate::ptrace::SIGINFO_SIZE {
         // SAFETY: `siginfo` is a readable buffer of the kernel's siginfo size, which is all
         // the kernel reads.

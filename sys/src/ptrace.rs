@@ -200,6 +200,22 @@ struct PeekSiginfoArgs {
 const PTRACE_PEEKSIGINFO_SHARED: u32 = 1;
 pub const SIGINFO_SIZE: usize = 128;
 
+/// Whether a signal taken from a thread at its signal-delivery stop comes again by itself:
+/// a fault (SIGSEGV, SIGBUS, SIGILL, SIGFPE raised by an instruction, `si_code` > 0) leaves
+/// the thread at the faulting instruction, which faults again when it runs. Queued again
+/// as well, its handler would run twice, once with a siginfo that names no fault address.
+pub fn comes_again(sig: i32, siginfo: &[u8]) -> bool {
+    let code = siginfo
+        .get(8..12)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map_or(0, i32::from_ne_bytes);
+    matches!(
+        sig,
+        libc::SIGSEGV | libc::SIGBUS | libc::SIGILL | libc::SIGFPE
+    ) && code > 0
+        && code != libc::SI_KERNEL
+}
+
 /// The siginfo a `tgkill(sig)` of an unknown sender would have queued (`SI_TKILL`): for a
 /// signal that was pending but whose own siginfo we did not get to read.
 pub fn tkill_siginfo(sig: i32) -> Vec<u8> {
@@ -409,6 +425,34 @@ pub fn fixup_restart(r: &mut Regs) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn siginfo(sig: i32, code: i32) -> Vec<u8> {
+        let mut si = tkill_siginfo(sig);
+        si[8..12].copy_from_slice(&code.to_ne_bytes());
+        si
+    }
+
+    #[test]
+    fn only_faults_raised_by_an_instruction_come_again() {
+        // SEGV_MAPERR, BUS_ADRERR, ILL_ILLOPC, FPE_INTDIV: the instruction faults again.
+        assert!(comes_again(libc::SIGSEGV, &siginfo(libc::SIGSEGV, 1)));
+        assert!(comes_again(libc::SIGBUS, &siginfo(libc::SIGBUS, 2)));
+        assert!(comes_again(libc::SIGILL, &siginfo(libc::SIGILL, 1)));
+        assert!(comes_again(libc::SIGFPE, &siginfo(libc::SIGFPE, 1)));
+        // Sent, not raised: lost unless queued again.
+        assert!(!comes_again(libc::SIGSEGV, &tkill_siginfo(libc::SIGSEGV)));
+        assert!(!comes_again(
+            libc::SIGSEGV,
+            &siginfo(libc::SIGSEGV, libc::SI_KERNEL)
+        ));
+        assert!(!comes_again(libc::SIGSEGV, &siginfo(libc::SIGSEGV, 0)));
+        // A timer's signal, and a breakpoint's (the thread is past the int3).
+        assert!(!comes_again(
+            libc::SIGALRM,
+            &siginfo(libc::SIGALRM, libc::SI_TIMER)
+        ));
+        assert!(!comes_again(libc::SIGTRAP, &siginfo(libc::SIGTRAP, 1)));
+    }
 
     #[test]
     fn regs_bytes_round_trip() {

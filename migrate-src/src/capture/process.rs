@@ -330,11 +330,13 @@ fn capture_thread_outside(
     let status = proc::read(format!("/proc/{}/task/{tid}/status", p.host_pid))?;
     let ns_tid = proc::ns_pid_in(tid, &status)?;
     let mut pending = ptrace::peek_siginfo(tid, false)?;
+    // (A fault comes again where the thread resumes, at the faulting instruction.)
     pending.extend(
         p.stop_signals
             .get(&tid)
             .into_iter()
             .flatten()
+            .filter(|(sig, si)| !ptrace::comes_again(*sig, si))
             .map(|(_, si)| si.clone()),
     );
     let caps = caps_of(&status);
