@@ -106,8 +106,9 @@ pub struct Precopy {
 }
 
 impl Precopy {
-    /// Freeze the vkernel for a moment to capture the skeleton's state, let it run again, and
-    /// start tracking its writes. Returns the state the destination builds its skeleton from.
+    /// Freeze the vkernel for a moment to capture the skeleton's state and let it run again.
+    /// Returns the state the destination builds its skeleton from. Its writes are tracked
+    /// from [`Precopy::track`] on.
     pub fn start(opts: LiveOptions) -> Result<(Precopy, Vkernel), SrcError> {
         let mut copts = opts.capture.clone();
         // Round 0 finds the pages with state itself, as they are then.
