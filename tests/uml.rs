@@ -326,8 +326,25 @@ fn tree_of(log: &str) -> String {
                         .find(|l| l.starts_with("flags:"))
                         .unwrap_or_default()
                         .to_string();
+                        // Who gets the SIGIO of a tap (F_GETOWN, F_GETSIG), through a
+                        // copy of the fd.
+                        let owner = if l.to_string_lossy() == "/dev/net/tun" {
+                            let fd: i32 = e.file_name().to_string_lossy().parse().unwrap_or(-1);
+                            vkm_sys::calls::pidfd_open(pid)
+                                .and_then(|p| vkm_sys::calls::pidfd_getfd(&p, fd, pid))
+                                .map(|d| {
+                                    format!(
+                                        " owner={} sig={}",
+                                        vkm_sys::calls::get_owner(&d),
+                                        vkm_sys::calls::get_sig(&d)
+                                    )
+                                })
+                                .unwrap_or_default()
+                        } else {
+                            String::new()
+                        };
                         format!(
-                            "{}={} ({flags})",
+                            "{}={} ({flags}){owner}",
                             e.file_name().to_string_lossy(),
                             l.display()
                         )
