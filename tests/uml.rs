@@ -294,8 +294,8 @@ fn tree_of(log: &str) -> String {
         return "(no init pid in the log)".into();
     };
     let mut out = String::new();
-    let mut queue = vec![init];
-    while let Some(pid) = queue.pop() {
+    let below = vkm_sys::proc::descendants(init).unwrap_or_default();
+    for pid in std::iter::once(init).chain(below) {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let field = |k: &str| {
             status
@@ -305,7 +305,7 @@ fn tree_of(log: &str) -> String {
                 .unwrap_or_default()
         };
         let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
-        // Where a running one is: its syscall (or "running") and user time, twice.
+        // Where it is: its syscall (or "running"), twice, 20 ms apart.
         let syscall = || {
             std::fs::read_to_string(format!("/proc/{pid}/syscall"))
                 .unwrap_or_default()
@@ -375,17 +375,6 @@ fn tree_of(log: &str) -> String {
             .collect::<Vec<_>>()
             .join(" ");
         out += &format!("  timers: {timers}\n  rip: {}\n", rip_samples(pid));
-        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-            for t in tasks.flatten() {
-                let children =
-                    std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-                queue.extend(
-                    children
-                        .split_whitespace()
-                        .filter_map(|c| c.parse::<i32>().ok()),
-                );
-            }
-        }
     }
     out
 }
@@ -395,6 +384,7 @@ fn tree_of(log: &str) -> String {
 fn rip_samples(pid: i32) -> String {
     use vkm_sys::ptrace;
     let mut out = Vec::new();
+    let mut first_rip = None;
     for _ in 0..5 {
         if ptrace::seize(pid, 0).is_err() {
             return "(cannot seize)".into();
@@ -404,6 +394,9 @@ fn rip_samples(pid: i32) -> String {
             .and_then(|()| ptrace::wait_timeout(pid, Duration::from_millis(200)).ok())
             .and_then(|_| ptrace::getregs(pid).ok());
         let _ = ptrace::detach(pid, 0);
+        if first_rip.is_none() {
+            first_rip = regs.map(|r| r.rip);
+        }
         match regs {
             Some(r) => out.push(format!(
                 "{:#x}/{}/{}",
@@ -414,21 +407,13 @@ fn rip_samples(pid: i32) -> String {
         std::thread::sleep(Duration::from_millis(10));
     }
     // The mapping of the first sample's rip.
-    let first = out
-        .first()
-        .and_then(|s| s.split('/').next())
-        .and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok());
-    let region = first.and_then(|rip| {
-        std::fs::read_to_string(format!("/proc/{pid}/maps"))
+    let region = first_rip.and_then(|rip| {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+        vkm_common::procfs::parse_maps(&maps)
             .ok()?
-            .lines()
-            .find(|l| {
-                let mut r = l.split_whitespace().next().unwrap_or("").split('-');
-                let lo = u64::from_str_radix(r.next().unwrap_or(""), 16).unwrap_or(1);
-                let hi = u64::from_str_radix(r.next().unwrap_or(""), 16).unwrap_or(0);
-                (lo..hi).contains(&rip)
-            })
-            .map(str::to_string)
+            .into_iter()
+            .find(|v| (v.start..v.end).contains(&rip))
+            .map(|v| format!("{:#x}-{:#x} {}", v.start, v.end, v.path.unwrap_or_default()))
     });
     format!("{} in {}", out.join(" "), region.unwrap_or_default())
 }
@@ -626,21 +611,21 @@ fn a_uml_keeps_its_tcp_connection_through_a_move() {
         let _ = std::io::Read::read_to_string(&mut o, &mut said);
     }
     if !status.success() {
-        let show = |ns: &str, cmd: &str| {
-            let out = std::process::Command::new("ip")
-                .args(["netns", "exec", ns, "sh", "-c", cmd])
+        let show = |what: &str, mut c: std::process::Command| {
+            let out = c
                 .output()
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                 .unwrap_or_default();
-            format!("--- {ns}: {cmd} ---\n{out}")
+            format!("--- {what} ---\n{out}")
         };
+        let fdb = "bridge fdb show | grep -v permanent";
+        let fdb_links = "bridge fdb show | grep -v permanent; ip -s link";
         panic!(
-            "the connection broke: {said}\n{}\n{}\n{}\n{}\n{}",
+            "the connection broke: {said}\n{}\n{}\n{}\n{}",
             shim_logs(a, b, "umln", &kept),
-            show(&lab.lan, "bridge fdb show | grep -v permanent"),
-            show(&a.netns, "bridge fdb show | grep -v permanent; ip -s link"),
-            show(&b.netns, "bridge fdb show | grep -v permanent; ip -s link"),
-            kept.text(),
+            show("LAN", lab.client_cmd("sh", &["-c", fdb])),
+            show("hostA", a.cmd("sh", &["-c", fdb_links])),
+            show("hostB", b.cmd("sh", &["-c", fdb_links])),
         );
     }
     let n: u64 = said

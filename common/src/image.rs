@@ -126,30 +126,40 @@ pub fn encode_pages(
     compression: bool,
 ) -> Result<EncodedPages> {
     check_pages(addr, data)?;
-    let npages = data.len() / PAGE_SIZE;
-    let page = |i: usize| &data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
     let mut out = EncodedPages::default();
-    let mut i = 0;
-    while i < npages {
-        if is_zero_page(page(i)) {
-            out.zero_pages_skipped += 1;
-            i += 1;
+    for (start, end, zero) in runs_of(data) {
+        if zero {
+            out.zero_pages_skipped += (end - start) as u64;
             continue;
         }
-        let start = i;
-        i += 1;
-        while i < npages && i - start < MAX_RUN_PAGES && !is_zero_page(page(i)) {
-            i += 1;
-        }
-        let run_addr = addr + (start * PAGE_SIZE) as u64;
         out.runs.push(encode_run(
             space,
-            run_addr,
-            &data[start * PAGE_SIZE..i * PAGE_SIZE],
+            addr + (start * PAGE_SIZE) as u64,
+            &data[start * PAGE_SIZE..end * PAGE_SIZE],
             compression,
         ));
     }
     Ok(out)
+}
+
+/// `data`'s pages in runs of at most [`MAX_RUN_PAGES`] pages that are all zero or none:
+/// (first page, end page, all zero).
+fn runs_of(data: &[u8]) -> impl Iterator<Item = (usize, usize, bool)> + '_ {
+    let npages = data.len() / PAGE_SIZE;
+    let zero = move |i: usize| is_zero_page(&data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        if i >= npages {
+            return None;
+        }
+        let start = i;
+        let z = zero(i);
+        i += 1;
+        while i < npages && i - start < MAX_RUN_PAGES && zero(i) == z {
+            i += 1;
+        }
+        Some((start, i, z))
+    })
 }
 
 fn compresses(page: &[u8]) -> bool {
@@ -157,24 +167,36 @@ fn compresses(page: &[u8]) -> bool {
     matches!(lz4_flex::block::compress_into(page, &mut buf), Ok(n) if n <= page.len() - page.len() / 8)
 }
 
+/// Append `run` to `out` lz4-compressed, when that saves at least an eighth; false (and `out`
+/// as it was) otherwise. Random-looking memory does not compress, and trying costs more than
+/// storing it: the run's first page decides whether the whole run is worth a try.
+fn append_compressed(run: &[u8], out: &mut Vec<u8>) -> bool {
+    if !compresses(&run[..PAGE_SIZE]) {
+        return false;
+    }
+    let at = out.len();
+    out.resize(at + lz4_flex::block::get_maximum_output_size(run.len()), 0);
+    match lz4_flex::block::compress_into(run, &mut out[at..]) {
+        Ok(n) if n <= run.len() - run.len() / 8 => {
+            out.truncate(at + n);
+            true
+        }
+        // Not worth it, or failed: stored raw.
+        _ => {
+            out.truncate(at);
+            false
+        }
+    }
+}
+
 fn encode_run(space: Space, addr: u64, run: &[u8], compression: bool) -> EncodedRun {
     let npages = run.len() / PAGE_SIZE;
     let hash = *blake3::hash(run).as_bytes();
-    let mut body = None;
-    // Random-looking memory does not compress, and trying costs more than storing it: let the
-    // run's first page decide whether the whole run is worth a try.
-    if compression && compresses(&run[..PAGE_SIZE]) {
-        let mut buf = vec![0u8; lz4_flex::block::get_maximum_output_size(run.len())];
-        // A compression failure only means "store it raw".
-        if let Ok(n) = lz4_flex::block::compress_into(run, &mut buf) {
-            if n <= run.len() - run.len() / 8 {
-                buf.truncate(n);
-                body = Some(buf);
-            }
-        }
+    let mut body = Vec::new();
+    let compressed = compression && append_compressed(run, &mut body);
+    if !compressed {
+        body = run.to_vec();
     }
-    let compressed = body.is_some();
-    let body = body.unwrap_or_else(|| run.to_vec());
     let encoding = if compressed {
         ENCODING_LZ4
     } else {
@@ -266,27 +288,20 @@ pub fn encode_pages_keep_zero(
     data: &[u8],
     compression: bool,
 ) -> Result<EncodedPages> {
+    check_pages(addr, data)?;
     let mut out = EncodedPages::default();
-    let npages = data.len() / PAGE_SIZE;
-    let mut i = 0;
-    while i < npages {
-        let zero = is_zero_page(&data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
-        let start = i;
-        i += 1;
-        while i < npages
-            && i - start < MAX_RUN_PAGES
-            && is_zero_page(&data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]) == zero
-        {
-            i += 1;
-        }
+    for (start, end, zero) in runs_of(data) {
         let run_addr = addr + (start * PAGE_SIZE) as u64;
-        let run = &data[start * PAGE_SIZE..i * PAGE_SIZE];
-        if zero {
-            out.runs.push(zero_run(space, run_addr, i - start));
+        out.runs.push(if zero {
+            zero_run(space, run_addr, end - start)
         } else {
-            out.runs
-                .extend(encode_pages(space, run_addr, run, compression)?.runs);
-        }
+            encode_run(
+                space,
+                run_addr,
+                &data[start * PAGE_SIZE..end * PAGE_SIZE],
+                compression,
+            )
+        });
     }
     Ok(out)
 }
@@ -316,17 +331,8 @@ pub fn encode_pages_wire(
 ) -> Result<WireCounts> {
     check_pages(addr, data)?;
     let mut counts = WireCounts::default();
-    let npages = data.len() / PAGE_SIZE;
-    let page = |i: usize| &data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
-    let mut i = 0;
-    while i < npages {
-        let zero = is_zero_page(page(i));
-        let start = i;
-        i += 1;
-        while i < npages && i - start < MAX_RUN_PAGES && is_zero_page(page(i)) == zero {
-            i += 1;
-        }
-        let n = i - start;
+    for (start, end, zero) in runs_of(data) {
+        let n = end - start;
         let run_addr = addr + (start * PAGE_SIZE) as u64;
         if zero {
             if keep_zero {
@@ -338,29 +344,17 @@ pub fn encode_pages_wire(
             }
             continue;
         }
-        let run = &data[start * PAGE_SIZE..i * PAGE_SIZE];
+        let run = &data[start * PAGE_SIZE..end * PAGE_SIZE];
         let at = out.len();
         // Length and header are filled in once the body's size and encoding are known.
         out.resize(at + 4 + PAGES_HEADER_LEN, 0);
         let body_at = out.len();
-        let mut encoding = ENCODING_RAW;
-        if compression && compresses(&run[..PAGE_SIZE]) {
-            out.resize(
-                body_at + lz4_flex::block::get_maximum_output_size(run.len()),
-                0,
-            );
-            match lz4_flex::block::compress_into(run, &mut out[body_at..]) {
-                Ok(m) if m <= run.len() - run.len() / 8 => {
-                    out.truncate(body_at + m);
-                    encoding = ENCODING_LZ4;
-                }
-                // Not worth it (or failed): stored raw.
-                _ => out.truncate(body_at),
-            }
-        }
-        if encoding == ENCODING_RAW {
+        let encoding = if compression && append_compressed(run, out) {
+            ENCODING_LZ4
+        } else {
             out.extend_from_slice(run);
-        }
+            ENCODING_RAW
+        };
         out.extend_from_slice(blake3::hash(run).as_bytes());
         let len = (out.len() - at - 4) as u32;
         out[at..at + 4].copy_from_slice(&len.to_le_bytes());
@@ -417,16 +411,6 @@ fn zero_run(space: Space, addr: u64, npages: usize) -> EncodedRun {
 }
 
 impl EncodedRun {
-    /// Pages in the run.
-    pub fn pages(&self) -> u64 {
-        (self.raw_len / PAGE_SIZE) as u64
-    }
-
-    /// A run of zero pages without data ([`encode_pages_keep_zero`]).
-    pub fn is_zero(&self) -> bool {
-        self.header[20] == ENCODING_ZERO
-    }
-
     /// Bytes of page data before encoding.
     pub fn raw_len(&self) -> usize {
         self.raw_len

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use vkm_common::procfs;
 use vkm_sys::inject::Remote;
-use vkm_sys::ptrace::{self, Stop};
+use vkm_sys::ptrace;
 use vkm_sys::{proc, uffd};
 
 use crate::SrcError;
@@ -53,7 +53,7 @@ impl DirtyTracker {
             tracked: Vec::new(),
             maps_seen: Vec::new(),
         };
-        t.track_new_mappings()?;
+        t.track_new_mappings(crate::capture::read_maps(pid)?)?;
         Ok(t)
     }
 
@@ -70,7 +70,7 @@ impl DirtyTracker {
         let lost = self.tracked.len() != before;
         let maps = crate::capture::read_maps(self.pid)?;
         if lost || !crate::capture::same_mappings(&maps, &self.maps_seen) {
-            dirty.extend(self.track_new_mappings()?);
+            dirty.extend(self.track_new_mappings(maps)?);
         }
         Ok(crate::merge_ranges(dirty))
     }
@@ -103,15 +103,11 @@ impl DirtyTracker {
     /// as written: nothing is known about their contents). A mapping that already carries our
     /// registration (`uw` in smaps: a tracked VMA that was split by mprotect, or grown in
     /// place) is tracked on without being reported: its writes show in the scans.
-    fn track_new_mappings(&mut self) -> Result<Vec<(u64, u64)>, SrcError> {
-        // Before smaps: a change in between shows as a difference next time.
-        self.maps_seen = crate::capture::read_maps(self.pid)?;
-        let text = proc::read(proc::pid_path(self.pid, "smaps"))?;
-        let vmas = procfs::parse_smaps(&text).map_err(|source| SrcError::Parse {
-            what: "smaps",
-            pid: self.pid,
-            source,
-        })?;
+    /// `maps`: the mappings as maps showed them just before (a change between that reading
+    /// and smaps shows as a difference next time).
+    fn track_new_mappings(&mut self, maps: Vec<procfs::Vma>) -> Result<Vec<(u64, u64)>, SrcError> {
+        self.maps_seen = maps;
+        let vmas = crate::capture::read_smaps(self.pid)?;
         let mut tracked = Vec::new();
         let mut new = Vec::new();
         for v in &vmas {
@@ -161,30 +157,14 @@ fn create_uffd_in(pid: i32) -> Result<OwnedFd, SrcError> {
     ptrace::seize(pid, ptrace::PTRACE_O_TRACESYSGOOD)?;
     let result = (|| {
         ptrace::interrupt(pid)?;
-        // Signals that were being delivered as it stopped: taken from it here, pending again
-        // before it runs (a detach with the signal would drop it: see `Frozen::thaw`).
         let mut taken = Vec::new();
-        loop {
-            match ptrace::wait_timeout(pid, Duration::from_secs(2))? {
-                Some(Stop::Event(_)) | Some(Stop::Syscall) => break,
-                Some(Stop::Signal(sig)) => {
-                    taken.push((sig, ptrace::getsiginfo(pid)?));
-                    ptrace::cont(pid, 0)?;
-                    ptrace::interrupt(pid)?;
-                }
-                Some(Stop::Exited(_)) | Some(Stop::Killed(_)) => {
-                    return Err(SrcError::Vanished { pid })
-                }
-                None => return Err(SrcError::NotStopping { pid }),
-            }
+        match ptrace::wait_interrupted(pid, Duration::from_secs(2), &mut taken)? {
+            ptrace::Interrupted::Stopped => {}
+            ptrace::Interrupted::Exited => return Err(SrcError::Vanished { pid }),
+            ptrace::Interrupted::Timeout => return Err(SrcError::NotStopping { pid }),
         }
         let r = inject_uffd(pid);
-        for (sig, si) in &taken {
-            if let Err(e) = vkm_sys::calls::requeue_signal(pid, pid, *sig, si) {
-                tracing::error!(pid, sig, error = %e, "a signal taken while tracking started is lost");
-            }
-        }
-        let detached = ptrace::detach(pid, 0);
+        let detached = ptrace::release(pid, pid, &taken);
         let fd = r?;
         detached?;
         Ok(fd)

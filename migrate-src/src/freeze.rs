@@ -32,7 +32,7 @@ pub struct FrozenProcess {
     pub threads: Vec<i32>,
     /// Signals (number, siginfo) that were being delivered to a thread when we interrupted
     /// it, per thread, in order: taken from it, to be made pending again on thaw.
-    pub stop_signals: BTreeMap<i32, Vec<(i32, Vec<u8>)>>,
+    pub stop_signals: BTreeMap<i32, Vec<ptrace::Taken>>,
     /// A process that has exited but was not reaped yet: its wait status. It has no threads
     /// left to stop; restore recreates it as a zombie so that its parent can still reap it.
     pub zombie: Option<i32>,
@@ -360,26 +360,24 @@ impl Frozen {
         }
         let ns_tid = proc::ns_pid(tid)?;
         let taken = tracee::take(tracer, tid, ns_tid)?;
-        self.borrowed.push(Borrowed {
-            tracer,
-            tid,
-            ns_tid,
-            taken: taken.clone(),
-        });
         if let Some(c) = self.cpu.as_mut() {
             c.add(tid);
         }
         let p = &mut self.processes[idx];
         // Pending for it again wherever it runs next: on thaw they are sent again (see
         // `thaw`), and a capture finds them with the signals taken during the freeze.
-        for &sig in &taken {
-            p.stop_signals
-                .entry(tid)
-                .or_default()
-                .push((sig, ptrace::tkill_siginfo(sig)));
-        }
+        p.stop_signals
+            .entry(tid)
+            .or_default()
+            .extend(taken.iter().map(|&sig| (sig, ptrace::tkill_siginfo(sig))));
         p.tracer = Some(tracer);
         p.threads.insert(0, tid);
+        self.borrowed.push(Borrowed {
+            tracer,
+            tid,
+            ns_tid,
+            taken,
+        });
         Ok(())
     }
 
@@ -413,17 +411,10 @@ impl Frozen {
                 if borrowed.iter().any(|b| b.tid == t) {
                     continue;
                 }
-                // A signal that was being delivered when we stopped the thread was taken from
-                // it (see `wait_for_stop`): pending again before it runs. A detach with the
-                // signal would not do: it is delivered only from the stop the signal itself
-                // caused, and this thread sits in our interrupt's (a lost SIGALRM leaves a
-                // UML without its one-shot timer, spinning in its idle loop for good).
-                for (sig, si) in p.stop_signals.get(&t).into_iter().flatten() {
-                    if let Err(e) = vkm_sys::calls::requeue_signal(p.host_pid, t, *sig, si) {
-                        tracing::error!(tid = t, sig, error = %e, "a signal taken during the freeze is lost");
-                    }
-                }
-                if let Err(e) = ptrace::detach(t, 0) {
+                // Signals taken as it stopped are pending again before it runs (a lost
+                // SIGALRM leaves a UML without its one-shot timer, spinning for good).
+                let taken = p.stop_signals.get(&t).map_or(&[][..], Vec::as_slice);
+                if let Err(e) = ptrace::release(p.host_pid, t, taken) {
                     tracing::warn!(tid = t, error = %e, "detach failed");
                 }
             }
@@ -575,29 +566,15 @@ fn begin_stop(tid: i32) -> Result<Begin, SrcError> {
 }
 
 /// Wait (at most [`STOP_TIMEOUT`]) for an interrupted thread's stop: true when stopped, false
-/// when it exited meanwhile.
+/// when it exited meanwhile. Signals taken on the way are kept to be pending again on thaw.
 fn wait_for_stop(
     tid: i32,
-    stop_signals: &mut BTreeMap<i32, Vec<(i32, Vec<u8>)>>,
+    stop_signals: &mut BTreeMap<i32, Vec<ptrace::Taken>>,
 ) -> Result<bool, SrcError> {
-    loop {
-        let Some(stop) = ptrace::wait_timeout(tid, STOP_TIMEOUT)? else {
-            return Err(SrcError::NotStopping { pid: tid });
-        };
-        match stop {
-            Stop::Event(_) | Stop::Syscall => return Ok(true),
-            // A signal was being delivered when we interrupted: keep it to re-deliver on thaw,
-            // and wait for the interrupt's own stop.
-            Stop::Signal(sig) => {
-                stop_signals
-                    .entry(tid)
-                    .or_default()
-                    .push((sig, ptrace::getsiginfo(tid)?));
-                ptrace::cont(tid, 0)?;
-                ptrace::interrupt(tid)?;
-            }
-            Stop::Exited(_) | Stop::Killed(_) => return Ok(false),
-        }
+    match ptrace::wait_interrupted(tid, STOP_TIMEOUT, stop_signals.entry(tid).or_default())? {
+        ptrace::Interrupted::Stopped => Ok(true),
+        ptrace::Interrupted::Exited => Ok(false),
+        ptrace::Interrupted::Timeout => Err(SrcError::NotStopping { pid: tid }),
     }
 }
 

@@ -115,10 +115,7 @@ impl Precopy {
         copts.skip_page_runs = true;
         // smaps walks every page table (about 20 ms per GiB): read while the vkernel runs,
         // not while it waits for us (see `CaptureOptions::known_smaps`).
-        copts.known_smaps = proc::descendants(opts.init_pid)?
-            .into_iter()
-            .filter_map(|pid| Some((pid, crate::capture::read_smaps(pid).ok()?)))
-            .collect();
+        copts.known_smaps = crate::capture::smaps_of(proc::descendants(opts.init_pid)?);
         let mut frozen = Frozen::freeze(opts.init_pid)?;
         let captured = capture(&frozen, &copts);
         let host_pids: Vec<i32> = frozen
@@ -176,12 +173,7 @@ impl Precopy {
     /// calls of the capture wait for that lock. So each later round reads it first, before it
     /// looks for the pages written since the round before.
     fn read_smaps(&mut self) {
-        self.smaps = self
-            .mms
-            .iter()
-            // Processes gone since are simply not found.
-            .filter_map(|m| Some((m.pid, crate::capture::read_smaps(m.pid).ok()?)))
-            .collect();
+        self.smaps = crate::capture::smaps_of(self.mms.iter().map(|m| m.pid));
     }
 
     /// Start tracking the writes of every address space (write-protecting all of its pages
@@ -366,14 +358,13 @@ impl Precopy {
             .collect::<Result<_, _>>()?;
         // The capture reads smaps again for an address space whose mappings changed since.
         let mut known = std::mem::take(&mut self.smaps);
-        for m in &self.mms {
-            if let std::collections::btree_map::Entry::Vacant(e) = known.entry(m.pid) {
-                // Processes gone since are simply not found.
-                if let Ok(v) = crate::capture::read_smaps(m.pid) {
-                    e.insert(v);
-                }
-            }
-        }
+        let missing: Vec<i32> = self
+            .mms
+            .iter()
+            .map(|m| m.pid)
+            .filter(|pid| !known.contains_key(pid))
+            .collect();
+        known.extend(crate::capture::smaps_of(missing));
         copts.known_smaps = known;
         let t0 = Instant::now();
         let mconsole = self.skeleton.mconsole.as_deref().map(std::path::Path::new);
@@ -467,8 +458,6 @@ impl Precopy {
                             start = v.start,
                             end = v.end,
                             changed = !before.contains(v),
-                            before = ?before.iter().find(|b| b.start == v.start),
-                            now = ?v,
                             "mapping sent whole"
                         );
                         fresh.push((fm.id, v.start));

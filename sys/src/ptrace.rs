@@ -225,6 +225,57 @@ pub fn tkill_siginfo(sig: i32) -> Vec<u8> {
     si
 }
 
+/// A signal taken from a thread at the signal-delivery stop it made as we stopped it: its
+/// number and siginfo (see [`wait_interrupted`]).
+pub type Taken = (i32, Vec<u8>);
+
+/// How waiting for an interrupted thread ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interrupted {
+    /// In the interrupt's stop.
+    Stopped,
+    /// It exited meanwhile.
+    Exited,
+    /// It did not stop in time.
+    Timeout,
+}
+
+/// Wait at most `timeout` (per stop) for a thread we interrupted (`PTRACE_INTERRUPT`). A
+/// thread that was being delivered a signal stops for that signal first: the signal is taken
+/// (pushed onto `taken`) and the thread sent on to the interrupt's own stop. Such a signal
+/// must be made pending again before the thread runs ([`release`]): a detach "with" it would
+/// drop it, since a detach delivers a signal only from the stop that signal caused.
+pub fn wait_interrupted(
+    tid: i32,
+    timeout: std::time::Duration,
+    taken: &mut Vec<Taken>,
+) -> Result<Interrupted> {
+    loop {
+        match wait_timeout(tid, timeout)? {
+            None => return Ok(Interrupted::Timeout),
+            Some(Stop::Event(_) | Stop::Syscall) => return Ok(Interrupted::Stopped),
+            Some(Stop::Exited(_) | Stop::Killed(_)) => return Ok(Interrupted::Exited),
+            Some(Stop::Signal(sig)) => {
+                taken.push((sig, getsiginfo(tid)?));
+                cont(tid, 0)?;
+                interrupt(tid)?;
+            }
+        }
+    }
+}
+
+/// Let the stopped thread `tid` of process `tgid` go, the signals [`wait_interrupted`] took
+/// from it pending again first ([`crate::calls::requeue_signal`]). A signal that cannot be
+/// queued again is logged; the detach's own failure is returned.
+pub fn release(tgid: i32, tid: i32, taken: &[Taken]) -> Result<()> {
+    for (sig, si) in taken {
+        if let Err(e) = crate::calls::requeue_signal(tgid, tid, *sig, si) {
+            tracing::error!(tid, sig, error = %e, "a signal taken while the thread was stopped is lost");
+        }
+    }
+    detach(tid, 0)
+}
+
 /// Pending signals of a stopped thread (`shared`: the process-wide queue), as raw siginfos,
 /// without dequeuing them.
 pub fn peek_siginfo(pid: i32, shared: bool) -> Result<Vec<Vec<u8>>> {

@@ -774,6 +774,13 @@ pub fn read_smaps(pid: i32) -> Result<Vec<procfs::Vma>, SrcError> {
     })
 }
 
+/// smaps of each of `pids`, by pid; a process gone meanwhile is simply not there.
+pub fn smaps_of(pids: impl IntoIterator<Item = i32>) -> BTreeMap<i32, Vec<procfs::Vma>> {
+    pids.into_iter()
+        .filter_map(|pid| Some((pid, read_smaps(pid).ok()?)))
+        .collect()
+}
+
 pub(crate) fn read_maps(pid: i32) -> Result<Vec<procfs::Vma>, SrcError> {
     let text = proc::read(proc::pid_path(pid, "maps"))?;
     procfs::parse_maps(&text).map_err(|source| SrcError::Parse {

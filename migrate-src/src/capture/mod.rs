@@ -18,7 +18,7 @@ use crate::freeze::Frozen;
 use crate::SrcError;
 
 pub(crate) use memory::{data_extents, read_maps, same_mappings, state_runs};
-pub use memory::{read_smaps, MemoryPlan};
+pub use memory::{read_smaps, smaps_of, MemoryPlan};
 
 #[derive(Debug, Clone, Default)]
 pub struct CaptureOptions {
