@@ -371,20 +371,38 @@ impl Precopy {
         let mut frozen = Frozen::freeze_with(self.opts.init_pid, mconsole, interrupted)?;
         frozen.hide_mconsole()?;
         let t_frozen = t0.elapsed();
-        // The objects' contents are compared on the other CPU while this one (which the
-        // frozen threads share with us) captures: neither waits for the other. The result is
-        // used unless the process tree changed and the objects with it.
+        // The pages written since the last round are found, and the objects' contents
+        // compared, on the other CPU while this one (which the frozen threads share with us)
+        // captures. (A scan holds its address space's lock while it walks it, so the capture's
+        // scratch mapping there may wait for the rest of that walk; the scans used to wait
+        // for the whole capture.) The results are used unless the process tree changed.
         let objects = &self.objects;
+        let mms = &mut self.mms;
         let frozen_ref = &frozen;
-        let (captured, object_changes) = std::thread::scope(|scope| {
-            let scan = scope.spawn(|| {
+        let (captured, (object_changes, written)) = std::thread::scope(|scope| {
+            let scan = scope.spawn(move || {
                 // It inherited our single CPU: on it, it would hold up the threads the capture
                 // starts and waits for by a scheduler tick each (1 ms here).
                 frozen_ref.move_elsewhere();
-                objects
+                let t = Instant::now();
+                let written = mms
+                    .iter_mut()
+                    .map(|m| match m.tracker.as_mut() {
+                        Some(t) => Ok((t.collect_tracked()?, t.tracked().to_vec())),
+                        None => Ok((Vec::new(), Vec::new())),
+                    })
+                    .collect::<Result<Vec<_>, SrcError>>();
+                let t_written = t.elapsed();
+                let objects = objects
                     .iter()
                     .map(changed_pages)
-                    .collect::<Result<Vec<_>, SrcError>>()
+                    .collect::<Result<Vec<_>, SrcError>>();
+                tracing::debug!(
+                    written_ms = ms(t_written),
+                    objects_ms = ms(t.elapsed() - t_written),
+                    "final scans"
+                );
+                (objects, written)
             });
             let captured = capture(frozen_ref, &copts);
             // A panic there is a bug of ours: it goes on here as one.
@@ -431,17 +449,14 @@ impl Precopy {
                 }
             }
         } else {
-            for (m, fm) in self.mms.iter_mut().zip(&captured.vk.mms) {
+            for ((m, fm), written) in self.mms.iter().zip(&captured.vk.mms).zip(written?) {
                 let pid = captured
                     .memory
                     .mms
                     .iter()
                     .find(|p| p.id == fm.id)
                     .map_or(m.pid, |p| p.pid);
-                let (dirty, tracked) = match m.tracker.as_mut() {
-                    Some(t) => (t.collect_tracked()?, t.tracked().to_vec()),
-                    None => (Vec::new(), Vec::new()),
-                };
+                let (dirty, tracked) = written;
                 let before = skeleton_vmas(&self.skeleton, fm.id);
                 let mut ranges = Vec::new();
                 let mut untracked = Vec::new();

@@ -28,7 +28,7 @@ use vkm_common::image::{Frame, ImageReader};
 use vkm_common::model::{self, prot, Backing, MemObject, ObjectKind, SysvShm, Vkernel};
 use vkm_sys::calls::{self, CloneArgs};
 use vkm_sys::cpu::OneCpu;
-use vkm_sys::inject::Remote;
+use vkm_sys::inject::{BatchArea, Call, Remote};
 use vkm_sys::proc;
 use vkm_sys::ptrace::{self, Stop};
 use vkm_sys::tracee;
@@ -47,6 +47,14 @@ use pages::{Fills, MmTarget};
 const SCRATCH_LEN: u64 = 1 << 20;
 /// Where injected calls find their arguments inside the scratch area.
 const ARGS_OFF: u64 = 4096;
+/// Batches of injected calls: their results, then their code (well past the arguments,
+/// well below the stack at the area's top).
+const BATCH: usize = 2048;
+const BATCH_RESULTS_OFF: u64 = 128 * 1024;
+const BATCH_CODE_OFF: u64 = BATCH_RESULTS_OFF + 8 * BATCH as u64;
+const _: () = assert!(
+    BATCH_CODE_OFF + vkm_sys::inject::batch_code_len(BATCH) as u64 <= SCRATCH_LEN - 64 * 1024
+);
 /// Highest user address + 1 on x86_64 with 4-level paging.
 const TASK_SIZE: u64 = 0x7fff_ffff_f000;
 const ARCH_MAP_VDSO_64: u64 = 0x2003;
@@ -458,6 +466,15 @@ struct Restorer {
 impl Restorer {
     fn args(&self) -> u64 {
         self.scratch + ARGS_OFF
+    }
+
+    /// Where batches of injected calls ([`Remote::batch`]) keep their code and results.
+    fn batch_area(&self) -> BatchArea {
+        BatchArea {
+            code: self.scratch + BATCH_CODE_OFF,
+            results: self.scratch + BATCH_RESULTS_OFF,
+            capacity: BATCH,
+        }
     }
 
     /// Every thread made so far onto `cpu`'s CPU (see [`vkm_sys::cpu::OneCpu::add_new`]).

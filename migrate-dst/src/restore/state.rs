@@ -19,48 +19,73 @@ impl Restorer {
     ) -> Result<(), DstError> {
         let saved: Vec<i32> = table.fds.iter().map(|f| f.fd).collect();
         let f = (3..).find(|n| !saved.contains(n)).unwrap_or(3);
-        let r = self.leader(rep)?;
         let fu = f as u64;
+        // One batch of calls (one ptrace stop instead of three per fd). Each fd is pulled
+        // with pidfd_getfd, which takes the lowest free number: the table is emptied first
+        // but for the pidfd at `f`, so which number each pull gets is known in advance, and
+        // checked after.
+        let mut calls = Vec::new();
         if f != AGENT_PIDFD {
-            r.call(
+            calls.push(Call::new(
                 "dup3(agent pidfd)",
                 libc::SYS_dup3,
                 &[AGENT_PIDFD as u64, fu, libc::O_CLOEXEC as u64],
-            )?;
+            ));
         }
         if f > 0 {
-            r.call("close_range", libc::SYS_close_range, &[0, fu - 1, 0])?;
+            calls.push(Call::new(
+                "close_range",
+                libc::SYS_close_range,
+                &[0, fu - 1, 0],
+            ));
         }
-        r.call(
+        calls.push(Call::new(
             "close_range",
             libc::SYS_close_range,
             &[fu + 1, u64::from(u32::MAX), 0],
-        )?;
+        ));
+        let mut open = std::collections::BTreeSet::from([f]);
+        let mut pulls = Vec::new();
         for e in &table.fds {
             let afd = agent
                 .get(&e.file)
                 .ok_or_else(|| DstError::Inconsistent(format!("file {} missing", e.file)))?;
-            let tmp = r.call(
+            let tmp = (0..).find(|n| !open.contains(n)).unwrap_or(0);
+            pulls.push((calls.len(), tmp));
+            calls.push(Call::new(
                 "pidfd_getfd",
                 libc::SYS_pidfd_getfd,
                 &[fu, afd.as_raw_fd() as u64, 0],
-            )?;
-            let target = e.fd as u64;
+            ));
+            let (tmp, target) = (tmp as u64, e.fd as u64);
             if tmp == target {
                 if !e.cloexec {
-                    r.call(
+                    calls.push(Call::new(
                         "fcntl(F_SETFD)",
                         libc::SYS_fcntl,
                         &[target, libc::F_SETFD as u64, 0],
-                    )?;
+                    ));
                 }
             } else {
                 let fl = if e.cloexec { libc::O_CLOEXEC as u64 } else { 0 };
-                r.call("dup3", libc::SYS_dup3, &[tmp, target, fl])?;
-                r.call("close", libc::SYS_close, &[tmp])?;
+                calls.push(Call::new("dup3", libc::SYS_dup3, &[tmp, target, fl]));
+                calls.push(Call::new("close", libc::SYS_close, &[tmp]));
+            }
+            open.insert(e.fd);
+        }
+        calls.push(Call::new("close", libc::SYS_close, &[fu]));
+        let area = self.batch_area();
+        let r = self.leader(rep)?;
+        let got = r.batch(&area, &calls)?;
+        for (i, want) in pulls {
+            if got.get(i).copied() != Some(want as u64) {
+                return Err(DstError::Inconsistent(format!(
+                    "an fd pulled into process {} became {:?}, not {want}",
+                    r.tid,
+                    got.get(i)
+                )));
             }
         }
-        r.call("close", libc::SYS_close, &[fu])?;
         self.posix_locks(table)
     }
 

@@ -475,24 +475,20 @@ impl<'a> FileCapture<'a> {
     fn vkernel_sockets(&mut self) -> Result<&BTreeSet<u64>, SrcError> {
         if self.vk_sockets.is_none() {
             let mut set = BTreeSet::new();
+            // By process: the image holds one fd table per process, which its threads share.
             for &host in self.host_to_ns.keys() {
-                let Ok(tids) = proc::list_numeric(proc::pid_path(host, "task")) else {
+                let dir = proc::pid_path(host, "fd");
+                let Ok(fds) = proc::list_numeric(&dir) else {
                     continue;
                 };
-                for tid in tids {
-                    let dir = proc::pid_path(host, &format!("task/{tid}/fd"));
-                    let Ok(fds) = proc::list_numeric(&dir) else {
-                        continue;
-                    };
-                    for fd in fds {
-                        if let Ok(l) = proc::readlink(dir.join(fd.to_string())) {
-                            if let Some(i) = l
-                                .strip_prefix("socket:[")
-                                .and_then(|s| s.strip_suffix(']'))
-                                .and_then(|s| s.parse().ok())
-                            {
-                                set.insert(i);
-                            }
+                for fd in fds {
+                    if let Ok(l) = proc::readlink(dir.join(fd.to_string())) {
+                        if let Some(i) = l
+                            .strip_prefix("socket:[")
+                            .and_then(|s| s.strip_suffix(']'))
+                            .and_then(|s| s.parse().ok())
+                        {
+                            set.insert(i);
                         }
                     }
                 }

@@ -13,9 +13,17 @@ use vkm_sys::{proc, ptrace};
 use crate::freeze::FrozenProcess;
 use crate::SrcError;
 
+/// The scratch area mapped in a process while its state is read: a trap gadget, then each
+/// batched call's out-parameter (32 bytes each), their results, and the batch's code.
 const SCRATCH_LEN: u64 = 64 * 1024;
-/// Where injected calls' arguments start in the scratch area (after its gadget).
-const ARGS_OFF: u64 = 64;
+const OUT_OFF: u64 = 64;
+const OUT_LEN: u64 = 32;
+/// Calls per batch: their out-parameters, results and code fit the scratch area.
+const BATCH: usize = 256;
+const RESULTS_OFF: u64 = OUT_OFF + OUT_LEN * BATCH as u64;
+const CODE_OFF: u64 = 16 * 1024;
+const _: () = assert!(RESULTS_OFF + 8 * BATCH as u64 <= CODE_OFF);
+const _: () = assert!(CODE_OFF + inject::batch_code_len(BATCH) as u64 <= SCRATCH_LEN);
 
 /// Signals that arrived while we injected and were held back: (host tid, signal number). A
 /// vkernel that keeps running gets them again.
@@ -159,6 +167,85 @@ struct Injected {
     pdeathsig: i32,
 }
 
+/// What one batched call reads.
+#[derive(Clone, Copy)]
+enum Read {
+    SigAction(i32),
+    ITimer(u64),
+    TimerGet(usize),
+    TimerOverrun(usize),
+    Brk,
+    Personality,
+    PdeathSig,
+    TidAddress,
+    AltStack,
+}
+
+impl Read {
+    fn op(self) -> &'static str {
+        match self {
+            Read::SigAction(_) => "rt_sigaction",
+            Read::ITimer(_) => "getitimer",
+            Read::TimerGet(_) => "timer_gettime",
+            Read::TimerOverrun(_) => "timer_getoverrun",
+            Read::Brk => "brk",
+            Read::Personality => "personality",
+            Read::PdeathSig => "prctl(PR_GET_PDEATHSIG)",
+            Read::TidAddress => "prctl(PR_GET_TID_ADDRESS)",
+            Read::AltStack => "sigaltstack",
+        }
+    }
+
+    /// The call, its out-parameter (if any) at `out`.
+    fn call(self, out: u64, timers: &[procfs::PosixTimerInfo]) -> inject::Call {
+        let timer = |i: usize| timers.get(i).map_or(0, |t| t.id as u64);
+        let (nr, args): (i64, &[u64]) = match self {
+            Read::SigAction(sig) => (libc::SYS_rt_sigaction, &[sig as u64, 0, out, 8]),
+            Read::ITimer(which) => (libc::SYS_getitimer, &[which, out]),
+            Read::TimerGet(i) => (libc::SYS_timer_gettime, &[timer(i), out]),
+            Read::TimerOverrun(i) => (libc::SYS_timer_getoverrun, &[timer(i)]),
+            Read::Brk => (libc::SYS_brk, &[0]),
+            Read::Personality => (libc::SYS_personality, &[0xffff_ffff]),
+            Read::PdeathSig => (libc::SYS_prctl, &[libc::PR_GET_PDEATHSIG as u64, out]),
+            Read::TidAddress => (libc::SYS_prctl, &[libc::PR_GET_TID_ADDRESS as u64, out]),
+            Read::AltStack => (libc::SYS_sigaltstack, &[0, out]),
+        };
+        inject::Call::new(self.op(), nr, args)
+    }
+}
+
+/// Run `reads` in the thread of `r` in batches (one ptrace stop each, where one call each
+/// costs about 12 µs here, all while the vkernel is frozen); returns each one's result and
+/// out-parameter.
+fn run_reads(
+    r: &mut Remote,
+    area: u64,
+    reads: &[Read],
+    timers: &[procfs::PosixTimerInfo],
+) -> Result<Vec<(u64, [u64; 4])>, SrcError> {
+    let mut out = Vec::with_capacity(reads.len());
+    for chunk in reads.chunks(BATCH) {
+        let calls: Vec<inject::Call> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, rd)| rd.call(area + OUT_OFF + OUT_LEN * i as u64, timers))
+            .collect();
+        let batch = inject::BatchArea {
+            code: area + CODE_OFF,
+            results: area + RESULTS_OFF,
+            capacity: BATCH,
+        };
+        let results = r.batch(&batch, &calls)?;
+        let outs = words(&r.read(area + OUT_OFF, OUT_LEN as usize * chunk.len())?);
+        for (i, res) in results.into_iter().enumerate() {
+            let mut o = [0u64; 4];
+            o.copy_from_slice(&outs[i * 4..i * 4 + 4]);
+            out.push((res, o));
+        }
+    }
+    Ok(out)
+}
+
 fn inject_reads(
     r: &mut Remote,
     p: &FrozenProcess,
@@ -168,91 +255,85 @@ fn inject_reads(
     held: &mut Held,
     handled: u64,
 ) -> Result<Injected, SrcError> {
-    // A private scratch page for out-parameters, so that nothing of the target's memory is
-    // touched; it is unmapped again before we return.
-    // It holds the gadget the calls below go through (one ptrace stop each instead of two),
-    // then their arguments.
-    let code = r.map_trap_gadget(SCRATCH_LEN)?;
-    let scratch = code + ARGS_OFF;
-    r.scratch = scratch;
+    // A private scratch area for the calls' code and out-parameters, so that nothing of the
+    // target's memory is touched; it is unmapped again before we return.
+    let area = r.map_trap_gadget(SCRATCH_LEN)?;
     let out = (|| -> Result<Injected, SrcError> {
-        let mut sigactions = Vec::new();
-        for sig in 1..=64i32 {
-            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
-                continue;
-            }
-            // Only caught or ignored signals can have a handler; SIGCHLD's flags matter even
-            // at SIG_DFL (SA_NOCLDSTOP, SA_NOCLDWAIT). Each read is an injected syscall, and
-            // this runs while the vkernel is frozen.
-            if handled & (1u64 << (sig - 1)) == 0 && sig != libc::SIGCHLD {
-                continue;
-            }
-            r.call(
-                "rt_sigaction",
-                libc::SYS_rt_sigaction,
-                &[sig as u64, 0, scratch, 8],
-            )?;
-            let b = r.read(scratch, 32)?;
-            let f = words(&b);
-            if f[0] != 0 || f[1] != 0 {
-                sigactions.push(SigAction {
-                    signo: sig,
-                    handler: f[0],
-                    flags: f[1],
-                    restorer: f[2],
-                    mask: f[3],
-                });
+        // Only caught or ignored signals can have a handler; SIGCHLD's flags matter even at
+        // SIG_DFL (SA_NOCLDSTOP, SA_NOCLDWAIT).
+        let mut reads: Vec<Read> = (1..=64i32)
+            .filter(|&sig| sig != libc::SIGKILL && sig != libc::SIGSTOP)
+            .filter(|&sig| handled & (1u64 << (sig - 1)) != 0 || sig == libc::SIGCHLD)
+            .map(Read::SigAction)
+            .collect();
+        reads.extend((0..3).map(Read::ITimer));
+        for i in 0..timers.len() {
+            reads.extend([Read::TimerGet(i), Read::TimerOverrun(i)]);
+        }
+        reads.extend([Read::Brk, Read::Personality, Read::PdeathSig]);
+        let results = run_reads(r, area, &reads, timers)?;
+
+        let mut inj = Injected {
+            sigactions: Vec::new(),
+            itimers: Vec::new(),
+            posix_timers: Vec::new(),
+            brk: 0,
+            personality: 0,
+            pdeathsig: 0,
+        };
+        let us = |s: u64, u: u64| (s as i64) * 1_000_000 + u as i64;
+        let ns = |s: u64, n: u64| (s as i64) * 1_000_000_000 + n as i64;
+        for (rd, (res, f)) in reads.iter().zip(&results) {
+            match *rd {
+                Read::SigAction(sig) if f[0] != 0 || f[1] != 0 => {
+                    inj.sigactions.push(SigAction {
+                        signo: sig,
+                        handler: f[0],
+                        flags: f[1],
+                        restorer: f[2],
+                        mask: f[3],
+                    });
+                }
+                Read::ITimer(which) => {
+                    let t = ITimer {
+                        which: which as i32,
+                        interval_us: us(f[0], f[1]),
+                        value_us: us(f[2], f[3]),
+                    };
+                    if t.interval_us != 0 || t.value_us != 0 {
+                        inj.itimers.push(t);
+                    }
+                }
+                Read::TimerGet(i) => {
+                    let Some(t) = timers.get(i) else { continue };
+                    inj.posix_timers.push(PosixTimer {
+                        id: t.id,
+                        clockid: t.clockid,
+                        notify: t.sigev_notify(),
+                        signo: t.signal,
+                        sigev_value: t.sigev_value,
+                        notify_tid: if t.thread {
+                            host_to_ns_tid(host_to_ns, t.target)
+                        } else {
+                            0
+                        },
+                        interval_ns: ns(f[0], f[1]),
+                        value_ns: ns(f[2], f[3]),
+                        overrun: 0,
+                    });
+                }
+                Read::TimerOverrun(_) => {
+                    if let Some(t) = inj.posix_timers.last_mut() {
+                        t.overrun = i32::try_from(*res).unwrap_or(0);
+                    }
+                }
+                Read::Brk => inj.brk = *res,
+                Read::Personality => inj.personality = *res,
+                Read::PdeathSig => inj.pdeathsig = i32::try_from(f[0] & 0xffff_ffff).unwrap_or(0),
+                _ => {}
             }
         }
-        let mut itimers = Vec::new();
-        for which in 0..3 {
-            r.call("getitimer", libc::SYS_getitimer, &[which, scratch])?;
-            let f = words(&r.read(scratch, 32)?);
-            let us = |s: u64, u: u64| (s as i64) * 1_000_000 + u as i64;
-            let t = ITimer {
-                which: which as i32,
-                interval_us: us(f[0], f[1]),
-                value_us: us(f[2], f[3]),
-            };
-            if t.interval_us != 0 || t.value_us != 0 {
-                itimers.push(t);
-            }
-        }
-        let mut posix = Vec::new();
-        for t in timers {
-            r.call(
-                "timer_gettime",
-                libc::SYS_timer_gettime,
-                &[t.id as u64, scratch],
-            )?;
-            let f = words(&r.read(scratch, 32)?);
-            let ns = |s: u64, n: u64| (s as i64) * 1_000_000_000 + n as i64;
-            let overrun = r.raw(libc::SYS_timer_getoverrun, &[t.id as u64])?;
-            posix.push(PosixTimer {
-                id: t.id,
-                clockid: t.clockid,
-                notify: t.sigev_notify(),
-                signo: t.signal,
-                sigev_value: t.sigev_value,
-                notify_tid: if t.thread {
-                    host_to_ns_tid(host_to_ns, t.target)
-                } else {
-                    0
-                },
-                interval_ns: ns(f[0], f[1]),
-                value_ns: ns(f[2], f[3]),
-                overrun: i32::try_from(overrun.max(0)).unwrap_or(0),
-            });
-        }
-        let brk = r.call("brk", libc::SYS_brk, &[0])?;
-        let personality = r.call("personality", libc::SYS_personality, &[0xffff_ffff])?;
-        r.call(
-            "prctl(PR_GET_PDEATHSIG)",
-            libc::SYS_prctl,
-            &[libc::PR_GET_PDEATHSIG as u64, scratch],
-        )?;
-        let pdeathsig = i32::try_from(words(&r.read(scratch, 8)?)[0] & 0xffff_ffff).unwrap_or(0);
-        // Per-thread values only readable from inside: each thread runs its own injection.
+        // Per-thread values only readable from inside: each thread runs its own batch.
         for (i, &tid) in p.threads.iter().enumerate() {
             let mem = r.mem.try_clone().map_err(|e| vkm_sys::SysError::Syscall {
                 op: "dup(/proc/PID/mem)",
@@ -262,7 +343,7 @@ fn inject_reads(
             let mut t = if tid == r.tid {
                 None
             } else {
-                let mut t = Remote::new(tid, r.gadget, scratch, 0, mem)?;
+                let mut t = Remote::new(tid, r.gadget, r.scratch, 0, mem)?;
                 t.stack = t.saved.rsp;
                 t.traps = r.traps;
                 Some(t)
@@ -271,7 +352,7 @@ fn inject_reads(
                 Some(t) => t,
                 None => &mut *r,
             };
-            let res = per_thread(rem, scratch, &mut threads[i]);
+            let res = per_thread(rem, area, timers, &mut threads[i]);
             if let Some(t) = t.as_mut() {
                 t.restore_regs()?;
                 for si in t.swallowed.drain(..) {
@@ -281,35 +362,29 @@ fn inject_reads(
             }
             res?;
         }
-        Ok(Injected {
-            sigactions,
-            itimers,
-            posix_timers: posix,
-            brk,
-            personality,
-            pdeathsig,
-        })
+        Ok(inj)
     })();
-    let unmapped = r.unmap(code, SCRATCH_LEN);
+    let unmapped = r.unmap(area, SCRATCH_LEN);
     let out = out?;
     unmapped?;
     Ok(out)
 }
 
-fn per_thread(r: &mut Remote, scratch: u64, t: &mut Thread) -> Result<(), SrcError> {
-    r.call(
-        "prctl(PR_GET_TID_ADDRESS)",
-        libc::SYS_prctl,
-        &[libc::PR_GET_TID_ADDRESS as u64, scratch],
-    )?;
-    t.clear_child_tid = words(&r.read(scratch, 8)?)[0];
-    r.call("sigaltstack", libc::SYS_sigaltstack, &[0, scratch])?;
-    let f = words(&r.read(scratch, 24)?);
-    t.sigaltstack = SigAltStack {
-        sp: f[0],
-        flags: (f[1] & 0xffff_ffff) as i32,
-        size: f[2],
-    };
+fn per_thread(
+    r: &mut Remote,
+    area: u64,
+    timers: &[procfs::PosixTimerInfo],
+    t: &mut Thread,
+) -> Result<(), SrcError> {
+    let got = run_reads(r, area, &[Read::TidAddress, Read::AltStack], timers)?;
+    if let [(_, tid_address), (_, alt)] = got.as_slice() {
+        t.clear_child_tid = tid_address[0];
+        t.sigaltstack = SigAltStack {
+            sp: alt[0],
+            flags: (alt[1] & 0xffff_ffff) as i32,
+            size: alt[2],
+        };
+    }
     Ok(())
 }
 
