@@ -41,6 +41,7 @@ fn main() -> ExitCode {
 /// one per core of the machines this is sized for; page work runs on threads of its own.
 fn net_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     use anyhow::Context;
+    vkm_sys::calls::keep_freed_memory();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
