@@ -226,3 +226,112 @@ fn a_vkernel_whose_processes_come_and_go_moves_too() {
     assert!(ticks[0] > seen, "{ticks:?}");
     assert!(ticks.windows(2).all(|w| w[1] == w[0] + 1), "{ticks:?}");
 }
+
+/// A Python program with 4 MiB of random data that checks the data's CRC every tick and
+/// starts a second ticking thread once the file named by its argument exists.
+const LATE_THREAD: &str = r#"
+import os, sys, threading, time, zlib
+data = bytearray(os.urandom(4 << 20))
+crc = zlib.crc32(data)
+def worker():
+    n = 0
+    while True:
+        n += 1
+        print(f"thread={n}", flush=True)
+        time.sleep(0.05)
+started = False
+i = 0
+while True:
+    i += 1
+    if not started and os.path.exists(sys.argv[1]):
+        threading.Thread(target=worker, daemon=True).start()
+        started = True
+    print(f"tick={i} ok={int(zlib.crc32(data) == crc)}", flush=True)
+    time.sleep(0.05)
+"#;
+
+#[test]
+fn a_thread_started_during_precopy_gets_a_new_skeleton_before_the_pause() {
+    // The thread appears during round 0: the skeleton no longer fits. Its address space
+    // (some 10 MiB at 2 MB/s) would overrun the pause, so the destination builds a new
+    // skeleton while the program runs, the pages go again, and the final freeze fits it.
+    let lab = NetLab::new("mig-late", &["a", "b"]);
+    let (a, b) = (lab.host("a"), lab.host("b"));
+    let _listener = b.spawn_listen();
+    let trigger = a.dir.join("start-thread");
+    let py = common::python3();
+    a.ok(&[
+        "run",
+        "--name",
+        "py1",
+        "--",
+        &py,
+        "-c",
+        LATE_THREAD,
+        trigger.to_str().unwrap(),
+    ]);
+    let last = |h: &Host, key: &str| -> u64 {
+        h.console_log("py1")
+            .lines()
+            .rev()
+            .find_map(|l| {
+                l.split_whitespace()
+                    .find_map(|f| f.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let t0 = Instant::now();
+    while last(a, "tick") < 5 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "py1 does not tick");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let report = a.dir.join("report.json");
+    let starter = {
+        let trigger = trigger.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            std::fs::write(&trigger, b"").unwrap();
+        })
+    };
+    let out = a.send(
+        "py1",
+        b,
+        &[
+            "--max-bandwidth",
+            "2MB/s",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    starter.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let rounds = r["rounds"].as_array().unwrap();
+    assert!(
+        rounds.iter().skip(1).any(|x| x["full"] == true),
+        "no new skeleton during pre-copy: {r}"
+    );
+    assert_eq!(
+        r["rebuilt"], false,
+        "the skeleton was rebuilt in the pause: {r}"
+    );
+    // On B: both threads go on, the data is intact.
+    let (ticks, threads) = (last(b, "tick"), last(b, "thread"));
+    let t0 = Instant::now();
+    while last(b, "tick") < ticks + 20 || last(b, "thread") < threads + 20 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "py1 does not go on on B:\n{}",
+            b.console_log("py1")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = b.console_log("py1");
+    assert!(threads > 0, "the thread never ran on A:\n{log}");
+    assert!(!log.contains("ok=0"), "the data changed:\n{log}");
+}

@@ -14,6 +14,8 @@
 //!  pages, round after round (page streams) ▶ written straight into the skeleton
 //!  RoundDone{frames} ─────────────────────▶ (after each round)
 //!        ◀──────────────────────────────── RoundApplied
+//!  [Skeleton(vk) ─────────────────────────▶ the processes changed: a new skeleton,
+//!        ◀──────────────────────────────── SkeletonReady   and every page again]
 //!  (freeze) a barrier on every page stream,
 //!  Final{vk, frames, fresh} ──────────────▶ waits for those frames, applies the layout delta,
 //!                                           then lets the page streams past their barriers
@@ -40,7 +42,7 @@ use crate::model::{Clocks, CpuInfo, Mm, Vkernel};
 pub const PAGE_STREAM_BARRIER: [u8; 4] = 0u32.to_le_bytes();
 
 /// Version of the conversation above; both sides must speak the same.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// What the destination must provide to run the vkernel, sent before any state.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -135,7 +137,9 @@ pub enum ToReceiver {
         migration_id: String,
     },
     /// The state captured when pre-copy began: the receiver builds processes and address
-    /// spaces from it and pages then flow into them.
+    /// spaces from it and pages then flow into them. Sent again between rounds when the
+    /// vkernel's processes or threads changed: the receiver builds a new skeleton (keeping
+    /// its memory objects where [`objects_kept`] says so) and the pages follow again.
     Skeleton(Box<Vkernel>),
     /// A pre-copy round is sent (`frames` per stream so far); answer once they are applied,
     /// so that the sender's round times measure delivery and nothing is in flight when it

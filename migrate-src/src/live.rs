@@ -61,6 +61,9 @@ pub struct RoundStats {
     pub bytes_raw: u64,
     pub bytes_encoded: u64,
     pub duration_ms: f64,
+    /// Every page with state went, not only what changed: round 0, and the first round
+    /// after a new skeleton (see [`Precopy::restart`]).
+    pub full: bool,
 }
 
 struct TrackedMm {
@@ -78,6 +81,24 @@ struct TrackedObject {
     /// that reverted to it (a lock word taken and released) while the destination holds the
     /// content in between.
     hashes: Vec<AtomicU64>,
+}
+
+/// Whether a page that is zero now must still be sent, by kind of space: it must where the
+/// destination holds earlier contents, and need not where it holds a freshly made (all zero)
+/// address space or object.
+#[derive(Clone, Copy, Debug)]
+struct ZeroIsNews {
+    mms: bool,
+    objects: bool,
+}
+
+impl ZeroIsNews {
+    fn of(self, space: Space) -> bool {
+        match space {
+            Space::Mm(_) => self.mms,
+            Space::Object(_) => self.objects,
+        }
+    }
 }
 
 /// One piece of work for an encoder: a page-aligned range of one space.
@@ -103,6 +124,15 @@ pub struct Precopy {
     smaps: BTreeMap<i32, Vec<procfs::Vma>>,
     /// Host pids of the vkernel's processes when pre-copy began (for throttling).
     pub host_pids: Vec<i32>,
+    /// Host tids of each process (by host pid) the skeleton was captured with.
+    tree: BTreeMap<i32, Vec<i32>>,
+    /// The next round sends every page with state.
+    full: bool,
+    /// Bytes of address-space pages the last full round found: what a skeleton rebuilt in
+    /// the pause sends again (see [`Precopy::tree_changed`]).
+    mm_bytes: u64,
+    /// The objects went on from an earlier skeleton's (see [`Precopy::restart`]).
+    objects_carried: bool,
 }
 
 impl Precopy {
@@ -123,6 +153,20 @@ impl Precopy {
             .iter()
             .filter(|p| p.zombie.is_none())
             .map(|p| p.host_pid)
+            .collect();
+        // As /proc will show it: a zombie's task list holds its leader alone.
+        let tree = frozen
+            .processes
+            .iter()
+            .map(|p| {
+                let mut tids = if p.zombie.is_some() {
+                    vec![p.host_pid]
+                } else {
+                    p.threads.clone()
+                };
+                tids.sort_unstable();
+                (p.host_pid, tids)
+            })
             .collect();
         frozen.thaw();
         drop(frozen);
@@ -161,9 +205,47 @@ impl Precopy {
                 tracking: false,
                 smaps: BTreeMap::new(),
                 host_pids,
+                tree,
+                full: true,
+                mm_bytes: 0,
+                objects_carried: false,
             },
             vk,
         ))
+    }
+
+    /// Whether the vkernel's processes or threads differ from those the skeleton was captured
+    /// with, as /proc shows them now. If so, the final freeze will find that the skeleton
+    /// does not fit and the destination will rebuild it in the pause, with every page of the
+    /// address spaces ([`Precopy::mm_bytes`]) going again; [`Precopy::restart`] does that
+    /// while the vkernel runs instead. (The final freeze decides from the captured state:
+    /// this is the cheap early look.)
+    pub fn tree_changed(&self) -> bool {
+        read_tree(self.opts.init_pid).is_none_or(|now| now != self.tree)
+    }
+
+    /// Bytes of address-space pages the last full round found.
+    pub fn mm_bytes(&self) -> u64 {
+        self.mm_bytes
+    }
+
+    /// Capture a new skeleton (a brief freeze, as [`Precopy::start`]) and go on with it: the
+    /// next round sends every page with state again, but for memory objects the destination
+    /// keeps ([`objects_kept`]), which go on from what it holds. Returns the state the
+    /// destination builds its new skeleton from.
+    pub fn restart(mut self) -> Result<(Precopy, Vkernel), SrcError> {
+        // The old tracking goes first: the capture must not see its registrations.
+        for m in &mut self.mms {
+            m.tracker = None;
+        }
+        let (mut next, vk) = Precopy::start(self.opts.clone())?;
+        next.frames = self.frames;
+        next.round = self.round;
+        if objects_kept(&self.skeleton, &vk) {
+            next.objects = self.objects;
+            next.objects_carried = true;
+        }
+        Ok((next, vk))
     }
 
     /// Read smaps of every address space for the freeze (see [`Precopy::freeze`]). smaps
@@ -228,7 +310,7 @@ impl Precopy {
     pub fn round(&mut self, sink: &dyn PageSink) -> Result<RoundStats, SrcError> {
         self.track();
         let t0 = Instant::now();
-        let first = self.round == 0;
+        let first = std::mem::replace(&mut self.full, false);
         if !first {
             // Any later round may be the last before the freeze.
             self.read_smaps();
@@ -258,12 +340,20 @@ impl Precopy {
             };
             push_chunks(&mut chunks, Space::Mm(m.id), &merge_ranges(ranges));
         }
+        if first {
+            self.mm_bytes = chunks.iter().map(|c| c.end - c.start).sum();
+        }
         for o in &mut self.objects {
             let ranges = changed_pages(o)?;
             push_chunks(&mut chunks, Space::Object(o.id), &ranges);
         }
         let t_found = t0.elapsed();
-        let mut stats = self.send(sink, &chunks, !first, false)?;
+        // A full round goes to a new skeleton, all zero but for objects it kept.
+        let zero_is_news = ZeroIsNews {
+            mms: !first,
+            objects: !first || std::mem::take(&mut self.objects_carried),
+        };
+        let mut stats = self.send(sink, &chunks, zero_is_news, false)?;
         tracing::debug!(
             round = self.round,
             find_ms = ms(t_found),
@@ -271,6 +361,7 @@ impl Precopy {
             "round sent"
         );
         stats.round = self.round;
+        stats.full = first;
         stats.duration_ms = ms(t0.elapsed());
         self.round += 1;
         Ok(stats)
@@ -284,7 +375,7 @@ impl Precopy {
         &mut self,
         sink: &dyn PageSink,
         chunks: &[Chunk],
-        keep_zero: bool,
+        keep_zero: ZeroIsNews,
         strict: bool,
     ) -> Result<RoundStats, SrcError> {
         let n = self.frames.len();
@@ -526,7 +617,11 @@ impl Precopy {
             chunks,
             fresh,
             rebuild,
-            zero_is_news: !rebuild || kept,
+            // A rebuilt skeleton's address spaces are new; its objects are new unless kept.
+            zero_is_news: ZeroIsNews {
+                mms: !rebuild,
+                objects: !rebuild || kept,
+            },
         })
     }
 }
@@ -543,9 +638,8 @@ pub struct Final {
     pub fresh: Vec<(u32, u64)>,
     /// The process tree or memory objects changed: the destination builds a new skeleton.
     pub rebuild: bool,
-    /// The destination holds earlier contents of the pages that go now, so a page that became
-    /// zero must be sent too (only a freshly built skeleton without kept objects is all zero).
-    zero_is_news: bool,
+    /// Where the destination holds earlier contents of the pages that go now.
+    zero_is_news: ZeroIsNews,
 }
 
 impl Final {
@@ -603,6 +697,18 @@ fn state_runs_now(pid: i32, vmas: &[Vma]) -> Result<Vec<(u64, u64)>, SrcError> {
         }
     }
     Ok(runs)
+}
+
+/// Sorted host tids of each process (by host pid) below `init`; `None` when a process went
+/// away while it was read.
+fn read_tree(init: i32) -> Option<BTreeMap<i32, Vec<i32>>> {
+    let mut tree = BTreeMap::new();
+    for pid in proc::descendants(init).ok()? {
+        let mut tids = proc::list_numeric(proc::pid_path(pid, "task")).ok()?;
+        tids.sort_unstable();
+        tree.insert(pid, tids);
+    }
+    Some(tree)
 }
 
 fn proc_exists(pid: i32) -> bool {
@@ -738,7 +844,7 @@ fn encode_stream(
     mm_pids: &[(u32, i32)],
     objects: &[SentObject],
     sink: &dyn PageSink,
-    keep_zero: bool,
+    keep_zero: ZeroIsNews,
     compression: bool,
     strict: bool,
 ) -> Result<(RoundStats, u64), SrcError> {
@@ -786,8 +892,14 @@ fn encode_stream(
                 tracing::debug!(start = c.start, error = %e, "pages gone since they were found dirty");
                 continue;
             }
-            let counts =
-                encode_pages_wire(c.space, c.start, data, compression, keep_zero, &mut msg)?;
+            let counts = encode_pages_wire(
+                c.space,
+                c.start,
+                data,
+                compression,
+                keep_zero.of(c.space),
+                &mut msg,
+            )?;
             k += counts.runs;
             stats.pages += (n / PAGE_SIZE) as u64;
             stats.zero_pages += counts.zero_pages_skipped + counts.zero_pages_sent;

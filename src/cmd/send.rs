@@ -434,6 +434,7 @@ fn migrate(
     // The previous round's duration (s), the share of a CPU the vkernel used meanwhile and
     // the limit it had.
     let mut last: Option<(f64, f64, u32)> = None;
+    let mut restarts = 0;
     loop {
         let t = Instant::now();
         let cpu0 = vkm_migrate_src::throttle::cpu_ns(&precopy.host_pids);
@@ -480,12 +481,42 @@ fn migrate(
         let dirty_rate = load.map(|l| l.dirty_rate);
         last = Some((secs, cpu, limit(throttle)));
         ui.round(&s, dirty_rate, bandwidth, opts.downtime_ms);
-        let first = s.round == 0;
+        let first = s.full;
         if !first {
             history.push(s.bytes_raw);
         }
         let remaining = if first { u64::MAX / 2 } else { s.bytes_raw };
         report.rounds.push(s);
+        // New processes or threads: the skeleton no longer fits. Rebuilt in the pause, it
+        // would take every page of the address spaces with it; so when those would overrun
+        // the pause, the destination rebuilds it now, a few times at most (a vkernel whose
+        // processes come and go all the time, such as UML's, would never settle).
+        if restarts < MAX_RESTARTS
+            && precopy.mm_bytes() as f64 / bandwidth > opts.downtime_ms as f64 / 1000.0
+            && precopy.tree_changed()
+        {
+            restarts += 1;
+            ui.note("the vkernel's processes or threads changed: the destination builds a new skeleton, and the pages go again");
+            let (next, vk) = precopy.restart().map_err(|e| {
+                before(anyhow::Error::from(e).context("Cannot capture a new skeleton"))
+            })?;
+            precopy = next;
+            rt.block_on(send_msg(control, &ToReceiver::Skeleton(Box::new(vk))))
+                .map_err(before)?;
+            precopy.track();
+            match rt.block_on(recv_msg(control)).map_err(before)? {
+                FromReceiver::SkeletonReady { build_us } => {
+                    tracing::info!(
+                        build_ms = build_us / 1000,
+                        "destination built a new skeleton"
+                    );
+                }
+                other => return Err(before(unexpected(other))),
+            }
+            history.clear();
+            last = None;
+            continue;
+        }
         if first {
             continue;
         }
@@ -614,6 +645,9 @@ fn migrate(
     report.downtime_ms = downtime_ms;
     Ok(fin)
 }
+
+/// New skeletons built during pre-copy at most (see [`Precopy::restart`]).
+const MAX_RESTARTS: u32 = 2;
 
 /// A round at least this big measures the bandwidth (its time is mostly moving pages).
 const BIG_ROUND: u64 = 4 << 20;

@@ -309,6 +309,27 @@ fn converse(
                 );
                 rt.block_on(send(control, &FromReceiver::RoundApplied { round }))?;
             }
+            ToReceiver::Skeleton(vk) => {
+                // Nothing is in flight: the sender asks between rounds.
+                let t = Instant::now();
+                tracing::info!(
+                    "the vkernel's processes changed during pre-copy: building a new skeleton"
+                );
+                skel = skel
+                    .rebuild(*vk, sandbox)
+                    .context("Cannot rebuild the vkernel's skeleton")?;
+                let new = Arc::new(skel.page_targets()?);
+                match targets.write() {
+                    Ok(mut t) => *t = new,
+                    Err(_) => bail!("a page stream task panicked"),
+                }
+                rt.block_on(send(
+                    control,
+                    &FromReceiver::SkeletonReady {
+                        build_us: us(t.elapsed()),
+                    },
+                ))?;
+            }
             ToReceiver::Final {
                 vk,
                 frames,
