@@ -270,6 +270,16 @@ impl Restorer {
         }
         let r = &mut rp.threads[0];
         if !p.posix_timers.is_empty() {
+            // A vkernel whose clock is a one-shot timer (UML's) stops if it comes back
+            // disarmed without its signal pending: say what came, for the log.
+            let signo = |si: &Vec<u8>| si.get(0..4).map_or(0, |b| b[0]);
+            tracing::info!(
+                pid = p.pid,
+                timers = ?p.posix_timers.iter().map(|t| (t.id, t.value_ns, t.interval_ns)).collect::<Vec<_>>(),
+                pending_shared = ?p.pending_shared.iter().map(signo).collect::<Vec<_>>(),
+                pending = ?p.threads.iter().map(|t| t.pending.iter().map(signo).collect::<Vec<_>>()).collect::<Vec<_>>(),
+                "timers restored"
+            );
             r.call(
                 "prctl(PR_TIMER_CREATE_RESTORE_IDS)",
                 libc::SYS_prctl,
