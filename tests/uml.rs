@@ -223,12 +223,26 @@ fn shim_logs(a: &Host, b: &Host, name: &str, kept: &Kept) -> String {
     let log_b = read(b);
     format!(
         "--- shim log on A ---\n{}\n--- shim log on B ---\n{log_b}\n--- processes on B ---\n{}\n\
-         --- B's daemon ---\n{}\n--- kept ---\n{}",
+         --- B's daemon ---\n{}\n--- kept ---\n{}\n--- the guest, through its mconsole ---\n{}",
         read(a),
         tree_of(&log_b),
         std::fs::read_to_string(b.dir.join("listen.stderr")).unwrap_or_default(),
-        kept.text()
+        kept.text(),
+        guest_view(&a.dir.join("uml").join(name).join("mconsole")),
     )
+}
+
+/// What the guest kernel says of itself (its timers above all, for a guest whose clock
+/// stopped), asked through its mconsole (which moved with it).
+fn guest_view(socket: &Path) -> String {
+    ["proc uptime", "proc loadavg", "proc timer_list"]
+        .iter()
+        .map(|c| {
+            let said = vkm_common::mconsole::request(socket, c).unwrap_or_else(|e| e.to_string());
+            let cut: String = said.chars().take(6000).collect();
+            format!("> {c}\n{cut}\n")
+        })
+        .collect()
 }
 
 /// The last contents seen of some files, read every 100 ms until dropped: a vkernel that ends
