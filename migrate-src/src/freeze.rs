@@ -23,6 +23,15 @@ use vkm_sys::tracee;
 
 use crate::SrcError;
 
+/// After a `stop` that failed: it may only have been late (a UML short of CPU answers after
+/// the request's timeout, and then stays stopped), so `go` follows it, which UML carries out
+/// after it, or refuses as "not stopped".
+fn undo_stop(socket: &Path) {
+    if let Err(e) = vkm_common::mconsole::request(socket, "go") {
+        tracing::debug!(socket = %socket.display(), error = %e, "no go after a failed stop");
+    }
+}
+
 /// One stopped process of the vkernel.
 #[derive(Debug)]
 pub struct FrozenProcess {
@@ -84,7 +93,7 @@ impl Frozen {
 
     /// [`Frozen::freeze`], running `interrupted` once every thread has been told to stop and
     /// before we wait for the first (or before a retry, or at the end, whichever comes
-    /// first). A live migration lifts its CPU throttle there: a throttled thread must run to
+    /// first; for a UML stopped through its mconsole, just before that request). A live migration lifts its CPU throttle there: a throttled thread must run to
     /// stop, and one lifted before it was interrupted would first pay back, at full speed,
     /// the writing it was kept from (the final round would carry it).
     ///
@@ -112,11 +121,15 @@ impl Frozen {
             cpu: None,
         };
         if let Some(socket) = mconsole {
+            // The UML stops at this request, which a throttled one would take its time over
+            // (past the request's timeout at 0.1 % of a CPU): the hook lifts the throttle.
+            run_hook();
             match vkm_common::mconsole::request(socket, "stop") {
                 Ok(_) => frozen.mconsole = Some(socket.to_path_buf()),
                 // Gone or changed since: found again the long way.
                 Err(e) => {
-                    tracing::debug!(socket = %socket.display(), error = %e, "UML not stopped ahead")
+                    tracing::debug!(socket = %socket.display(), error = %e, "UML not stopped ahead");
+                    undo_stop(socket);
                 }
             }
         }
@@ -156,10 +169,13 @@ impl Frozen {
         let Some(socket) = crate::uml::mconsole_of(tracer)? else {
             return Err(SrcError::Traced { pid, tracer });
         };
-        vkm_common::mconsole::request(&socket, "stop").map_err(|source| SrcError::Mconsole {
-            pid: tracer,
-            command: "stop",
-            source,
+        vkm_common::mconsole::request(&socket, "stop").map_err(|source| {
+            undo_stop(&socket);
+            SrcError::Mconsole {
+                pid: tracer,
+                command: "stop",
+                source,
+            }
         })?;
         tracing::debug!(socket = %socket.display(), "UML stopped through its mconsole");
         self.mconsole = Some(socket);

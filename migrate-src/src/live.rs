@@ -126,6 +126,8 @@ pub struct Precopy {
     pub host_pids: Vec<i32>,
     /// Host tids of each process (by host pid) the skeleton was captured with.
     tree: BTreeMap<i32, Vec<i32>>,
+    /// The tree as the last [`Precopy::tree_settled_otherwise`] saw it.
+    tree_seen: Option<BTreeMap<i32, Vec<i32>>>,
     /// The next round sends every page with state.
     full: bool,
     /// Bytes of address-space pages the last full round found: what a skeleton rebuilt in
@@ -206,6 +208,7 @@ impl Precopy {
                 smaps: BTreeMap::new(),
                 host_pids,
                 tree,
+                tree_seen: None,
                 full: true,
                 mm_bytes: 0,
                 objects_carried: false,
@@ -215,13 +218,20 @@ impl Precopy {
     }
 
     /// Whether the vkernel's processes or threads differ from those the skeleton was captured
-    /// with, as /proc shows them now. If so, the final freeze will find that the skeleton
-    /// does not fit and the destination will rebuild it in the pause, with every page of the
-    /// address spaces ([`Precopy::mm_bytes`]) going again; [`Precopy::restart`] does that
-    /// while the vkernel runs instead. (The final freeze decides from the captured state:
-    /// this is the cheap early look.)
-    pub fn tree_changed(&self) -> bool {
-        read_tree(self.opts.init_pid).is_none_or(|now| now != self.tree)
+    /// with, as /proc shows them now, and are the same as at the last call: a tree that
+    /// changed and then stayed. If so, the final freeze will find that the skeleton does not
+    /// fit and the destination will rebuild it in the pause, with every page of the address
+    /// spaces ([`Precopy::mm_bytes`]) going again; [`Precopy::restart`] does that while the
+    /// vkernel runs instead. A tree that keeps changing (a busy UML's guest processes come
+    /// and go all the time) would not fit a new skeleton either. (The final freeze decides
+    /// from the captured state: this is the cheap early look.)
+    pub fn tree_settled_otherwise(&mut self) -> bool {
+        let now = read_tree(self.opts.init_pid);
+        let settled = now
+            .as_ref()
+            .is_some_and(|t| *t != self.tree && Some(t) == self.tree_seen.as_ref());
+        self.tree_seen = now;
+        settled
     }
 
     /// Bytes of address-space pages the last full round found.

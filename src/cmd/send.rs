@@ -487,13 +487,12 @@ fn migrate(
         }
         let remaining = if first { u64::MAX / 2 } else { s.bytes_raw };
         report.rounds.push(s);
-        // New processes or threads: the skeleton no longer fits. Rebuilt in the pause, it
-        // would take every page of the address spaces with it; so when those would overrun
-        // the pause, the destination rebuilds it now, a few times at most (a vkernel whose
-        // processes come and go all the time, such as UML's, would never settle).
-        if restarts < MAX_RESTARTS
+        // New processes or threads that stayed: the skeleton no longer fits. Rebuilt in the
+        // pause, it would take every page of the address spaces with it; so when those would
+        // overrun the pause, the destination rebuilds it now, a few times at most.
+        if precopy.tree_settled_otherwise()
+            && restarts < MAX_RESTARTS
             && precopy.mm_bytes() as f64 / bandwidth > opts.downtime_ms as f64 / 1000.0
-            && precopy.tree_changed()
         {
             restarts += 1;
             ui.note("the vkernel's processes or threads changed: the destination builds a new skeleton, and the pages go again");
