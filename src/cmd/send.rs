@@ -489,8 +489,10 @@ fn migrate(
         report.rounds.push(s);
         // New processes or threads that stayed: the skeleton no longer fits. Rebuilt in the
         // pause, it would take every page of the address spaces with it; so when those would
-        // overrun the pause, the destination rebuilds it now, a few times at most.
+        // overrun the pause, the destination rebuilds it now, a few times at most. Not once
+        // throttled: a vkernel that hardly runs seems settled, and would be slow to freeze.
         if precopy.tree_settled_otherwise()
+            && throttle.is_none()
             && restarts < MAX_RESTARTS
             && precopy.mm_bytes() as f64 / bandwidth > opts.downtime_ms as f64 / 1000.0
         {

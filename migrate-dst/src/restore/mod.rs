@@ -266,11 +266,20 @@ impl Skeleton {
         self.net = Network::create(&vk.net)?;
         let t_net = t0.elapsed();
         let agent_files = r.prepare_files(console, &self.net)?;
+        let mut installed = Vec::new();
         for table in &vk.fd_tables {
             let rep = rep_of(&vk, &self.order, |p| p.fd_table == table.id)?;
             r.install_fds(rep, table, &agent_files.files)
                 .map_err(|e| step("files", vk.processes[rep].pid, e))?;
+            let sharers: Vec<i32> = vk
+                .processes
+                .iter()
+                .filter(|p| p.fd_table == table.id)
+                .map(|p| p.pid)
+                .collect();
+            installed.push((table.id, table.fds.len(), sharers));
         }
+        tracing::info!(tables = ?installed, "fd tables installed (id, fds, processes)");
         drop(agent_files);
         let t_files = t0.elapsed();
         for &i in &self.order {
