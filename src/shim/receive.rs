@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use vkm_common::image::decode_run;
 use vkm_common::live::{FromReceiver, ToReceiver};
-use vkm_common::model::Clocks;
+use vkm_common::model::{Clocks, Vkernel};
 use vkm_migrate_dst::{InitMode, PageTargets, Sandbox, Skeleton};
 use vkm_transport::{Control, Server, Session, TlsDir, Tuning};
 
@@ -257,6 +257,24 @@ fn receive(
     Ok(r)
 }
 
+/// A new skeleton from `vk` in place of `skel`, with the page streams writing into it.
+fn new_skeleton(
+    skel: Skeleton,
+    vk: Vkernel,
+    sandbox: &mut Sandbox,
+    targets: &RwLock<Arc<PageTargets>>,
+) -> Result<Skeleton> {
+    let mut skel = skel
+        .rebuild(vk, sandbox)
+        .context("Cannot rebuild the vkernel's skeleton")?;
+    let new = Arc::new(skel.page_targets()?);
+    match targets.write() {
+        Ok(mut t) => *t = new,
+        Err(_) => bail!("a page stream task panicked"),
+    }
+    Ok(skel)
+}
+
 fn converse(
     args: &ReceiveArgs,
     state: &StateDir,
@@ -315,14 +333,7 @@ fn converse(
                 tracing::info!(
                     "the vkernel's processes changed during pre-copy: building a new skeleton"
                 );
-                skel = skel
-                    .rebuild(*vk, sandbox)
-                    .context("Cannot rebuild the vkernel's skeleton")?;
-                let new = Arc::new(skel.page_targets()?);
-                match targets.write() {
-                    Ok(mut t) => *t = new,
-                    Err(_) => bail!("a page stream task panicked"),
-                }
+                skel = new_skeleton(skel, *vk, sandbox, &targets)?;
                 rt.block_on(send(
                     control,
                     &FromReceiver::SkeletonReady {
@@ -351,14 +362,7 @@ fn converse(
     let owned_net = vkm_common::net::OwnedNet::of(&vk.net);
     if rebuild {
         tracing::info!("the process tree changed during pre-copy: building a new skeleton");
-        skel = skel
-            .rebuild(*vk, sandbox)
-            .context("Cannot rebuild the vkernel's skeleton")?;
-        let new = Arc::new(skel.page_targets()?);
-        match targets.write() {
-            Ok(mut t) => *t = new,
-            Err(_) => bail!("a page stream task panicked"),
-        }
+        skel = new_skeleton(skel, *vk, sandbox, &targets)?;
     } else {
         skel.apply_final(*vk, &fresh)
             .context("Cannot apply the final layout")?;
