@@ -54,6 +54,8 @@ pub(crate) struct Report {
     /// After that: the source's stopped copy removed (or thawed, on failure) and the
     /// connection closed (QUIC's closing period of three probe timeouts, ~90 ms here).
     pub cleanup_ms: f64,
+    /// The pause the vkernel saw: from the freeze until its threads ran on the destination
+    /// (`downtime.until_resumed_ms` less the trip of `Resumed` back, see there).
     pub downtime_ms: f64,
     pub downtime: Downtime,
     pub bytes_on_wire: u64,
@@ -75,6 +77,12 @@ pub(crate) struct Downtime {
     restore_ms: f64,
     /// `go` until the destination reports the vkernel running.
     resume_ms: f64,
+    /// The destination's share of that: from `go` until its threads ran.
+    dest_resume_ms: f64,
+    /// From the freeze until `Resumed` arrived here: the pause plus that message's trip,
+    /// taken as half of `resume_ms` less `dest_resume_ms` (the hosts' clocks are not
+    /// compared).
+    until_resumed_ms: f64,
 }
 
 /// How to migrate: what `send` takes besides the vkernel and its destination (an evacuation
@@ -615,11 +623,15 @@ fn migrate(
         return Err(Failure::Unknown(e, fin));
     }
     // `Resumed` ends the pause; `Running` follows once the destination has recorded it.
-    let mut resumed: Option<(f64, f64)> = None;
+    let mut resumed: Option<(f64, f64, f64)> = None;
     loop {
         match rt.block_on(recv_msg(control)) {
-            Ok(FromReceiver::Resumed { .. }) if resumed.is_none() => {
-                resumed = Some((ms(t_go.elapsed()), ms(t_freeze.elapsed())));
+            Ok(FromReceiver::Resumed { resume_us }) if resumed.is_none() => {
+                resumed = Some((
+                    ms(t_go.elapsed()),
+                    ms(t_freeze.elapsed()),
+                    resume_us as f64 / 1000.0,
+                ));
             }
             Ok(FromReceiver::Running { .. }) => break,
             Ok(FromReceiver::Failed { chain }) if resumed.is_none() => {
@@ -635,15 +647,22 @@ fn migrate(
         }
     }
     // A destination that said only `Running`: the pause lasted until then, for all we know.
-    let (resume_ms, downtime_ms) =
-        resumed.unwrap_or_else(|| (ms(t_go.elapsed()), ms(t_freeze.elapsed())));
+    let (resume_ms, until_resumed_ms, dest_resume_ms) =
+        resumed.unwrap_or_else(|| (ms(t_go.elapsed()), ms(t_freeze.elapsed()), 0.0));
+    let trip_back = if resumed.is_some() {
+        ((resume_ms - dest_resume_ms) / 2.0).max(0.0)
+    } else {
+        0.0
+    };
     report.downtime = Downtime {
         freeze_ms,
         final_transfer_ms,
         restore_ms: restore_us as f64 / 1000.0,
         resume_ms,
+        dest_resume_ms,
+        until_resumed_ms,
     };
-    report.downtime_ms = downtime_ms;
+    report.downtime_ms = until_resumed_ms - trip_back;
     Ok(fin)
 }
 

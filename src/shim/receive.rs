@@ -399,6 +399,9 @@ fn converse(
             apply_us: us(delta + t.elapsed() - t_wait),
         },
     ))?;
+    // While `go` is on its way: the rest of what letting the vkernel run takes.
+    let arrival = state.prepare_arrival(&args.migration_id, sandbox.init_pid)?;
+    skel.unpin();
     match rt.block_on(recv(control))? {
         ToReceiver::Go => {}
         ToReceiver::Abort { reason } => bail!("The sender gave up: {reason}"),
@@ -408,7 +411,7 @@ fn converse(
     // The commit point. Until the sandbox is committed it dies with us; from then on the
     // vkernel runs here whatever happens to us, and the note lets this host's daemon tell a
     // sender that lost us that it does.
-    state.note_arrival(&args.migration_id, sandbox.init_pid)?;
+    arrival.post()?;
     sandbox
         .commit()
         .context("Cannot let the vkernel's sandbox outlive this shim")?;

@@ -343,7 +343,7 @@ fn inject_reads(
             let mut t = if tid == r.tid {
                 None
             } else {
-                let mut t = Remote::new(tid, r.gadget, r.scratch, 0, mem)?;
+                let mut t = Remote::new(tid, r.gadget, 0, 0, mem)?;
                 t.stack = t.saved.rsp;
                 t.traps = r.traps;
                 Some(t)
