@@ -15,6 +15,27 @@ fn dest(h: &Host) -> String {
     format!("{}:{LISTEN_PORT}", h.addr)
 }
 
+/// `send` `name` from `a` to `b` at `bandwidth` at most; it must succeed. Returns its report.
+fn send_slowly(a: &Host, name: &str, b: &Host, bandwidth: &str) -> serde_json::Value {
+    let report = a.dir.join("report.json");
+    let out = a.send(
+        name,
+        b,
+        &[
+            "--max-bandwidth",
+            bandwidth,
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap()
+}
+
 #[test]
 fn a_running_vkload_moves_to_another_host_and_goes_on() {
     let lab = NetLab::new("mig-basic", &["a", "b"]);
@@ -189,25 +210,8 @@ fn a_vkernel_whose_processes_come_and_go_moves_too() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let seen = count(a);
-    let report = a.dir.join("report.json");
     // A slow pre-copy makes sure the tree changes in between.
-    let out = a.send(
-        "sh1",
-        b,
-        &[
-            "--max-bandwidth",
-            "1MB/s",
-            "--report",
-            report.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let r = send_slowly(a, "sh1", b, "1MB/s");
     assert_eq!(r["rebuilt"], true, "{r}");
     let t0 = Instant::now();
     while count(b) < seen + 20 {
@@ -286,7 +290,6 @@ fn a_thread_started_during_precopy_gets_a_new_skeleton_before_the_pause() {
         assert!(t0.elapsed() < Duration::from_secs(20), "py1 does not tick");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let report = a.dir.join("report.json");
     let starter = {
         let trigger = trigger.clone();
         std::thread::spawn(move || {
@@ -294,24 +297,8 @@ fn a_thread_started_during_precopy_gets_a_new_skeleton_before_the_pause() {
             std::fs::write(&trigger, b"").unwrap();
         })
     };
-    let out = a.send(
-        "py1",
-        b,
-        &[
-            "--max-bandwidth",
-            "2MB/s",
-            "--report",
-            report.to_str().unwrap(),
-        ],
-    );
+    let r = send_slowly(a, "py1", b, "2MB/s");
     starter.join().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     let rounds = r["rounds"].as_array().unwrap();
     assert!(
         rounds.iter().skip(1).any(|x| x["full"] == true),
