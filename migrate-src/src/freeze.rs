@@ -93,9 +93,10 @@ impl Frozen {
 
     /// [`Frozen::freeze`], running `interrupted` once every thread has been told to stop and
     /// before we wait for the first (or before a retry, or at the end, whichever comes
-    /// first; for a UML stopped through its mconsole, just before that request). A live migration lifts its CPU throttle there: a throttled thread must run to
-    /// stop, and one lifted before it was interrupted would first pay back, at full speed,
-    /// the writing it was kept from (the final round would carry it).
+    /// first; for a UML stopped through its mconsole, just before that request). A live
+    /// migration lifts its CPU throttle there: a throttled thread must run to stop, and one
+    /// lifted before it was interrupted would first pay back, at full speed, the writing it
+    /// was kept from (the final round would carry it).
     ///
     /// `mconsole`: the socket of a UML found in an earlier freeze of the same vkernel, stopped
     /// first (see [`Frozen::quiesce`]) instead of after a freeze that finds its traced guest

@@ -131,10 +131,8 @@ pub struct Precopy {
     /// The next round sends every page with state.
     full: bool,
     /// Bytes of address-space pages the last full round found: what a skeleton rebuilt in
-    /// the pause sends again (see [`Precopy::tree_changed`]).
+    /// the pause sends again (see [`Precopy::tree_settled_otherwise`]).
     mm_bytes: u64,
-    /// The objects went on from an earlier skeleton's (see [`Precopy::restart`]).
-    objects_carried: bool,
 }
 
 impl Precopy {
@@ -211,7 +209,6 @@ impl Precopy {
                 tree_seen: None,
                 full: true,
                 mm_bytes: 0,
-                objects_carried: false,
             },
             vk,
         ))
@@ -253,7 +250,6 @@ impl Precopy {
         next.round = self.round;
         if objects_kept(&self.skeleton, &vk) {
             next.objects = self.objects;
-            next.objects_carried = true;
         }
         Ok((next, vk))
     }
@@ -358,10 +354,12 @@ impl Precopy {
             push_chunks(&mut chunks, Space::Object(o.id), &ranges);
         }
         let t_found = t0.elapsed();
-        // A full round goes to a new skeleton, all zero but for objects it kept.
+        // A full round goes to a new skeleton, whose address spaces are all zero. An object's
+        // page is found changed only where the destination holds other contents than it has
+        // now (see `changed_pages`), so one that is zero now is news there.
         let zero_is_news = ZeroIsNews {
             mms: !first,
-            objects: !first || std::mem::take(&mut self.objects_carried),
+            objects: true,
         };
         let mut stats = self.send(sink, &chunks, zero_is_news, false)?;
         tracing::debug!(

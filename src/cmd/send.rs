@@ -79,9 +79,9 @@ pub(crate) struct Downtime {
     resume_ms: f64,
     /// The destination's share of that: from `go` until its threads ran.
     dest_resume_ms: f64,
-    /// From the freeze until `Resumed` arrived here: the pause plus that message's trip,
-    /// taken as half of `resume_ms` less `dest_resume_ms` (the hosts' clocks are not
-    /// compared).
+    /// From the freeze until `Resumed` arrived here: the pause plus that message's trip back,
+    /// which `downtime_ms` leaves out, taken as half of `resume_ms` less `dest_resume_ms`
+    /// (the hosts' clocks are not compared).
     until_resumed_ms: f64,
 }
 
@@ -420,14 +420,7 @@ fn migrate(
         },
     ))
     .map_err(before)?;
-    rt.block_on(send_msg(control, &ToReceiver::Skeleton(Box::new(skeleton))))
-        .map_err(before)?;
-    match rt.block_on(recv_msg(control)).map_err(before)? {
-        FromReceiver::SkeletonReady { build_us } => {
-            tracing::info!(build_ms = build_us / 1000, "destination built the skeleton");
-        }
-        other => return Err(before(unexpected(other))),
-    }
+    send_skeleton(rt, control, skeleton, || {}).map_err(before)?;
 
     let conv = Convergence {
         downtime_ms: opts.downtime_ms,
@@ -510,18 +503,7 @@ fn migrate(
                 before(anyhow::Error::from(e).context("Cannot capture a new skeleton"))
             })?;
             precopy = next;
-            rt.block_on(send_msg(control, &ToReceiver::Skeleton(Box::new(vk))))
-                .map_err(before)?;
-            precopy.track();
-            match rt.block_on(recv_msg(control)).map_err(before)? {
-                FromReceiver::SkeletonReady { build_us } => {
-                    tracing::info!(
-                        build_ms = build_us / 1000,
-                        "destination built a new skeleton"
-                    );
-                }
-                other => return Err(before(unexpected(other))),
-            }
+            send_skeleton(rt, control, vk, || precopy.track()).map_err(before)?;
             history.clear();
             last = None;
             continue;
@@ -646,13 +628,10 @@ fn migrate(
             Err(e) => return Err(Failure::Unknown(e, fin)),
         }
     }
-    // A destination that said only `Running`: the pause lasted until then, for all we know.
-    let (resume_ms, until_resumed_ms, dest_resume_ms) =
-        resumed.unwrap_or_else(|| (ms(t_go.elapsed()), ms(t_freeze.elapsed()), 0.0));
-    let trip_back = if resumed.is_some() {
-        ((resume_ms - dest_resume_ms) / 2.0).max(0.0)
-    } else {
-        0.0
+    let (resume_ms, until_resumed_ms, dest_resume_ms, trip_back) = match resumed {
+        Some((rtt, until, dest)) => (rtt, until, dest, ((rtt - dest) / 2.0).max(0.0)),
+        // A destination that said only `Running`: the pause lasted until then, for all we know.
+        None => (ms(t_go.elapsed()), ms(t_freeze.elapsed()), 0.0, 0.0),
     };
     report.downtime = Downtime {
         freeze_ms,
@@ -664,6 +643,25 @@ fn migrate(
     };
     report.downtime_ms = until_resumed_ms - trip_back;
     Ok(fin)
+}
+
+/// Send the skeleton the destination builds (`Skeleton`) and wait until it has (`SkeletonReady`),
+/// doing `meanwhile` in between.
+fn send_skeleton(
+    rt: &tokio::runtime::Runtime,
+    control: &mut Control,
+    vk: Vkernel,
+    meanwhile: impl FnOnce(),
+) -> Result<()> {
+    rt.block_on(send_msg(control, &ToReceiver::Skeleton(Box::new(vk))))?;
+    meanwhile();
+    match rt.block_on(recv_msg(control))? {
+        FromReceiver::SkeletonReady { build_us } => {
+            tracing::info!(build_ms = build_us / 1000, "destination built the skeleton");
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
 }
 
 /// New skeletons built during pre-copy at most (see [`Precopy::restart`]).

@@ -163,17 +163,7 @@ impl Remote {
             for (c, w) in chunk.iter().zip(raw.chunks_exact(8)) {
                 let mut b = [0u8; 8];
                 b.copy_from_slice(w);
-                let v = i64::from_le_bytes(b);
-                if (-4095..0).contains(&v) {
-                    return Err(SysError::Remote {
-                        op: c.op,
-                        pid: self.tid,
-                        source: std::io::Error::from_raw_os_error(
-                            i32::try_from(-v).unwrap_or(libc::EIO),
-                        ),
-                    });
-                }
-                out.push(v as u64);
+                out.push(checked(c.op, self.tid, i64::from_le_bytes(b))?);
             }
         }
         Ok(out)
@@ -182,14 +172,7 @@ impl Remote {
     /// Like [`Remote::raw`], mapping a negative result to [`SysError::Remote`] naming `op`.
     pub fn call(&mut self, op: &'static str, nr: i64, args: &[u64]) -> Result<u64> {
         let r = self.raw(nr, args)?;
-        if (-4095..0).contains(&r) {
-            return Err(SysError::Remote {
-                op,
-                pid: self.tid,
-                source: std::io::Error::from_raw_os_error(i32::try_from(-r).unwrap_or(libc::EIO)),
-            });
-        }
-        Ok(r as u64)
+        checked(op, self.tid, r)
     }
 
     /// Map `len` bytes of private anonymous read-write memory anywhere in the thread's
@@ -271,6 +254,19 @@ impl Remote {
     pub fn restore_regs(&self) -> Result<()> {
         ptrace::setregs(self.tid, &self.saved)
     }
+}
+
+/// A raw syscall result of thread `tid`: a negative errno becomes [`SysError::Remote`] naming
+/// `op`.
+fn checked(op: &'static str, tid: i32, raw: i64) -> Result<u64> {
+    if (-4095..0).contains(&raw) {
+        return Err(SysError::Remote {
+            op,
+            pid: tid,
+            source: std::io::Error::from_raw_os_error(i32::try_from(-raw).unwrap_or(libc::EIO)),
+        });
+    }
+    Ok(raw as u64)
 }
 
 /// One system call of a [`Remote::batch`].

@@ -44,20 +44,24 @@ impl Restorer {
             libc::SYS_close_range,
             &[fu + 1, u64::from(u32::MAX), 0],
         ));
+        // Numbers only get taken: the lowest free one only goes up.
         let mut open = std::collections::BTreeSet::from([f]);
+        let mut lowest_free = 0;
         let mut pulls = Vec::new();
         for e in &table.fds {
             let afd = agent
                 .get(&e.file)
                 .ok_or_else(|| DstError::Inconsistent(format!("file {} missing", e.file)))?;
-            let tmp = (0..).find(|n| !open.contains(n)).unwrap_or(0);
+            while open.contains(&lowest_free) {
+                lowest_free += 1;
+            }
+            let (tmp, target) = (lowest_free as u64, e.fd as u64);
             pulls.push((calls.len(), tmp));
             calls.push(Call::new(
                 "pidfd_getfd",
                 libc::SYS_pidfd_getfd,
                 &[fu, afd.as_raw_fd() as u64, 0],
             ));
-            let (tmp, target) = (tmp as u64, e.fd as u64);
             if tmp == target {
                 if !e.cloexec {
                     calls.push(Call::new(
@@ -78,7 +82,7 @@ impl Restorer {
         let r = self.leader(rep)?;
         let got = r.batch(&area, &calls)?;
         for (i, want) in pulls {
-            if got.get(i).copied() != Some(want as u64) {
+            if got.get(i).copied() != Some(want) {
                 return Err(DstError::Inconsistent(format!(
                     "an fd pulled into process {} became {:?}, not {want}",
                     r.tid,

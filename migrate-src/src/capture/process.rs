@@ -172,8 +172,14 @@ struct Injected {
 enum Read {
     SigAction(i32),
     ITimer(u64),
-    TimerGet(usize),
-    TimerOverrun(usize),
+    /// The POSIX timer `index` of the process's list, whose id is `id`.
+    TimerGet {
+        index: usize,
+        id: u64,
+    },
+    TimerOverrun {
+        id: u64,
+    },
     Brk,
     Personality,
     PdeathSig,
@@ -186,8 +192,8 @@ impl Read {
         match self {
             Read::SigAction(_) => "rt_sigaction",
             Read::ITimer(_) => "getitimer",
-            Read::TimerGet(_) => "timer_gettime",
-            Read::TimerOverrun(_) => "timer_getoverrun",
+            Read::TimerGet { .. } => "timer_gettime",
+            Read::TimerOverrun { .. } => "timer_getoverrun",
             Read::Brk => "brk",
             Read::Personality => "personality",
             Read::PdeathSig => "prctl(PR_GET_PDEATHSIG)",
@@ -197,13 +203,12 @@ impl Read {
     }
 
     /// The call, its out-parameter (if any) at `out`.
-    fn call(self, out: u64, timers: &[procfs::PosixTimerInfo]) -> inject::Call {
-        let timer = |i: usize| timers.get(i).map_or(0, |t| t.id as u64);
+    fn call(self, out: u64) -> inject::Call {
         let (nr, args): (i64, &[u64]) = match self {
             Read::SigAction(sig) => (libc::SYS_rt_sigaction, &[sig as u64, 0, out, 8]),
             Read::ITimer(which) => (libc::SYS_getitimer, &[which, out]),
-            Read::TimerGet(i) => (libc::SYS_timer_gettime, &[timer(i), out]),
-            Read::TimerOverrun(i) => (libc::SYS_timer_getoverrun, &[timer(i)]),
+            Read::TimerGet { id, .. } => (libc::SYS_timer_gettime, &[id, out]),
+            Read::TimerOverrun { id } => (libc::SYS_timer_getoverrun, &[id]),
             Read::Brk => (libc::SYS_brk, &[0]),
             Read::Personality => (libc::SYS_personality, &[0xffff_ffff]),
             Read::PdeathSig => (libc::SYS_prctl, &[libc::PR_GET_PDEATHSIG as u64, out]),
@@ -217,18 +222,13 @@ impl Read {
 /// Run `reads` in the thread of `r` in batches (one ptrace stop each, where one call each
 /// costs about 12 µs here, all while the vkernel is frozen); returns each one's result and
 /// out-parameter.
-fn run_reads(
-    r: &mut Remote,
-    area: u64,
-    reads: &[Read],
-    timers: &[procfs::PosixTimerInfo],
-) -> Result<Vec<(u64, [u64; 4])>, SrcError> {
+fn run_reads(r: &mut Remote, area: u64, reads: &[Read]) -> Result<Vec<(u64, [u64; 4])>, SrcError> {
     let mut out = Vec::with_capacity(reads.len());
     for chunk in reads.chunks(BATCH) {
         let calls: Vec<inject::Call> = chunk
             .iter()
             .enumerate()
-            .map(|(i, rd)| rd.call(area + OUT_OFF + OUT_LEN * i as u64, timers))
+            .map(|(i, rd)| rd.call(area + OUT_OFF + OUT_LEN * i as u64))
             .collect();
         let batch = inject::BatchArea {
             code: area + CODE_OFF,
@@ -267,11 +267,12 @@ fn inject_reads(
             .map(Read::SigAction)
             .collect();
         reads.extend((0..3).map(Read::ITimer));
-        for i in 0..timers.len() {
-            reads.extend([Read::TimerGet(i), Read::TimerOverrun(i)]);
+        for (index, t) in timers.iter().enumerate() {
+            let id = t.id as u64;
+            reads.extend([Read::TimerGet { index, id }, Read::TimerOverrun { id }]);
         }
         reads.extend([Read::Brk, Read::Personality, Read::PdeathSig]);
-        let results = run_reads(r, area, &reads, timers)?;
+        let results = run_reads(r, area, &reads)?;
 
         let mut inj = Injected {
             sigactions: Vec::new(),
@@ -304,8 +305,8 @@ fn inject_reads(
                         inj.itimers.push(t);
                     }
                 }
-                Read::TimerGet(i) => {
-                    let Some(t) = timers.get(i) else { continue };
+                Read::TimerGet { index, .. } => {
+                    let Some(t) = timers.get(index) else { continue };
                     inj.posix_timers.push(PosixTimer {
                         id: t.id,
                         clockid: t.clockid,
@@ -322,7 +323,7 @@ fn inject_reads(
                         overrun: 0,
                     });
                 }
-                Read::TimerOverrun(_) => {
+                Read::TimerOverrun { .. } => {
                     if let Some(t) = inj.posix_timers.last_mut() {
                         t.overrun = i32::try_from(*res).unwrap_or(0);
                     }
@@ -352,7 +353,7 @@ fn inject_reads(
                 Some(t) => t,
                 None => &mut *r,
             };
-            let res = per_thread(rem, area, timers, &mut threads[i]);
+            let res = per_thread(rem, area, &mut threads[i]);
             if let Some(t) = t.as_mut() {
                 t.restore_regs()?;
                 for si in t.swallowed.drain(..) {
@@ -370,13 +371,8 @@ fn inject_reads(
     Ok(out)
 }
 
-fn per_thread(
-    r: &mut Remote,
-    area: u64,
-    timers: &[procfs::PosixTimerInfo],
-    t: &mut Thread,
-) -> Result<(), SrcError> {
-    let got = run_reads(r, area, &[Read::TidAddress, Read::AltStack], timers)?;
+fn per_thread(r: &mut Remote, area: u64, t: &mut Thread) -> Result<(), SrcError> {
+    let got = run_reads(r, area, &[Read::TidAddress, Read::AltStack])?;
     if let [(_, tid_address), (_, alt)] = got.as_slice() {
         t.clear_child_tid = tid_address[0];
         t.sigaltstack = SigAltStack {
