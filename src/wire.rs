@@ -1,10 +1,12 @@
-//! Protocol messages ([`vkm_common::live`]) on a control stream: one CBOR value per control
-//! message, for `send`, `listen` and the receiving shim alike.
+//! Protocol messages ([`vkm_common::live`]) on a control stream, one per control message, for
+//! `send`, `listen` and the receiving shim alike: the offer and its answer as CBOR
+//! ([`send`], [`recv`]), the conversation after it as postcard ([`send_msg`], [`recv_msg`]).
 
 use anyhow::{anyhow, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use vkm_common::image::{decode_meta, encode_meta};
+use vkm_common::live::{decode_msg, encode_msg};
 use vkm_transport::Control;
 
 /// Send `msg` to `peer` (named in errors: "destination", "sender").
@@ -23,4 +25,20 @@ pub async fn recv<T: DeserializeOwned>(control: &mut Control, peer: &str) -> Res
         .with_context(|| format!("The link to the {peer} failed"))?
         .ok_or_else(|| anyhow!("The {peer} closed the connection"))?;
     decode_meta(&bytes).with_context(|| format!("Cannot decode the {peer}'s message"))
+}
+
+pub async fn send_msg<T: Serialize>(control: &mut Control, msg: &T, peer: &str) -> Result<()> {
+    control
+        .send(&encode_msg(msg)?)
+        .await
+        .with_context(|| format!("Cannot send to the {peer}"))
+}
+
+pub async fn recv_msg<T: DeserializeOwned>(control: &mut Control, peer: &str) -> Result<T> {
+    let bytes = control
+        .recv()
+        .await
+        .with_context(|| format!("The link to the {peer} failed"))?
+        .ok_or_else(|| anyhow!("The {peer} closed the connection"))?;
+    decode_msg(&bytes).with_context(|| format!("Cannot decode the {peer}'s message"))
 }

@@ -77,6 +77,14 @@ pub enum CommonError {
     #[error("Cannot encode the CBOR metadata")]
     CborEncode(#[source] ciborium::ser::Error<std::io::Error>),
 
+    /// A protocol message (after the offer) does not decode, or has bytes after it.
+    #[error("Cannot decode the message: {0}")]
+    MsgDecode(String),
+
+    /// A protocol message cannot be encoded.
+    #[error("Cannot encode the message")]
+    MsgEncode(#[source] postcard::Error),
+
     /// A UML's mconsole answered a request with its error flag set.
     #[error("UML's mconsole refused {command:?}: {reply}")]
     Mconsole { command: String, reply: String },

@@ -33,7 +33,13 @@
 //! a length of 0 is the barrier: the runs after it are the final round's, which may go into
 //! mappings the layout delta has yet to make. The source sends them without waiting for the
 //! delta (a round trip less while the vkernel is frozen).
+//!
+//! The offer and its answer are CBOR, like the image's metadata, so that any version can read
+//! another's offer and refuse it by its `version`. What follows ([`ToReceiver`],
+//! [`FromReceiver`]) is postcard ([`encode_msg`]): the final state is decoded while the
+//! vkernel is frozen, and CBOR (field names, one small read at a time) took 0.3 ms of that.
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Clocks, CpuInfo, Mm, Vkernel};
@@ -42,7 +48,25 @@ use crate::model::{Clocks, CpuInfo, Mm, Vkernel};
 pub const PAGE_STREAM_BARRIER: [u8; 4] = 0u32.to_le_bytes();
 
 /// Version of the conversation above; both sides must speak the same.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
+
+/// A message of the conversation after the offer, as it goes on the control stream.
+pub fn encode_msg<T: Serialize>(msg: &T) -> crate::error::Result<Vec<u8>> {
+    postcard::to_stdvec(msg).map_err(crate::error::CommonError::MsgEncode)
+}
+
+/// The message in `bytes` (see [`encode_msg`]); bytes after it are an error.
+pub fn decode_msg<T: DeserializeOwned>(bytes: &[u8]) -> crate::error::Result<T> {
+    let (msg, rest) = postcard::take_from_bytes(bytes)
+        .map_err(|e| crate::error::CommonError::MsgDecode(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(crate::error::CommonError::MsgDecode(format!(
+            "{} bytes follow it",
+            rest.len()
+        )));
+    }
+    Ok(msg)
+}
 
 /// What the destination must provide to run the vkernel, sent before any state.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -414,6 +438,24 @@ impl Convergence {
 mod tests {
     use super::*;
     use crate::model::{prot, Backing, MmFields, Vma};
+
+    #[test]
+    fn a_message_decodes_to_what_was_sent_and_nothing_else_does() {
+        let msg = FromReceiver::Running {
+            resume_us: 412,
+            init_pid: 4242,
+        };
+        let bytes = encode_msg(&msg).unwrap();
+        assert_eq!(decode_msg::<FromReceiver>(&bytes).unwrap(), msg);
+        let mut longer = bytes.clone();
+        longer.push(0);
+        let err = decode_msg::<FromReceiver>(&longer).unwrap_err().to_string();
+        assert!(err.contains("1 bytes follow it"), "{err}");
+        assert!(decode_msg::<FromReceiver>(&bytes[..bytes.len() - 1]).is_err());
+        // A CBOR message (an older sender's) is refused, not misread.
+        let cbor = crate::image::encode_meta(&msg).unwrap();
+        assert!(decode_msg::<FromReceiver>(&cbor).is_err());
+    }
 
     fn vma(start: u64, end: u64, backing: Backing) -> Vma {
         Vma {

@@ -394,42 +394,65 @@ impl Precopy {
             .iter()
             .map(|o| (o.id, &o.file, o.size, o.hashes.as_slice()))
             .collect();
-        let results: Vec<Result<(RoundStats, u64), SrcError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..n)
+        let mine = |i: usize| -> Vec<Chunk> {
+            chunks
+                .iter()
+                .filter(|c| stream_of(c.space, c.start, n) == i)
+                .copied()
+                .collect()
+        };
+        let bytes: u64 = chunks.iter().map(|c| c.end - c.start).sum();
+        // A few pages (the final round of an idle vkernel) are encoded here: starting threads
+        // would take longer than the work, in the pause.
+        let results: Vec<Result<(RoundStats, u64), SrcError>> = if bytes <= INLINE_BYTES {
+            (0..n)
                 .map(|i| {
-                    let mine: Vec<Chunk> = chunks
-                        .iter()
-                        .filter(|c| stream_of(c.space, c.start, n) == i)
-                        .copied()
-                        .collect();
-                    let mm_pids = &mm_pids;
-                    let objects = &objects;
-                    scope.spawn(move || {
-                        encode_stream(
-                            i,
-                            &mine,
-                            mm_pids,
-                            objects,
-                            sink,
-                            keep_zero,
-                            compression,
-                            strict,
-                        )
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(SrcError::Unsupported {
-                            pid: 0,
-                            what: "a page encoder thread panicked".into(),
-                        })
-                    })
+                    encode_stream(
+                        i,
+                        &mine(i),
+                        &mm_pids,
+                        &objects,
+                        sink,
+                        keep_zero,
+                        compression,
+                        strict,
+                    )
                 })
                 .collect()
-        });
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..n)
+                    .map(|i| {
+                        let mine = mine(i);
+                        let mm_pids = &mm_pids;
+                        let objects = &objects;
+                        scope.spawn(move || {
+                            encode_stream(
+                                i,
+                                &mine,
+                                mm_pids,
+                                objects,
+                                sink,
+                                keep_zero,
+                                compression,
+                                strict,
+                            )
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(SrcError::Unsupported {
+                                pid: 0,
+                                what: "a page encoder thread panicked".into(),
+                            })
+                        })
+                    })
+                    .collect()
+            })
+        };
         let mut total = RoundStats::default();
         for (i, r) in results.into_iter().enumerate() {
             let (s, frames) = r?;
@@ -824,6 +847,9 @@ fn changed_pages(o: &TrackedObject) -> Result<Vec<(u64, u64)>, SrcError> {
 /// later round's dirty pages are mostly single pages.
 const BATCH: usize = 256 << 10;
 
+/// Rounds up to this size are encoded on the caller's thread (see [`Precopy::send`]).
+const INLINE_BYTES: u64 = 1 << 20;
+
 /// Consecutive chunks of one address space, at most [`CHUNK`] bytes and [`proc::MAX_IOV`]
 /// chunks: they are read with one `process_vm_readv`. A memory object's chunk goes alone.
 fn next_group(chunks: &[Chunk]) -> usize {
@@ -858,7 +884,9 @@ fn encode_stream(
 ) -> Result<(RoundStats, u64), SrcError> {
     let mut stats = RoundStats::default();
     let mut frames = 0u64;
-    let mut buf = vec![0u8; CHUNK as usize];
+    // No bigger than the stream needs: a few dirty pages must not cost zeroing a megabyte.
+    let need: u64 = chunks.iter().map(|c| c.end - c.start).sum();
+    let mut buf = vec![0u8; need.min(CHUNK) as usize];
     let new_msg = || Vec::with_capacity(BATCH + CHUNK as usize);
     let mut msg = new_msg();
     let mut k = 0u64;

@@ -725,12 +725,12 @@ pub(crate) async fn ask_daemon(session: Session, msg: ToDaemon) -> Result<FromDa
 }
 
 async fn send_msg(control: &mut Control, msg: &ToReceiver) -> Result<()> {
-    crate::wire::send(control, msg, "destination").await
+    crate::wire::send_msg(control, msg, "destination").await
 }
 
 /// The destination's next message; its `Failed` is an error with its chain.
 async fn recv_msg(control: &mut Control) -> Result<FromReceiver> {
-    match crate::wire::recv(control, "destination").await? {
+    match crate::wire::recv_msg(control, "destination").await? {
         FromReceiver::Failed { chain } => {
             Err(anyhow!(chain.join(": ")).context("The destination failed"))
         }

@@ -673,11 +673,11 @@ fn apply_runs(
 }
 
 async fn recv(control: &mut Control) -> Result<ToReceiver> {
-    crate::wire::recv(control, "sender").await
+    crate::wire::recv_msg(control, "sender").await
 }
 
 async fn send(control: &mut Control, msg: &FromReceiver) -> Result<()> {
-    crate::wire::send(control, msg, "sender").await
+    crate::wire::send_msg(control, msg, "sender").await
 }
 
 fn name_of(m: &ToReceiver) -> &'static str {

@@ -127,43 +127,42 @@ pub fn capture(frozen: &Frozen, opts: &CaptureOptions) -> Result<Captured, SrcEr
     }
 
     let t_layout = t0.elapsed();
-    let mut fcap = files::FileCapture::new(&host_to_ns, opts.console_tty.as_deref());
-    let mut tables = Vec::new();
-    for (id, &pid) in table_owner.iter().enumerate() {
-        tables.push(fcap.capture_table(u32::try_from(id).unwrap_or(u32::MAX), pid, &mut mem)?);
-    }
-
-    let t_files = t0.elapsed();
-    // Threads record their capabilities only where they differ from ours, which restore gives
-    // every thread to begin with.
-    let own_caps = process::caps_of(&vkm_sys::proc::read("/proc/thread-self/status")?);
-    let mut processes = Vec::new();
-    let mut brks = Vec::new();
-    let mut held = Vec::new();
-    for (i, p) in frozen.processes.iter().enumerate() {
-        if let Some(status) = p.zombie {
-            processes.push(process::capture_zombie(p, &host_to_ns, status)?);
-            continue;
-        }
-        let (proc, brk, h) = process::capture_process(
-            p,
-            &host_to_ns,
-            &own_caps,
-            proc_mm[i],
-            proc_table[i],
-            mem.vdso_of(proc_mm[i]),
-        )?;
-        brks.push((proc_mm[i], brk));
-        held.extend(h.into_iter().map(|(tid, sig)| (p.host_pid, tid, sig)));
-        processes.push(proc);
-    }
-
-    let t_procs = t0.elapsed();
+    let vdsos: Vec<_> = proc_mm.iter().map(|&mm| mem.vdso_of(mm)).collect();
+    // The fd tables are read from /proc and through pidfds, which any thread may do, so on the
+    // other CPU while this one (the tracer, which alone may inject) captures the processes:
+    // the two take about as long.
+    let (tables, procs) = std::thread::scope(|scope| {
+        let host_to_ns = &host_to_ns;
+        let table_owner = &table_owner;
+        let mem = &mut mem;
+        let files = scope.spawn(move || {
+            frozen.move_elsewhere();
+            let t = std::time::Instant::now();
+            let mut fcap = files::FileCapture::new(host_to_ns, opts.console_tty.as_deref());
+            let tables = table_owner
+                .iter()
+                .enumerate()
+                .map(|(id, &pid)| {
+                    fcap.capture_table(u32::try_from(id).unwrap_or(u32::MAX), pid, mem)
+                })
+                .collect::<Result<Vec<_>, SrcError>>();
+            (fcap, tables, t.elapsed())
+        });
+        let procs = capture_processes(frozen, host_to_ns, &proc_mm, &proc_table, &vdsos);
+        // A panic there is a bug of ours: it goes on here as one.
+        let files = files
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (files, procs)
+    });
+    let (fcap, tables, files_took) = tables;
+    let tables = tables?;
+    let (processes, brks, held) = procs?;
     tracing::debug!(
         layout_ms = t_layout.as_secs_f64() * 1e3,
-        files_ms = (t_files - t_layout).as_secs_f64() * 1e3,
-        processes_ms = (t_procs - t_files).as_secs_f64() * 1e3,
-        "capture phases"
+        files_ms = files_took.as_secs_f64() * 1e3,
+        processes_ms = (t0.elapsed() - t_layout).as_secs_f64() * 1e3,
+        "capture phases (files beside processes)"
     );
     let first = frozen
         .processes
@@ -221,6 +220,43 @@ pub fn capture(frozen: &Frozen, opts: &CaptureOptions) -> Result<Captured, SrcEr
         memory: plan,
         held,
     })
+}
+
+/// Every process of the frozen tree, in order: the model, each address space's brk, and the
+/// signals held back during injections.
+type CapturedProcesses = (Vec<model::Process>, Vec<(u32, u64)>, Vec<(i32, i32, i32)>);
+
+fn capture_processes(
+    frozen: &Frozen,
+    host_to_ns: &BTreeMap<i32, i32>,
+    proc_mm: &[u32],
+    proc_table: &[u32],
+    vdsos: &[Option<(u64, Vec<u8>)>],
+) -> Result<CapturedProcesses, SrcError> {
+    // Threads record their capabilities only where they differ from ours, which restore gives
+    // every thread to begin with.
+    let own_caps = process::caps_of(&vkm_sys::proc::read("/proc/thread-self/status")?);
+    let mut processes = Vec::new();
+    let mut brks = Vec::new();
+    let mut held = Vec::new();
+    for (i, p) in frozen.processes.iter().enumerate() {
+        if let Some(status) = p.zombie {
+            processes.push(process::capture_zombie(p, host_to_ns, status)?);
+            continue;
+        }
+        let (proc, brk, h) = process::capture_process(
+            p,
+            host_to_ns,
+            &own_caps,
+            proc_mm[i],
+            proc_table[i],
+            vdsos.get(i).cloned().flatten(),
+        )?;
+        brks.push((proc_mm[i], brk));
+        held.extend(h.into_iter().map(|(tid, sig)| (p.host_pid, tid, sig)));
+        processes.push(proc);
+    }
+    Ok((processes, brks, held))
 }
 
 /// Index of the group `pid` belongs to (by kcmp `kind`), adding a new group when none matches.
