@@ -445,15 +445,17 @@ mod tests {
             resume_us: 412,
             init_pid: 4242,
         };
-        let bytes = encode_msg(&msg).unwrap();
-        assert_eq!(decode_msg::<FromReceiver>(&bytes).unwrap(), msg);
+        let bytes = encode_msg(&msg).expect("encodes");
+        assert_eq!(decode_msg::<FromReceiver>(&bytes).expect("decodes"), msg);
         let mut longer = bytes.clone();
         longer.push(0);
-        let err = decode_msg::<FromReceiver>(&longer).unwrap_err().to_string();
+        let err = decode_msg::<FromReceiver>(&longer)
+            .expect_err("trailing bytes")
+            .to_string();
         assert!(err.contains("1 bytes follow it"), "{err}");
         assert!(decode_msg::<FromReceiver>(&bytes[..bytes.len() - 1]).is_err());
         // A CBOR message (an older sender's) is refused, not misread.
-        let cbor = crate::image::encode_meta(&msg).unwrap();
+        let cbor = crate::image::encode_meta(&msg).expect("encodes as CBOR");
         assert!(decode_msg::<FromReceiver>(&cbor).is_err());
     }
 
