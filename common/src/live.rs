@@ -17,8 +17,11 @@
 //!  [Skeleton(vk) ─────────────────────────▶ the processes changed: a new skeleton,
 //!        ◀──────────────────────────────── SkeletonReady   and every page again]
 //!  (freeze) a barrier on every page stream,
-//!  Final{vk, frames, fresh} ──────────────▶ waits for those frames, applies the layout delta,
-//!                                           then lets the page streams past their barriers
+//!  the pages written since the last round,
+//!  a second barrier (all while it captures)
+//!  Final{vk, frames, fresh, rebuild} ─────▶ waits for those frames, applies the layout delta
+//!                                           (or rebuilds), then lets the page streams past
+//!                                           their barriers
 //!  last pages, Commit{frames} ────────────▶ fds, signals, timers, registers: all but running
 //!        ◀──────────────────────────────── Ready
 //!  Go ────────────────────────────────────▶ every thread runs
@@ -30,9 +33,12 @@
 //! Any failure before `Go` makes the source thaw and the receiver tear its copy down.
 //!
 //! A page stream carries runs, each a `u32` length and the run ([`crate::image::decode_run`]);
-//! a length of 0 is the barrier: the runs after it are the final round's, which may go into
-//! mappings the layout delta has yet to make. The source sends them without waiting for the
-//! delta (a round trip less while the vkernel is frozen).
+//! a length of 0 is a barrier. After the first, the runs are the final round's, which may go
+//! into mappings the layout delta has yet to make. The source sends them without waiting for
+//! the delta (a round trip less while the vkernel is frozen), and the pages written since the
+//! last round even before it has captured the state: those are the *early* ones, up to the
+//! second barrier, valid unless the skeleton is rebuilt (`Final::rebuild`), when the
+//! destination drops them and every page comes again after the second barrier.
 //!
 //! The offer and its answer are CBOR, like the image's metadata, so that any version can read
 //! another's offer and refuse it by its `version`. What follows ([`ToReceiver`],

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use vkm_common::image::{encode_pages_wire, Space, PAGE_SIZE};
-use vkm_common::live::{objects_kept, skeleton_misfit};
+use vkm_common::live::{objects_kept, skeleton_misfit, PAGE_STREAM_BARRIER};
 use vkm_common::model::{Vkernel, Vma};
 use vkm_common::procfs;
 use vkm_sys::proc;
@@ -375,10 +375,7 @@ impl Precopy {
         Ok(stats)
     }
 
-    /// Encode and send chunks on their streams, one encoder thread per stream; returns when
-    /// every chunk is queued (the barrier between rounds). `strict`: a page that cannot be
-    /// read is an error (the vkernel is frozen); otherwise it belongs to a mapping that went
-    /// away meanwhile, which the final round handles.
+    /// Encode and send chunks on their streams (see [`encode_round`]).
     fn send(
         &mut self,
         sink: &dyn PageSink,
@@ -386,87 +383,39 @@ impl Precopy {
         keep_zero: ZeroIsNews,
         strict: bool,
     ) -> Result<RoundStats, SrcError> {
-        let n = self.frames.len();
-        let compression = self.opts.compression;
         let mm_pids: Vec<(u32, i32)> = self.mms.iter().map(|m| (m.id, m.pid)).collect();
-        let objects: Vec<SentObject> = self
-            .objects
-            .iter()
-            .map(|o| (o.id, &o.file, o.size, o.hashes.as_slice()))
-            .collect();
-        let mine = |i: usize| -> Vec<Chunk> {
-            chunks
-                .iter()
-                .filter(|c| stream_of(c.space, c.start, n) == i)
-                .copied()
-                .collect()
-        };
-        let bytes: u64 = chunks.iter().map(|c| c.end - c.start).sum();
-        // A few pages (the final round of an idle vkernel) are encoded here: starting threads
-        // would take longer than the work, in the pause.
-        let results: Vec<Result<(RoundStats, u64), SrcError>> = if bytes <= INLINE_BYTES {
-            (0..n)
-                .map(|i| {
-                    encode_stream(
-                        i,
-                        &mine(i),
-                        &mm_pids,
-                        &objects,
-                        sink,
-                        keep_zero,
-                        compression,
-                        strict,
-                    )
-                })
-                .collect()
-        } else {
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = (0..n)
-                    .map(|i| {
-                        let mine = mine(i);
-                        let mm_pids = &mm_pids;
-                        let objects = &objects;
-                        scope.spawn(move || {
-                            encode_stream(
-                                i,
-                                &mine,
-                                mm_pids,
-                                objects,
-                                sink,
-                                keep_zero,
-                                compression,
-                                strict,
-                            )
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join().unwrap_or_else(|_| {
-                            Err(SrcError::Unsupported {
-                                pid: 0,
-                                what: "a page encoder thread panicked".into(),
-                            })
-                        })
-                    })
-                    .collect()
-            })
-        };
-        let mut total = RoundStats::default();
-        for (i, r) in results.into_iter().enumerate() {
-            let (s, frames) = r?;
-            self.frames[i] += frames;
-            add(&mut total, &s);
+        let (stats, frames) = encode_round(
+            &Encoding {
+                sink,
+                streams: self.frames.len(),
+                compression: self.opts.compression,
+                mm_pids: &mm_pids,
+                objects: &self.objects,
+                keep_zero,
+                strict,
+            },
+            chunks,
+        )?;
+        for (total, f) in self.frames.iter_mut().zip(frames) {
+            *total += f;
         }
-        Ok(total)
+        Ok(stats)
     }
 
     /// Stop the vkernel and work out what is left: the final state, and which pages the
     /// destination's skeleton lacks. `interrupted` runs once every thread has been told to
     /// stop, before we wait for them (see [`Frozen::freeze_with`]): a throttled vkernel must
     /// be let go at full speed to stop at once.
-    pub fn freeze(mut self, interrupted: impl FnOnce()) -> Result<Final, SrcError> {
+    ///
+    /// Every page stream gets its barrier here; then, while the state is captured, the pages
+    /// written since the last round go (the *early* final pages), and a second barrier ends
+    /// them. They are valid unless the skeleton must be rebuilt, which only the capture tells:
+    /// the destination then drops them (`Final::rebuild`), and every page goes again.
+    pub fn freeze(
+        mut self,
+        interrupted: impl FnOnce(),
+        sink: &dyn PageSink,
+    ) -> Result<Final, SrcError> {
         let mut copts = self.opts.capture.clone();
         copts.skip_page_runs = true;
         // Netlink dumps cost milliseconds: read the devices the vkernel holds while it runs
@@ -498,41 +447,93 @@ impl Precopy {
         // captures. (A scan holds its address space's lock while it walks it, so the capture's
         // scratch mapping there may wait for the rest of that walk; the scans used to wait
         // for the whole capture.) The results are used unless the process tree changed.
+        let streams = self.frames.len();
+        for stream in 0..streams {
+            sink.send(stream, PAGE_STREAM_BARRIER.to_vec(), 0)?;
+        }
+        let frames_before = self.frames.clone();
+        let compression = self.opts.compression;
         let objects = &self.objects;
         let mms = &mut self.mms;
         let frozen_ref = &frozen;
-        let (captured, (object_changes, written)) = std::thread::scope(|scope| {
-            let scan = scope.spawn(move || {
+        let (layouts_read, layouts) = std::sync::mpsc::channel::<crate::capture::FilesToCapture>();
+        let (captured, (scanned, sent, barrier)) = std::thread::scope(|scope| {
+            let helper = scope.spawn(move || {
                 // It inherited our single CPU: on it, it would hold up the threads the capture
                 // starts and waits for by a scheduler tick each (1 ms here).
                 frozen_ref.move_elsewhere();
                 let t = Instant::now();
-                let written = mms
-                    .iter_mut()
-                    .map(|m| match m.tracker.as_mut() {
-                        Some(t) => Ok((t.collect_tracked()?, t.tracked().to_vec())),
-                        None => Ok((Vec::new(), Vec::new())),
-                    })
-                    .collect::<Result<Vec<_>, SrcError>>();
-                let t_written = t.elapsed();
-                let objects = objects
-                    .iter()
-                    .map(changed_pages)
-                    .collect::<Result<Vec<_>, SrcError>>();
+                let scanned = scan_final(mms, objects);
+                let t_scan = t.elapsed();
+                let sent = scanned.as_ref().ok().map(|sc| {
+                    let mm_pids: Vec<(u32, i32)> = mms.iter().map(|m| (m.id, m.pid)).collect();
+                    let mut chunks = Vec::new();
+                    for (m, (dirty, _)) in mms.iter().zip(&sc.written) {
+                        push_chunks(&mut chunks, Space::Mm(m.id), dirty);
+                    }
+                    for (o, ranges) in objects.iter().zip(&sc.changes) {
+                        push_chunks(&mut chunks, Space::Object(o.id), ranges);
+                    }
+                    let encoding = Encoding {
+                        sink,
+                        streams,
+                        compression,
+                        mm_pids: &mm_pids,
+                        objects,
+                        keep_zero: ZeroIsNews {
+                            mms: true,
+                            objects: true,
+                        },
+                        strict: true,
+                    };
+                    encode_round(&encoding, &chunks)
+                });
+                // The second barrier goes whatever happened: on a rebuild the destination
+                // drops everything up to it.
+                let barrier = (0..streams)
+                    .try_for_each(|stream| sink.send(stream, PAGE_STREAM_BARRIER.to_vec(), 0));
                 tracing::debug!(
-                    written_ms = ms(t_written),
-                    objects_ms = ms(t.elapsed() - t_written),
-                    "final scans"
+                    scans_ms = ms(t_scan),
+                    early_ms = ms(t.elapsed() - t_scan),
+                    "final scans, early pages sent"
                 );
-                (objects, written)
+                // Then the fd tables, once the capture has read the layouts (none if it failed).
+                let files = layouts.recv().ok().map(|f| f.capture());
+                (scanned, sent, barrier, files)
             });
-            let captured = capture(frozen_ref, &copts);
+            // This thread froze the vkernel: only it may inject, so it reads the processes.
+            let begun = crate::capture::begin(frozen_ref, &copts);
+            let processes = begun.map(|(files, processes)| {
+                // The helper is gone only if it panicked, which its join passes on.
+                let _ = layouts_read.send(files);
+                processes.capture(frozen_ref)
+            });
+            drop(layouts_read);
             // A panic there is a bug of ours: it goes on here as one.
-            let scanned = scan.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
-            (captured, scanned)
+            let (scanned, sent, barrier, files) = helper
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            let captured = processes.and_then(|processes| {
+                let files = files.ok_or_else(|| SrcError::Unsupported {
+                    pid: 0,
+                    what: "the fd tables were not read".into(),
+                })?;
+                crate::capture::finish(frozen_ref, &copts, files?, processes?)
+            });
+            (captured, (scanned, sent, barrier))
         });
         frozen.unpin();
         let mut captured = captured?;
+        barrier?;
+        // How many frames went early must be known, or the destination would wait for the
+        // wrong number: a failure there fails the migration, rebuild or not.
+        let early = match sent {
+            Some(sent) => sent?,
+            None => (RoundStats::default(), vec![0; streams]),
+        };
+        for (total, f) in self.frames.iter_mut().zip(&early.1) {
+            *total += f;
+        }
         let capture_ms = ms(t0.elapsed() - t_frozen);
         tracing::info!(freeze_ms = ms(t_frozen), capture_ms, "frozen and captured");
         let misfit = skeleton_misfit(&self.skeleton, &captured.vk);
@@ -558,7 +559,9 @@ impl Precopy {
             if kept {
                 // The destination keeps its memory objects across the rebuild (UML's guest
                 // processes come and go all the time; its RAM file stays): only what changed.
-                for (o, ranges) in self.objects.iter().zip(object_changes?) {
+                // (It dropped the early pages, these among them.)
+                let changes = scanned.map(|sc| sc.changes)?;
+                for (o, ranges) in self.objects.iter().zip(changes) {
                     push_chunks(&mut chunks, Space::Object(o.id), &ranges);
                 }
             } else {
@@ -571,16 +574,18 @@ impl Precopy {
                 }
             }
         } else {
-            for ((m, fm), written) in self.mms.iter().zip(&captured.vk.mms).zip(written?) {
+            // The pages written since the last round went early; what is left is mappings the
+            // skeleton lacks, or that tracking did not cover, whole.
+            let scanned = scanned?;
+            for ((m, fm), written) in self.mms.iter().zip(&captured.vk.mms).zip(scanned.written) {
                 let pid = captured
                     .memory
                     .mms
                     .iter()
                     .find(|p| p.id == fm.id)
                     .map_or(m.pid, |p| p.pid);
-                let (dirty, tracked) = written;
+                let (_, tracked) = written;
                 let before = skeleton_vmas(&self.skeleton, fm.id);
-                let mut ranges = Vec::new();
                 let mut untracked = Vec::new();
                 for v in &fm.vmas {
                     if v.own_pages().is_none() {
@@ -588,9 +593,7 @@ impl Precopy {
                     }
                     let kept = before.contains(v)
                         && tracked.iter().any(|&(s, e)| s <= v.start && v.end <= e);
-                    if kept {
-                        ranges.extend(clip(&dirty, std::slice::from_ref(v)));
-                    } else {
+                    if !kept {
                         tracing::debug!(
                             start = v.start,
                             end = v.end,
@@ -602,12 +605,9 @@ impl Precopy {
                     }
                 }
                 if !untracked.is_empty() {
-                    ranges.extend(state_runs_now(pid, &untracked)?);
+                    let runs = state_runs_now(pid, &untracked)?;
+                    push_chunks(&mut chunks, Space::Mm(m.id), &merge_ranges(runs));
                 }
-                push_chunks(&mut chunks, Space::Mm(m.id), &merge_ranges(ranges));
-            }
-            for (o, ranges) in self.objects.iter().zip(object_changes?) {
-                push_chunks(&mut chunks, Space::Object(o.id), &ranges);
             }
         }
         if rebuild {
@@ -646,6 +646,8 @@ impl Precopy {
             frozen: Some(frozen),
             captured,
             chunks,
+            frames_before,
+            early: early.0,
             fresh,
             rebuild,
             // A rebuilt skeleton's address spaces are new; its objects are new unless kept.
@@ -665,6 +667,11 @@ pub struct Final {
     frozen: Option<Frozen>,
     captured: Captured,
     chunks: Vec<Chunk>,
+    /// Frames per stream before the barriers (what the destination applies before the final
+    /// layout).
+    frames_before: Vec<u64>,
+    /// What went between the barriers (see [`Precopy::freeze`]).
+    early: RoundStats,
     /// VMAs (mm, start) the destination must map anew.
     pub fresh: Vec<(u32, u64)>,
     /// The process tree or memory objects changed: the destination builds a new skeleton.
@@ -680,7 +687,7 @@ impl Final {
 
     /// Frames sent per stream before the final pages.
     pub fn frames(&self) -> Vec<u64> {
-        self.precopy.frames.clone()
+        self.frames_before.clone()
     }
 
     /// Send the last pages. Returns the stats and the frames per stream in total.
@@ -688,6 +695,7 @@ impl Final {
         let t0 = Instant::now();
         let chunks = std::mem::take(&mut self.chunks);
         let mut s = self.precopy.send(sink, &chunks, self.zero_is_news, true)?;
+        add(&mut s, &self.early);
         s.round = self.precopy.round;
         s.duration_ms = ms(t0.elapsed());
         Ok((s, self.precopy.frames.clone()))
@@ -786,6 +794,122 @@ fn push_chunks(out: &mut Vec<Chunk>, space: Space, ranges: &[(u64, u64)]) {
 }
 
 /// An object as the encoders see it: id, file, size, the hashes of what was sent.
+type Ranges = Vec<(u64, u64)>;
+
+/// The final scans: per address space the pages written since the last round and the ranges
+/// tracked; per memory object the pages that changed.
+struct Scanned {
+    written: Vec<(Ranges, Ranges)>,
+    changes: Vec<Vec<(u64, u64)>>,
+}
+
+fn scan_final(mms: &mut [TrackedMm], objects: &[TrackedObject]) -> Result<Scanned, SrcError> {
+    let written = mms
+        .iter_mut()
+        .map(|m| match m.tracker.as_mut() {
+            Some(t) => Ok((t.collect_tracked()?, t.tracked().to_vec())),
+            None => Ok((Vec::new(), Vec::new())),
+        })
+        .collect::<Result<Vec<_>, SrcError>>()?;
+    let changes = objects
+        .iter()
+        .map(changed_pages)
+        .collect::<Result<Vec<_>, SrcError>>()?;
+    Ok(Scanned { written, changes })
+}
+
+/// What a round's encoders need.
+struct Encoding<'a> {
+    sink: &'a dyn PageSink,
+    streams: usize,
+    compression: bool,
+    /// (mm id, host pid of a process that has it)
+    mm_pids: &'a [(u32, i32)],
+    objects: &'a [TrackedObject],
+    keep_zero: ZeroIsNews,
+    /// A page that cannot be read is an error (the vkernel is frozen); otherwise it belongs to
+    /// a mapping that went away meanwhile, which the final round handles.
+    strict: bool,
+}
+
+/// Encode and send chunks on their streams, one encoder thread per stream; returns when
+/// every chunk is queued (the barrier between rounds), with the frames sent per stream.
+fn encode_round(e: &Encoding, chunks: &[Chunk]) -> Result<(RoundStats, Vec<u64>), SrcError> {
+    let n = e.streams;
+    let objects: Vec<SentObject> = e
+        .objects
+        .iter()
+        .map(|o| (o.id, &o.file, o.size, o.hashes.as_slice()))
+        .collect();
+    let mine = |i: usize| -> Vec<Chunk> {
+        chunks
+            .iter()
+            .filter(|c| stream_of(c.space, c.start, n) == i)
+            .copied()
+            .collect()
+    };
+    let bytes: u64 = chunks.iter().map(|c| c.end - c.start).sum();
+    // A few pages (the final round of an idle vkernel) are encoded here: starting threads
+    // would take longer than the work, in the pause.
+    let results: Vec<Result<(RoundStats, u64), SrcError>> = if bytes <= INLINE_BYTES {
+        (0..n)
+            .map(|i| {
+                encode_stream(
+                    i,
+                    &mine(i),
+                    e.mm_pids,
+                    &objects,
+                    e.sink,
+                    e.keep_zero,
+                    e.compression,
+                    e.strict,
+                )
+            })
+            .collect()
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..n)
+                .map(|i| {
+                    let mine = mine(i);
+                    let mm_pids = e.mm_pids;
+                    let objects = &objects;
+                    scope.spawn(move || {
+                        encode_stream(
+                            i,
+                            &mine,
+                            mm_pids,
+                            objects,
+                            e.sink,
+                            e.keep_zero,
+                            e.compression,
+                            e.strict,
+                        )
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(SrcError::Unsupported {
+                            pid: 0,
+                            what: "a page encoder thread panicked".into(),
+                        })
+                    })
+                })
+                .collect()
+        })
+    };
+    let mut total = RoundStats::default();
+    let mut frames = vec![0; n];
+    for (i, r) in results.into_iter().enumerate() {
+        let (s, f) = r?;
+        frames[i] = f;
+        add(&mut total, &s);
+    }
+    Ok((total, frames))
+}
+
 type SentObject<'a> = (u32, &'a File, u64, &'a [AtomicU64]);
 
 /// The stream a chunk goes on: the same for every round.

@@ -19,7 +19,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use vkm_common::live::{
     Convergence, FromDaemon, FromReceiver, MappedFile, Next, Offer, RoundLoad, ToDaemon,
-    ToReceiver, NO_THROTTLE, PAGE_STREAM_BARRIER, PROTOCOL_VERSION,
+    ToReceiver, NO_THROTTLE, PROTOCOL_VERSION,
 };
 use vkm_common::model::{Backing, Vkernel};
 use vkm_migrate_src::live::{Final, LiveOptions, PageSink, Precopy, RoundStats};
@@ -551,7 +551,7 @@ fn migrate(
     };
     let mut fin = Box::new(
         precopy
-            .freeze(lift)
+            .freeze(lift, sink)
             .map_err(|e| before(anyhow::Error::from(e).context("Cannot freeze the vkernel")))?,
     );
     // Frozen, the throttle has nothing left to do; it is lifted already, and the caller
@@ -571,11 +571,8 @@ fn migrate(
     let mut restore_us = 0;
     let step: Result<()> = (|| {
         let t = Instant::now();
-        // The final pages follow at once, behind a barrier on every page stream that the
-        // destination lifts once the final layout is in place.
-        for stream in 0..STREAMS {
-            sink.send(stream, PAGE_STREAM_BARRIER.to_vec(), 0)?;
-        }
+        // The pages written since the last round are on their way already (behind barriers
+        // the destination lifts once the final layout is in place); the rest follow.
         rt.block_on(send_msg(control, &msg))?;
         let t_state = t.elapsed();
         let (s, frames) = fin.send_pages(sink)?;

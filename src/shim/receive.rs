@@ -44,6 +44,9 @@ struct AppliedState {
     error: Option<String>,
     /// The final layout is in place: runs past a page stream's barrier may be written.
     final_open: bool,
+    /// The skeleton was rebuilt: the early final pages (between a stream's two barriers) were
+    /// read for the old one, and are dropped.
+    drop_early: bool,
 }
 
 impl Applied {
@@ -59,27 +62,29 @@ impl Applied {
         self.cv.notify_all();
     }
 
-    /// Let the page streams past their barriers.
-    fn open_final(&self) {
+    /// Let the page streams past their barriers; `drop_early` after a rebuild.
+    fn open_final(&self, drop_early: bool) {
         if let Ok(mut s) = self.state.lock() {
             s.final_open = true;
+            s.drop_early = drop_early;
         }
         self.cv.notify_all();
     }
 
-    /// At a page stream's barrier: wait until the final layout is in place. False when the
-    /// migration failed meanwhile (or never got there), and the stream is to stop.
-    fn wait_final(&self, timeout: Duration) -> bool {
+    /// At a page stream's barrier: wait until the final layout is in place. `None` when the
+    /// migration failed meanwhile (or never got there), and the stream is to stop; else
+    /// whether the early final pages are to be dropped.
+    fn wait_final(&self, timeout: Duration) -> Option<bool> {
         let opened = self.wait_until(
             timeout,
-            |s| s.final_open.then_some(()),
+            |s| s.final_open.then_some(s.drop_early),
             |_| "the final layout never came".to_owned(),
         );
         match opened {
-            Ok(()) => true,
+            Ok(drop_early) => Some(drop_early),
             Err(e) => {
                 self.fail(format!("{e}"));
-                false
+                None
             }
         }
     }
@@ -373,7 +378,7 @@ fn converse(
         );
     }
     // The final round's pages, held at the page streams' barriers, may go in now.
-    applied.open_final();
+    applied.open_final(rebuild);
     let delta = t.elapsed();
     let frames = match rt.block_on(recv(control))? {
         ToReceiver::Commit { frames } => frames,
@@ -535,8 +540,9 @@ async fn apply_stream(
         std::thread::Builder::new()
             .name(format!("pages-{idx}"))
             .spawn(move || {
+                let mut phase = Phase::PreCopy;
                 while let Some(mut buf) = rx.blocking_recv() {
-                    if !apply_runs(idx, &buf, &targets, &applied) {
+                    if !apply_runs(idx, &buf, &targets, &applied, &mut phase) {
                         return;
                     }
                     buf.clear();
@@ -625,12 +631,26 @@ fn split_run(buf: &[u8]) -> Result<Option<(&[u8], &[u8])>> {
     Ok(buf.get(4..4 + n).map(|run| (run, &buf[4 + n..])))
 }
 
+/// Where a page stream is: its barriers (empty runs) divide it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    PreCopy,
+    /// Past the first barrier: the pages written since the last round, sent while the source
+    /// captured the state. `drop`: they were read for a skeleton since rebuilt.
+    Early {
+        drop: bool,
+    },
+    /// Past the second: the rest of the final round.
+    Final,
+}
+
 /// Decode, verify and write complete runs; false (with the error reported) to stop.
 fn apply_runs(
     idx: usize,
     mut buf: &[u8],
     targets: &RwLock<Arc<PageTargets>>,
     applied: &Applied,
+    phase: &mut Phase,
 ) -> bool {
     let Ok(mut t) = targets.read().map(|t| Arc::clone(&t)) else {
         return false;
@@ -640,18 +660,34 @@ fn apply_runs(
     while let Ok(Some((run, after))) = split_run(buf) {
         buf = after;
         if run.is_empty() {
-            // The barrier: what came before counts now (the receiver waits for it before it
-            // applies the final layout), what comes after waits for that layout, and goes
-            // where it says (a rebuilt skeleton has new targets).
+            if *phase != Phase::PreCopy {
+                if *phase == (Phase::Early { drop: true }) {
+                    tracing::info!(
+                        stream = idx,
+                        "early final pages dropped: the skeleton was rebuilt"
+                    );
+                }
+                *phase = Phase::Final;
+                continue;
+            }
+            // The first barrier: what came before counts now (the receiver waits for it
+            // before it applies the final layout), what comes after waits for that layout,
+            // and goes where it says (a rebuilt skeleton has new targets).
             applied.add(idx, frames, pages);
             (frames, pages) = (0, 0);
-            if !applied.wait_final(FINAL_LAYOUT_TIMEOUT) {
+            let Some(drop) = applied.wait_final(FINAL_LAYOUT_TIMEOUT) else {
                 return false;
-            }
+            };
+            *phase = Phase::Early { drop };
             let Ok(now) = targets.read().map(|t| Arc::clone(&t)) else {
                 return false;
             };
             t = now;
+            continue;
+        }
+        if *phase == (Phase::Early { drop: true }) {
+            // Counted, for the sender counted it, but not written.
+            frames += 1;
             continue;
         }
         let (space, addr, data) = match decode_run(run) {

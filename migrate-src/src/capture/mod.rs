@@ -88,6 +88,34 @@ pub(crate) fn read_net(name: &str) -> Result<vkm_common::net::NetDev, SrcError> 
 
 /// Capture a frozen vkernel.
 pub fn capture(frozen: &Frozen, opts: &CaptureOptions) -> Result<Captured, SrcError> {
+    let (files, procs) = begin(frozen, opts)?;
+    // The fd tables are read from /proc and through pidfds, which any thread may do, so on the
+    // other CPU while this one (the tracer, which alone may inject) captures the processes:
+    // the two take about as long.
+    let (tables, processes) = std::thread::scope(|scope| {
+        let tables = scope.spawn(|| {
+            frozen.move_elsewhere();
+            files.capture()
+        });
+        let processes = procs.capture(frozen);
+        // A panic there is a bug of ours: it goes on here as one.
+        let tables = tables
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (tables, processes)
+    });
+    finish(frozen, opts, tables?, processes?)
+}
+
+/// The first part of a capture: how processes share address spaces and fd tables, and the
+/// address spaces' layouts, which must be read before any injection maps its scratch page.
+/// The rest is in two halves: [`FilesToCapture::capture`], on any thread, and
+/// [`ProcessesToCapture::capture`], on the thread that froze the vkernel (the tracer); then
+/// [`finish`].
+pub fn begin(
+    frozen: &Frozen,
+    opts: &CaptureOptions,
+) -> Result<(FilesToCapture, ProcessesToCapture), SrcError> {
     if frozen.processes.is_empty() {
         return Err(SrcError::Empty);
     }
@@ -115,7 +143,6 @@ pub fn capture(frozen: &Frozen, opts: &CaptureOptions) -> Result<Captured, SrcEr
     }
 
     let t0 = std::time::Instant::now();
-    // Layouts first: the injections below map a scratch page, which must not be captured.
     let mut mem = memory::MemoryCapture::default();
     for (id, &pid) in mm_owner.iter().enumerate() {
         mem.capture_mm(
@@ -125,45 +152,118 @@ pub fn capture(frozen: &Frozen, opts: &CaptureOptions) -> Result<Captured, SrcEr
             opts.known_smaps.get(&pid).map(Vec::as_slice),
         )?;
     }
-
-    let t_layout = t0.elapsed();
-    let vdsos: Vec<_> = proc_mm.iter().map(|&mm| mem.vdso_of(mm)).collect();
-    // The fd tables are read from /proc and through pidfds, which any thread may do, so on the
-    // other CPU while this one (the tracer, which alone may inject) captures the processes:
-    // the two take about as long.
-    let (tables, procs) = std::thread::scope(|scope| {
-        let host_to_ns = &host_to_ns;
-        let table_owner = &table_owner;
-        let mem = &mut mem;
-        let files = scope.spawn(move || {
-            frozen.move_elsewhere();
-            let t = std::time::Instant::now();
-            let mut fcap = files::FileCapture::new(host_to_ns, opts.console_tty.as_deref());
-            let tables = table_owner
-                .iter()
-                .enumerate()
-                .map(|(id, &pid)| {
-                    fcap.capture_table(u32::try_from(id).unwrap_or(u32::MAX), pid, mem)
-                })
-                .collect::<Result<Vec<_>, SrcError>>();
-            (fcap, tables, t.elapsed())
-        });
-        let procs = capture_processes(frozen, host_to_ns, &proc_mm, &proc_table, &vdsos);
-        // A panic there is a bug of ours: it goes on here as one.
-        let files = files
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        (files, procs)
-    });
-    let (fcap, tables, files_took) = tables;
-    let tables = tables?;
-    let (processes, brks, held) = procs?;
     tracing::debug!(
-        layout_ms = t_layout.as_secs_f64() * 1e3,
-        files_ms = files_took.as_secs_f64() * 1e3,
-        processes_ms = (t0.elapsed() - t_layout).as_secs_f64() * 1e3,
-        "capture phases (files beside processes)"
+        layout_ms = t0.elapsed().as_secs_f64() * 1e3,
+        "address spaces captured"
     );
+    let vdsos = proc_mm.iter().map(|&mm| mem.vdso_of(mm)).collect();
+    Ok((
+        FilesToCapture {
+            host_to_ns: host_to_ns.clone(),
+            console_tty: opts.console_tty.clone(),
+            table_owner,
+            mem,
+        },
+        ProcessesToCapture {
+            host_to_ns,
+            proc_mm,
+            proc_table,
+            vdsos,
+        },
+    ))
+}
+
+/// The fd tables, still to be read (see [`begin`]).
+pub struct FilesToCapture {
+    host_to_ns: BTreeMap<i32, i32>,
+    console_tty: Option<String>,
+    /// Host pid of a process that has each table, by table id.
+    table_owner: Vec<i32>,
+    /// The layouts: an fd of a memory object that is also mapped refers to it.
+    mem: memory::MemoryCapture,
+}
+
+/// The fd tables, and the memory capture that goes with them.
+pub struct CapturedFiles {
+    tables: Vec<model::FdTable>,
+    files: Vec<model::OpenFile>,
+    pipes: Vec<model::Pipe>,
+    console: Option<model::Console>,
+    mem: memory::MemoryCapture,
+}
+
+impl FilesToCapture {
+    pub fn capture(mut self) -> Result<CapturedFiles, SrcError> {
+        let t = std::time::Instant::now();
+        let mut fcap = files::FileCapture::new(&self.host_to_ns, self.console_tty.as_deref());
+        let tables = self
+            .table_owner
+            .iter()
+            .enumerate()
+            .map(|(id, &pid)| {
+                fcap.capture_table(u32::try_from(id).unwrap_or(u32::MAX), pid, &mut self.mem)
+            })
+            .collect::<Result<Vec<_>, SrcError>>()?;
+        tracing::debug!(
+            files_ms = t.elapsed().as_secs_f64() * 1e3,
+            "fd tables captured"
+        );
+        let console = fcap.console()?;
+        let (files, pipes) = fcap.finish();
+        Ok(CapturedFiles {
+            tables,
+            files,
+            pipes,
+            console,
+            mem: self.mem,
+        })
+    }
+}
+
+/// The processes, still to be read (see [`begin`]).
+pub struct ProcessesToCapture {
+    host_to_ns: BTreeMap<i32, i32>,
+    /// Each process's address space and fd table ids ([`model::NONE`] for a zombie).
+    proc_mm: Vec<u32>,
+    proc_table: Vec<u32>,
+    /// Each process's [vdso] (base, contents), whose syscall instruction injections borrow.
+    vdsos: Vec<Option<(u64, Vec<u8>)>>,
+}
+
+impl ProcessesToCapture {
+    /// Only on the thread that froze the vkernel: it injects.
+    pub fn capture(&self, frozen: &Frozen) -> Result<CapturedProcesses, SrcError> {
+        let t = std::time::Instant::now();
+        let out = capture_processes(
+            frozen,
+            &self.host_to_ns,
+            &self.proc_mm,
+            &self.proc_table,
+            &self.vdsos,
+        );
+        tracing::debug!(
+            processes_ms = t.elapsed().as_secs_f64() * 1e3,
+            "processes captured"
+        );
+        out
+    }
+}
+
+/// The last part of a capture: the model, from the two halves.
+pub fn finish(
+    frozen: &Frozen,
+    opts: &CaptureOptions,
+    files: CapturedFiles,
+    processes: CapturedProcesses,
+) -> Result<Captured, SrcError> {
+    let CapturedFiles {
+        tables,
+        files,
+        pipes,
+        console,
+        mem,
+    } = files;
+    let (processes, brks, held) = processes;
     let first = frozen
         .processes
         .iter()
@@ -185,8 +285,6 @@ pub fn capture(frozen: &Frozen, opts: &CaptureOptions) -> Result<Captured, SrcEr
             m.fields.brk = brk;
         }
     }
-    let console = fcap.console()?;
-    let (files, pipes) = fcap.finish();
     let t_net = std::time::Instant::now();
     let net = capture_net(&files, opts)?;
     tracing::debug!(
@@ -224,7 +322,7 @@ pub fn capture(frozen: &Frozen, opts: &CaptureOptions) -> Result<Captured, SrcEr
 
 /// Every process of the frozen tree, in order: the model, each address space's brk, and the
 /// signals held back during injections.
-type CapturedProcesses = (Vec<model::Process>, Vec<(u32, u64)>, Vec<(i32, i32, i32)>);
+pub type CapturedProcesses = (Vec<model::Process>, Vec<(u32, u64)>, Vec<(i32, i32, i32)>);
 
 fn capture_processes(
     frozen: &Frozen,
