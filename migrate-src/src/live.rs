@@ -465,15 +465,22 @@ impl Precopy {
                 let t = Instant::now();
                 let scanned = scan_final(mms, objects);
                 let t_scan = t.elapsed();
-                let sent = scanned.as_ref().ok().map(|sc| {
-                    let mm_pids: Vec<(u32, i32)> = mms.iter().map(|m| (m.id, m.pid)).collect();
-                    let mut chunks = Vec::new();
+                let mut chunks = Vec::new();
+                if let Ok(sc) = &scanned {
                     for (m, (dirty, _)) in mms.iter().zip(&sc.written) {
                         push_chunks(&mut chunks, Space::Mm(m.id), dirty);
                     }
                     for (o, ranges) in objects.iter().zip(&sc.changes) {
                         push_chunks(&mut chunks, Space::Object(o.id), ranges);
                     }
+                }
+                // Only a few pages go early, on this one CPU, in the slack the capture leaves
+                // it. Megabytes (a busy vkernel) would hold the capture up: they go after it,
+                // on every CPU, as before.
+                let bytes: u64 = chunks.iter().map(|c| c.end - c.start).sum();
+                let early = scanned.is_ok() && bytes <= INLINE_BYTES;
+                let sent = early.then(|| {
+                    let mm_pids: Vec<(u32, i32)> = mms.iter().map(|m| (m.id, m.pid)).collect();
                     let encoding = Encoding {
                         sink,
                         streams,
@@ -527,6 +534,7 @@ impl Precopy {
         barrier?;
         // How many frames went early must be known, or the destination would wait for the
         // wrong number: a failure there fails the migration, rebuild or not.
+        let went_early = sent.is_some();
         let early = match sent {
             Some(sent) => sent?,
             None => (RoundStats::default(), vec![0; streams]),
@@ -574,7 +582,7 @@ impl Precopy {
                 }
             }
         } else {
-            // The pages written since the last round went early; what is left is mappings the
+            // The pages written since the last round, unless they went early; and mappings the
             // skeleton lacks, or that tracking did not cover, whole.
             let scanned = scanned?;
             for ((m, fm), written) in self.mms.iter().zip(&captured.vk.mms).zip(scanned.written) {
@@ -584,8 +592,9 @@ impl Precopy {
                     .iter()
                     .find(|p| p.id == fm.id)
                     .map_or(m.pid, |p| p.pid);
-                let (_, tracked) = written;
+                let (dirty, tracked) = written;
                 let before = skeleton_vmas(&self.skeleton, fm.id);
+                let mut ranges = Vec::new();
                 let mut untracked = Vec::new();
                 for v in &fm.vmas {
                     if v.own_pages().is_none() {
@@ -593,7 +602,11 @@ impl Precopy {
                     }
                     let kept = before.contains(v)
                         && tracked.iter().any(|&(s, e)| s <= v.start && v.end <= e);
-                    if !kept {
+                    if kept {
+                        if !went_early {
+                            ranges.extend(clip(&dirty, std::slice::from_ref(v)));
+                        }
+                    } else {
                         tracing::debug!(
                             start = v.start,
                             end = v.end,
@@ -605,8 +618,13 @@ impl Precopy {
                     }
                 }
                 if !untracked.is_empty() {
-                    let runs = state_runs_now(pid, &untracked)?;
-                    push_chunks(&mut chunks, Space::Mm(m.id), &merge_ranges(runs));
+                    ranges.extend(state_runs_now(pid, &untracked)?);
+                }
+                push_chunks(&mut chunks, Space::Mm(m.id), &merge_ranges(ranges));
+            }
+            if !went_early {
+                for (o, ranges) in self.objects.iter().zip(&scanned.changes) {
+                    push_chunks(&mut chunks, Space::Object(o.id), ranges);
                 }
             }
         }

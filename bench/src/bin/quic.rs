@@ -11,6 +11,8 @@
 //! cores. For reference, the same over plain TCP on loopback (no encryption). `--sweep` also
 //! measures quinn's defaults with one setting of `Tuning::bulk` changed at a time, to show
 //! which settings matter. `--verify` hashes every stream on both sides (blake3) and checks them.
+//! `--mtu BYTES` (as root) runs it in a network namespace of its own whose loopback has that
+//! MTU: 1500 shows what the transport does over Ethernet-sized packets.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,6 +39,8 @@ struct Opts {
     /// Only the tuned QUIC rows (no baseline, no TCP).
     quick: bool,
     tuning: Tuning,
+    /// The private loopback's MTU (`--mtu`), if not the usual one.
+    mtu: Option<u32>,
 }
 
 fn main() -> Result<()> {
@@ -55,10 +59,19 @@ fn main() -> Result<()> {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
+    let mtu: Option<u32> = opt("--mtu")
+        .map(|v| v.parse())
+        .transpose()
+        .context("--mtu takes a number of bytes")?;
+    if let Some(mtu) = mtu {
+        // Before any thread starts: the threads to come inherit the namespace.
+        private_loopback(mtu)?;
+    }
     let gib: f64 = opt("--gib")
         .map_or(Ok(1.0), |v| v.parse())
         .context("--gib takes a number")?;
     let opts = Opts {
+        mtu,
         bytes: (gib * (1u64 << 30) as f64) as u64,
         streams: opt("--streams")
             .unwrap_or_else(|| "1,2,3,4".into())
@@ -180,7 +193,9 @@ fn run(opts: &Opts, work: &std::path::Path) -> Result<()> {
 
     println!();
     println!(
-        "loopback, {:.2} GiB of incompressible data, {} runs, {} tokio workers per side{}",
+        "loopback (MTU {}), {:.2} GiB of incompressible data, {} runs, {} tokio workers per side{}",
+        opts.mtu
+            .map_or_else(|| "65536".to_string(), |m| m.to_string()),
         opts.bytes as f64 / (1u64 << 30) as f64,
         opts.runs,
         opts.threads,
@@ -470,6 +485,22 @@ impl Ctx<'_> {
 
 fn gbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e9
+}
+
+/// Move this process (its only thread) into a network namespace of its own, whose loopback
+/// is up with MTU `mtu`.
+fn private_loopback(mtu: u32) -> Result<()> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .context("--mtu needs a network namespace of its own (run as root)")?;
+    let mtu = mtu.to_string();
+    let status = std::process::Command::new("ip")
+        .args(["link", "set", "lo", "mtu", &mtu, "up"])
+        .status()
+        .context("cannot run ip")?;
+    if !status.success() {
+        bail!("ip link set lo mtu {mtu} up failed");
+    }
+    Ok(())
 }
 
 fn runtime(threads: usize, name: &str) -> Result<Runtime> {
