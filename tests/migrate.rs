@@ -60,7 +60,8 @@ fn a_running_vkload_moves_to_another_host_and_goes_on() {
     // Gone from A, running on B with the same counters going on.
     assert!(!a.ps_names().unwrap().contains(&"web1".to_string()));
     assert!(b.ps_names().unwrap().contains(&"web1".to_string()));
-    let line = b.wait_tick("web1", seen + 10, Duration::from_secs(20));
+    // 30 ticks: vkload checks every page of its memory once every 2 s.
+    let line = b.wait_tick("web1", seen + 30, Duration::from_secs(20));
     assert_eq!(line.get("pid").map(String::as_str), Some("2"));
     let ticks = b.ticks("web1");
     assert!(

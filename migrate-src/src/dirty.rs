@@ -31,7 +31,7 @@ pub struct DirtyTracker {
 }
 
 impl DirtyTracker {
-    /// Start tracking every writable mapping of the running process `pid`.
+    /// Start tracking every writable private mapping of the running process `pid`.
     pub fn attach(pid: i32) -> Result<DirtyTracker, SrcError> {
         let uffd = create_uffd_in(pid)?;
         let features = uffd::api(
@@ -116,7 +116,12 @@ impl DirtyTracker {
                 Some("[vdso]" | "[vvar]" | "[vvar_vclock]" | "[vsyscall]")
             );
             // Without VM_MAYWRITE the mapping can never be written (and cannot be registered).
-            if special || !v.has_flag("mw") {
+            // A shared mapping's pages belong to its object (or file), whose contents are
+            // compared as a whole: sent through this address space as well, they would reach
+            // the destination by two ways in no fixed order, and through whatever the
+            // destination's skeleton maps at that address, which need not be the same part of
+            // the object (User-Mode Linux maps and unmaps parts of its RAM file all the time).
+            if special || !v.has_flag("mw") || v.shared {
                 continue;
             }
             if v.has_flag("uw") {

@@ -326,8 +326,15 @@ impl Precopy {
             let Some(tracker) = m.tracker.as_mut() else {
                 continue;
             };
-            // Pages outside the skeleton's VMAs have nowhere to go until the final delta.
-            let vmas = skeleton_vmas(&self.skeleton, m.id);
+            // Pages outside the skeleton's private VMAs have nowhere to go until the final
+            // delta: written there, they would land in whatever the skeleton maps, a shared
+            // object's pages included.
+            let vmas: Vec<Vma> = skeleton_vmas(&self.skeleton, m.id)
+                .iter()
+                .filter(|v| v.own_pages().is_some())
+                .cloned()
+                .collect();
+            let vmas = vmas.as_slice();
             let found = if first {
                 state_runs_now(m.pid, vmas)
             } else {
@@ -811,7 +818,6 @@ fn push_chunks(out: &mut Vec<Chunk>, space: Space, ranges: &[(u64, u64)]) {
     }
 }
 
-/// An object as the encoders see it: id, file, size, the hashes of what was sent.
 type Ranges = Vec<(u64, u64)>;
 
 /// The final scans: per address space the pages written since the last round and the ranges
@@ -829,10 +835,12 @@ fn scan_final(mms: &mut [TrackedMm], objects: &[TrackedObject]) -> Result<Scanne
             None => Ok((Vec::new(), Vec::new())),
         })
         .collect::<Result<Vec<_>, SrcError>>()?;
+    let t = Instant::now();
     let changes = objects
         .iter()
         .map(changed_pages)
         .collect::<Result<Vec<_>, SrcError>>()?;
+    tracing::debug!(objects_ms = ms(t.elapsed()), "memory objects compared");
     Ok(Scanned { written, changes })
 }
 
@@ -928,6 +936,7 @@ fn encode_round(e: &Encoding, chunks: &[Chunk]) -> Result<(RoundStats, Vec<u64>)
     Ok((total, frames))
 }
 
+/// An object as the encoders see it: id, file, size, the hashes of what was sent.
 type SentObject<'a> = (u32, &'a File, u64, &'a [AtomicU64]);
 
 /// The stream a chunk goes on: the same for every round.
@@ -951,7 +960,8 @@ fn changed_pages(o: &TrackedObject) -> Result<Vec<(u64, u64)>, SrcError> {
         while a < e {
             let n = usize::try_from((e - a).min(CHUNK)).unwrap_or(0);
             let want = n.min(usize::try_from(o.size - a).unwrap_or(n));
-            buf[..n].fill(0);
+            // Past the end of a file shorter than the object's size: zeros.
+            buf[want..n].fill(0);
             o.file
                 .read_exact_at(&mut buf[..want], a)
                 .map_err(|e| vkm_sys::SysError::Syscall {

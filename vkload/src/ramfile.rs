@@ -3,8 +3,9 @@
 //! Page 0 is the control page: word 0 counts pattern writes (written through view A), and
 //! from word 8 on there is one 64-byte slot per child process (children increment theirs
 //! through their inherited copy of view A). Pages 1.. are pattern pages written round-robin,
-//! one per tick, through view A and checked through view B and through pread. Pages not yet
-//! written are holes, so the file stays sparse for a while, as UML's does.
+//! one per tick, through a one-page window mapped onto each in turn (as UML maps parts of its
+//! RAM file in and out), and checked through view B and through pread. Pages not yet written
+//! are holes, so the file stays sparse for a while, as UML's does.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -20,6 +21,7 @@ pub struct RamFile {
     file: File,
     a: &'static [AtomicU64],
     b: &'static [AtomicU64],
+    window: sys::Window,
     /// Number of pattern pages (all pages but the control page).
     period: u64,
     writes: u64,
@@ -40,11 +42,13 @@ impl RamFile {
         file.set_len(len as u64)?;
         let a = sys::map_shared_file(&file, len)?;
         let b = sys::map_shared_file(&file, len)?;
+        let window = sys::Window::new()?;
         let period = (len / PAGE_SIZE) as u64 - 1;
         Ok(RamFile {
             file,
             a,
             b,
+            window,
             period,
             writes: 0,
             sweep: 0,
@@ -88,10 +92,14 @@ impl RamFile {
     }
 
     pub fn tick(&mut self) -> Result<(), String> {
-        // Write the next pattern page and the counter through view A.
+        // Write the next pattern page through the window, and the counter through view A.
         let p = 1 + self.writes % self.period;
         let gen = self.writes + 1;
-        pattern::write_page(Self::page(self.a, p), p, gen, SALT_RAM);
+        self.window
+            .with_page(&self.file, p, |page| {
+                pattern::write_page(page, p, gen, SALT_RAM)
+            })
+            .map_err(|e| format!("ram file window onto page {p}: {e}"))?;
         self.writes += 1;
         self.a[0].store(self.writes, Ordering::Release);
 

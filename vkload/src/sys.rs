@@ -62,6 +62,70 @@ pub fn map_shared_file(file: &File, len: usize) -> io::Result<&'static [AtomicU6
     map(len, libc::MAP_SHARED, file.as_raw_fd())
 }
 
+/// One page of address space that shows one page of a file at a time, mapped anew (MAP_FIXED,
+/// MAP_SHARED) over itself for each: as User-Mode Linux maps parts of its RAM file in and out
+/// of its address spaces.
+pub struct Window {
+    addr: usize,
+}
+
+const WINDOW_LEN: usize = 4096;
+
+impl Window {
+    pub fn new() -> io::Result<Window> {
+        // SAFETY: with a null hint and no MAP_FIXED the kernel picks a fresh range, so no
+        // existing Rust object is affected; nothing is accessible there yet (PROT_NONE).
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                WINDOW_LEN,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Window { addr: p as usize })
+    }
+
+    /// Page `page` of `file` in the window, for `f`.
+    pub fn with_page<R>(
+        &mut self,
+        file: &File,
+        page: u64,
+        f: impl FnOnce(&[AtomicU64]) -> R,
+    ) -> io::Result<R> {
+        use std::os::fd::AsRawFd;
+        let offset = libc::off_t::try_from(page * WINDOW_LEN as u64)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: MAP_FIXED replaces only the window's own page, which this Window owns and
+        // to which no reference lives (`with_page` takes `&mut self`, and the slice given to
+        // the last `f` did not outlive it).
+        let p = unsafe {
+            libc::mmap(
+                self.addr as *mut libc::c_void,
+                WINDOW_LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                offset,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: one page, page-aligned (aligned for AtomicU64), readable and writable, of a
+        // file that never shrinks; the slice lives only for the call of `f`, during which the
+        // mapping stays (it is replaced only by a later call, which needs `&mut self`). Access
+        // goes through atomics, which allow the aliasing with the file's other mappings.
+        let page = unsafe { std::slice::from_raw_parts(p as *const AtomicU64, WINDOW_LEN / 8) };
+        Ok(f(page))
+    }
+}
+
 pub fn memfd_create(name: &CStr) -> io::Result<File> {
     // SAFETY: `name` is a valid NUL-terminated string; the call only creates a descriptor.
     let fd = cvt(unsafe { libc::memfd_create(name.as_ptr(), 0) })?;
