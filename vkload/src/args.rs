@@ -11,7 +11,8 @@ usage: vkload [--mem MIB] [--threads N] [--children N] [--ram-file-mib M] [--dir
   --ram-file-mib M     size of the memfd RAM file (default 4)
   --dirty-mbps R       pattern region rewrite rate in MiB/s (default 0 = 8 pages per tick)
   --without FEATS      disable features: threads, memfd, pipe, socketpair, itimer,
-                       posix-timer, signals, children, eventfd, file
+                       posix-timer, signals, children, eventfd, file, window (the RAM
+                       file's pages written through a one-page mapping moved onto each)
   --tick-ms MS         console tick period (default 100)
   --verify-s S         seconds per full verification pass of the region (default 2)
   --net TAP,IP/PREFIX[,MAC]
@@ -31,10 +32,11 @@ pub enum Feature {
     Children,
     Eventfd,
     File,
+    Window,
 }
 
 impl Feature {
-    pub const ALL: [Feature; 10] = [
+    pub const ALL: [Feature; 11] = [
         Feature::Threads,
         Feature::Memfd,
         Feature::Pipe,
@@ -45,6 +47,7 @@ impl Feature {
         Feature::Children,
         Feature::Eventfd,
         Feature::File,
+        Feature::Window,
     ];
 
     pub fn name(self) -> &'static str {
@@ -59,6 +62,7 @@ impl Feature {
             Feature::Children => "children",
             Feature::Eventfd => "eventfd",
             Feature::File => "file",
+            Feature::Window => "window",
         }
     }
 

@@ -106,7 +106,8 @@ fn run(cfg: &Config) -> ! {
     // The RAM file and the children's counter slots must exist before the fork so that the
     // children share them; the big private region is made after it so they do not.
     let mut ram = cfg.has(Feature::Memfd).then(|| {
-        ramfile::RamFile::create(cfg.ram_file_mib, cfg.tick_ms).or_fail("creating the RAM file")
+        ramfile::RamFile::create(cfg.ram_file_mib, cfg.tick_ms, cfg.has(Feature::Window))
+            .or_fail("creating the RAM file")
     });
     let mut children = (cfg.child_count() > 0).then(|| {
         let (a, b) = match &ram {

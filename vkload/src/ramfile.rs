@@ -4,7 +4,8 @@
 //! from word 8 on there is one 64-byte slot per child process (children increment theirs
 //! through their inherited copy of view A). Pages 1.. are pattern pages written round-robin,
 //! one per tick, through a one-page window mapped onto each in turn (as UML maps parts of its
-//! RAM file in and out), and checked through view B and through pread. Pages not yet written
+//! RAM file in and out; through view A without the `window` feature), and checked through
+//! view B and through pread. Pages not yet written
 //! are holes, so the file stays sparse for a while, as UML's does.
 
 use std::fs::File;
@@ -21,7 +22,7 @@ pub struct RamFile {
     file: File,
     a: &'static [AtomicU64],
     b: &'static [AtomicU64],
-    window: sys::Window,
+    window: Option<sys::Window>,
     /// Number of pattern pages (all pages but the control page).
     period: u64,
     writes: u64,
@@ -36,13 +37,17 @@ pub fn slot_word(i: usize) -> usize {
 }
 
 impl RamFile {
-    pub fn create(mib: u64, tick_ms: u64) -> std::io::Result<RamFile> {
+    pub fn create(mib: u64, tick_ms: u64, window: bool) -> std::io::Result<RamFile> {
         let len = mib as usize * 1024 * 1024;
         let file = sys::memfd_create(c"vkload-ram")?;
         file.set_len(len as u64)?;
         let a = sys::map_shared_file(&file, len)?;
         let b = sys::map_shared_file(&file, len)?;
-        let window = sys::Window::new()?;
+        let window = if window {
+            Some(sys::Window::new()?)
+        } else {
+            None
+        };
         let period = (len / PAGE_SIZE) as u64 - 1;
         Ok(RamFile {
             file,
@@ -95,11 +100,14 @@ impl RamFile {
         // Write the next pattern page through the window, and the counter through view A.
         let p = 1 + self.writes % self.period;
         let gen = self.writes + 1;
-        self.window
-            .with_page(&self.file, p, |page| {
-                pattern::write_page(page, p, gen, SALT_RAM)
-            })
-            .map_err(|e| format!("ram file window onto page {p}: {e}"))?;
+        match self.window.as_mut() {
+            Some(w) => w
+                .with_page(&self.file, p, |page| {
+                    pattern::write_page(page, p, gen, SALT_RAM)
+                })
+                .map_err(|e| format!("ram file window onto page {p}: {e}"))?,
+            None => pattern::write_page(Self::page(self.a, p), p, gen, SALT_RAM),
+        }
         self.writes += 1;
         self.a[0].store(self.writes, Ordering::Release);
 
