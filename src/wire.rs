@@ -11,34 +11,37 @@ use vkm_transport::Control;
 
 /// Send `msg` to `peer` (named in errors: "destination", "sender").
 pub async fn send<T: Serialize>(control: &mut Control, msg: &T, peer: &str) -> Result<()> {
-    control
-        .send(&encode_meta(msg)?)
-        .await
-        .with_context(|| format!("Cannot send to the {peer}"))
+    send_bytes(control, &encode_meta(msg)?, peer).await
 }
 
 /// The next message from `peer`; its closing the stream is an error.
 pub async fn recv<T: DeserializeOwned>(control: &mut Control, peer: &str) -> Result<T> {
-    let bytes = control
-        .recv()
-        .await
-        .with_context(|| format!("The link to the {peer} failed"))?
-        .ok_or_else(|| anyhow!("The {peer} closed the connection"))?;
+    let bytes = recv_bytes(control, peer).await?;
     decode_meta(&bytes).with_context(|| format!("Cannot decode the {peer}'s message"))
 }
 
+/// [`send`] for the conversation after the offer.
 pub async fn send_msg<T: Serialize>(control: &mut Control, msg: &T, peer: &str) -> Result<()> {
+    send_bytes(control, &encode_msg(msg)?, peer).await
+}
+
+/// [`recv`] for the conversation after the offer.
+pub async fn recv_msg<T: DeserializeOwned>(control: &mut Control, peer: &str) -> Result<T> {
+    let bytes = recv_bytes(control, peer).await?;
+    decode_msg(&bytes).with_context(|| format!("Cannot decode the {peer}'s message"))
+}
+
+async fn send_bytes(control: &mut Control, bytes: &[u8], peer: &str) -> Result<()> {
     control
-        .send(&encode_msg(msg)?)
+        .send(bytes)
         .await
         .with_context(|| format!("Cannot send to the {peer}"))
 }
 
-pub async fn recv_msg<T: DeserializeOwned>(control: &mut Control, peer: &str) -> Result<T> {
-    let bytes = control
+async fn recv_bytes(control: &mut Control, peer: &str) -> Result<Vec<u8>> {
+    control
         .recv()
         .await
         .with_context(|| format!("The link to the {peer} failed"))?
-        .ok_or_else(|| anyhow!("The {peer} closed the connection"))?;
-    decode_msg(&bytes).with_context(|| format!("Cannot decode the {peer}'s message"))
+        .ok_or_else(|| anyhow!("The {peer} closed the connection"))
 }

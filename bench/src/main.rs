@@ -39,12 +39,7 @@ struct Row {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let opt = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let opt = |name: &str| vkm_bench::opt(&args, name);
     let sizes: Vec<u64> = opt("--sizes")
         .unwrap_or_else(|| "256,2048".into())
         .split(',')

@@ -53,12 +53,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args: Vec<String> = std::env::args().collect();
-    let opt = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let opt = |name: &str| vkm_bench::opt(&args, name);
     let mtu: Option<u32> = opt("--mtu")
         .map(|v| v.parse())
         .transpose()

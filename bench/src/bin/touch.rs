@@ -16,12 +16,7 @@ const PAGE: usize = 4096;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let opt = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let opt = |name: &str| vkm_bench::opt(&args, name);
     let mib: usize = opt("--mib")
         .map_or(Ok(4096), |v| v.parse())
         .context("--mib takes a number")?;
