@@ -390,13 +390,12 @@ impl Precopy {
         keep_zero: ZeroIsNews,
         strict: bool,
     ) -> Result<RoundStats, SrcError> {
-        let mm_pids: Vec<(u32, i32)> = self.mms.iter().map(|m| (m.id, m.pid)).collect();
         let (stats, frames) = encode_round(
             &Encoding {
                 sink,
                 streams: self.frames.len(),
                 compression: self.opts.compression,
-                mm_pids: &mm_pids,
+                mms: &self.mms,
                 objects: &self.objects,
                 keep_zero,
                 strict,
@@ -487,12 +486,11 @@ impl Precopy {
                 let bytes: u64 = chunks.iter().map(|c| c.end - c.start).sum();
                 let early = scanned.is_ok() && bytes <= INLINE_BYTES;
                 let sent = early.then(|| {
-                    let mm_pids: Vec<(u32, i32)> = mms.iter().map(|m| (m.id, m.pid)).collect();
                     let encoding = Encoding {
                         sink,
                         streams,
                         compression,
-                        mm_pids: &mm_pids,
+                        mms,
                         objects,
                         keep_zero: ZeroIsNews {
                             mms: true,
@@ -824,7 +822,7 @@ type Ranges = Vec<(u64, u64)>;
 /// tracked; per memory object the pages that changed.
 struct Scanned {
     written: Vec<(Ranges, Ranges)>,
-    changes: Vec<Vec<(u64, u64)>>,
+    changes: Vec<Ranges>,
 }
 
 fn scan_final(mms: &mut [TrackedMm], objects: &[TrackedObject]) -> Result<Scanned, SrcError> {
@@ -849,8 +847,7 @@ struct Encoding<'a> {
     sink: &'a dyn PageSink,
     streams: usize,
     compression: bool,
-    /// (mm id, host pid of a process that has it)
-    mm_pids: &'a [(u32, i32)],
+    mms: &'a [TrackedMm],
     objects: &'a [TrackedObject],
     keep_zero: ZeroIsNews,
     /// A page that cannot be read is an error (the vkernel is frozen); otherwise it belongs to
@@ -862,11 +859,6 @@ struct Encoding<'a> {
 /// every chunk is queued (the barrier between rounds), with the frames sent per stream.
 fn encode_round(e: &Encoding, chunks: &[Chunk]) -> Result<(RoundStats, Vec<u64>), SrcError> {
     let n = e.streams;
-    let objects: Vec<SentObject> = e
-        .objects
-        .iter()
-        .map(|o| (o.id, &o.file, o.size, o.hashes.as_slice()))
-        .collect();
     let mine = |i: usize| -> Vec<Chunk> {
         chunks
             .iter()
@@ -878,39 +870,13 @@ fn encode_round(e: &Encoding, chunks: &[Chunk]) -> Result<(RoundStats, Vec<u64>)
     // A few pages (the final round of an idle vkernel) are encoded here: starting threads
     // would take longer than the work, in the pause.
     let results: Vec<Result<(RoundStats, u64), SrcError>> = if bytes <= INLINE_BYTES {
-        (0..n)
-            .map(|i| {
-                encode_stream(
-                    i,
-                    &mine(i),
-                    e.mm_pids,
-                    &objects,
-                    e.sink,
-                    e.keep_zero,
-                    e.compression,
-                    e.strict,
-                )
-            })
-            .collect()
+        (0..n).map(|i| encode_stream(e, i, &mine(i))).collect()
     } else {
         std::thread::scope(|scope| {
             let handles: Vec<_> = (0..n)
                 .map(|i| {
                     let mine = mine(i);
-                    let mm_pids = e.mm_pids;
-                    let objects = &objects;
-                    scope.spawn(move || {
-                        encode_stream(
-                            i,
-                            &mine,
-                            mm_pids,
-                            objects,
-                            e.sink,
-                            e.keep_zero,
-                            e.compression,
-                            e.strict,
-                        )
-                    })
+                    scope.spawn(move || encode_stream(e, i, &mine))
                 })
                 .collect();
             handles
@@ -935,9 +901,6 @@ fn encode_round(e: &Encoding, chunks: &[Chunk]) -> Result<(RoundStats, Vec<u64>)
     }
     Ok((total, frames))
 }
-
-/// An object as the encoders see it: id, file, size, the hashes of what was sent.
-type SentObject<'a> = (u32, &'a File, u64, &'a [AtomicU64]);
 
 /// The stream a chunk goes on: the same for every round.
 fn stream_of(space: Space, addr: u64, n: usize) -> usize {
@@ -1023,16 +986,11 @@ fn next_group(chunks: &[Chunk]) -> usize {
         .max(1)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One stream's share of a round (see [`encode_round`]).
 fn encode_stream(
+    e: &Encoding,
     stream: usize,
     chunks: &[Chunk],
-    mm_pids: &[(u32, i32)],
-    objects: &[SentObject],
-    sink: &dyn PageSink,
-    keep_zero: ZeroIsNews,
-    compression: bool,
-    strict: bool,
 ) -> Result<(RoundStats, u64), SrcError> {
     let mut stats = RoundStats::default();
     let mut frames = 0u64;
@@ -1051,7 +1009,7 @@ fn encode_stream(
         // pages may have gone since they were found dirty).
         let mut got = 0;
         if let (Space::Mm(id), true) = (group[0].space, group.len() > 1) {
-            let pid = pid_of(mm_pids, id);
+            let pid = pid_of(e.mms, id);
             let ranges: Vec<(u64, usize)> = group
                 .iter()
                 .map(|c| (c.start, usize::try_from(c.end - c.start).unwrap_or(0)))
@@ -1065,27 +1023,27 @@ fn encode_stream(
             let read = if off + n <= got {
                 Ok(())
             } else {
-                read_chunk(c, data, mm_pids, objects)
+                read_chunk(c, data, e.mms, e.objects)
             };
             off += n;
-            if let Err((e, op)) = read {
-                if strict {
+            if let Err((err, op)) = read {
+                if e.strict {
                     return Err(vkm_sys::SysError::Syscall {
                         op,
                         pid: 0,
-                        source: e,
+                        source: err,
                     }
                     .into());
                 }
-                tracing::debug!(start = c.start, error = %e, "pages gone since they were found dirty");
+                tracing::debug!(start = c.start, error = %err, "pages gone since they were found dirty");
                 continue;
             }
             let counts = encode_pages_wire(
                 c.space,
                 c.start,
                 data,
-                compression,
-                keep_zero.of(c.space),
+                e.compression,
+                e.keep_zero.of(c.space),
                 &mut msg,
             )?;
             k += counts.runs;
@@ -1096,7 +1054,7 @@ fn encode_stream(
         if msg.len() >= BATCH || (rest.is_empty() && k > 0) {
             stats.bytes_encoded += msg.len() as u64;
             let full = std::mem::replace(&mut msg, new_msg());
-            sink.send(stream, full, k)?;
+            e.sink.send(stream, full, k)?;
             frames += k;
             k = 0;
         }
@@ -1105,11 +1063,8 @@ fn encode_stream(
 }
 
 /// The process whose memory address space `id` is read through (0: none, which fails).
-fn pid_of(mm_pids: &[(u32, i32)], id: u32) -> i32 {
-    mm_pids
-        .iter()
-        .find(|(m, _)| *m == id)
-        .map_or(0, |(_, p)| *p)
+fn pid_of(mms: &[TrackedMm], id: u32) -> i32 {
+    mms.iter().find(|m| m.id == id).map_or(0, |m| m.pid)
 }
 
 /// Read one chunk on its own: an address space's pages with `process_vm_readv`, an object's
@@ -1117,28 +1072,30 @@ fn pid_of(mm_pids: &[(u32, i32)], id: u32) -> i32 {
 fn read_chunk(
     c: &Chunk,
     data: &mut [u8],
-    mm_pids: &[(u32, i32)],
-    objects: &[SentObject],
+    mms: &[TrackedMm],
+    objects: &[TrackedObject],
 ) -> Result<(), (std::io::Error, &'static str)> {
     match c.space {
         Space::Mm(id) => {
-            proc::read_vm(pid_of(mm_pids, id), c.start, data).map_err(|e| (e, "process_vm_readv"))
+            proc::read_vm(pid_of(mms, id), c.start, data).map_err(|e| (e, "process_vm_readv"))
         }
         Space::Object(id) => {
-            let Some((_, f, size, hashes)) = objects.iter().find(|(o, _, _, _)| *o == id) else {
+            let Some(o) = objects.iter().find(|o| o.id == id) else {
                 return Err((
                     std::io::Error::new(std::io::ErrorKind::NotFound, "no such memory object"),
                     "pread(memory object)",
                 ));
             };
             let n = data.len();
-            let want = n.min(usize::try_from(size.saturating_sub(c.start)).unwrap_or(n));
-            data.fill(0);
-            f.read_exact_at(&mut data[..want], c.start)
+            let want = n.min(usize::try_from(o.size.saturating_sub(c.start)).unwrap_or(n));
+            // Past the end of a file shorter than the object's size: zeros.
+            data[want..].fill(0);
+            o.file
+                .read_exact_at(&mut data[..want], c.start)
                 .map_err(|e| (e, "pread(memory object)"))?;
             let first = usize::try_from(c.start / PAGE).unwrap_or(usize::MAX);
             for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
-                if let Some(h) = hashes.get(first.saturating_add(i)) {
+                if let Some(h) = o.hashes.get(first.saturating_add(i)) {
                     h.store(xxhash_rust::xxh3::xxh3_64(page), Ordering::Relaxed);
                 }
             }

@@ -69,7 +69,8 @@ pub struct Window {
     addr: usize,
 }
 
-const WINDOW_LEN: usize = 4096;
+/// One page (the window shows one page of the file at a time).
+const WINDOW_LEN: usize = crate::pattern::PAGE_SIZE;
 
 impl Window {
     pub fn new() -> io::Result<Window> {

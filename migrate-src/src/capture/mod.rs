@@ -231,21 +231,38 @@ pub struct ProcessesToCapture {
 }
 
 impl ProcessesToCapture {
-    /// Only on the thread that froze the vkernel: it injects.
+    /// Every process of the frozen tree, in order. Only on the thread that froze the vkernel:
+    /// it injects.
     pub fn capture(&self, frozen: &Frozen) -> Result<CapturedProcesses, SrcError> {
         let t = std::time::Instant::now();
-        let out = capture_processes(
-            frozen,
-            &self.host_to_ns,
-            &self.proc_mm,
-            &self.proc_table,
-            &self.vdsos,
-        );
+        // Threads record their capabilities only where they differ from ours, which restore
+        // gives every thread to begin with.
+        let own_caps = process::caps_of(&vkm_sys::proc::read("/proc/thread-self/status")?);
+        let mut processes = Vec::new();
+        let mut brks = Vec::new();
+        let mut held = Vec::new();
+        for (i, p) in frozen.processes.iter().enumerate() {
+            if let Some(status) = p.zombie {
+                processes.push(process::capture_zombie(p, &self.host_to_ns, status)?);
+                continue;
+            }
+            let (proc, brk, h) = process::capture_process(
+                p,
+                &self.host_to_ns,
+                &own_caps,
+                self.proc_mm[i],
+                self.proc_table[i],
+                self.vdsos.get(i).cloned().flatten(),
+            )?;
+            brks.push((self.proc_mm[i], brk));
+            held.extend(h.into_iter().map(|(tid, sig)| (p.host_pid, tid, sig)));
+            processes.push(proc);
+        }
         tracing::debug!(
             processes_ms = t.elapsed().as_secs_f64() * 1e3,
             "processes captured"
         );
-        out
+        Ok((processes, brks, held))
     }
 }
 
@@ -320,42 +337,9 @@ pub fn finish(
     })
 }
 
-/// Every process of the frozen tree, in order: the model, each address space's brk, and the
-/// signals held back during injections.
+/// The processes' model, each address space's brk, and the signals held back during
+/// injections (see [`ProcessesToCapture::capture`]).
 pub type CapturedProcesses = (Vec<model::Process>, Vec<(u32, u64)>, Vec<(i32, i32, i32)>);
-
-fn capture_processes(
-    frozen: &Frozen,
-    host_to_ns: &BTreeMap<i32, i32>,
-    proc_mm: &[u32],
-    proc_table: &[u32],
-    vdsos: &[Option<(u64, Vec<u8>)>],
-) -> Result<CapturedProcesses, SrcError> {
-    // Threads record their capabilities only where they differ from ours, which restore gives
-    // every thread to begin with.
-    let own_caps = process::caps_of(&vkm_sys::proc::read("/proc/thread-self/status")?);
-    let mut processes = Vec::new();
-    let mut brks = Vec::new();
-    let mut held = Vec::new();
-    for (i, p) in frozen.processes.iter().enumerate() {
-        if let Some(status) = p.zombie {
-            processes.push(process::capture_zombie(p, host_to_ns, status)?);
-            continue;
-        }
-        let (proc, brk, h) = process::capture_process(
-            p,
-            host_to_ns,
-            &own_caps,
-            proc_mm[i],
-            proc_table[i],
-            vdsos.get(i).cloned().flatten(),
-        )?;
-        brks.push((proc_mm[i], brk));
-        held.extend(h.into_iter().map(|(tid, sig)| (p.host_pid, tid, sig)));
-        processes.push(proc);
-    }
-    Ok((processes, brks, held))
-}
 
 /// Index of the group `pid` belongs to (by kcmp `kind`), adding a new group when none matches.
 fn group(owners: &mut Vec<i32>, pid: i32, kind: i32) -> Result<u32, SrcError> {
