@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::state;
 
-/// Checkpoint, restore and (later) live-migrate vkernels: process trees that run in their own
+/// Checkpoint, restore and live-migrate vkernels: process trees that run in their own
 /// PID and time namespaces under a per-vkernel shim.
 #[derive(Debug, Parser)]
 #[command(name = "vkmigrate", version, propagate_version = true)]

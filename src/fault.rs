@@ -14,6 +14,10 @@
 //!   must learn the outcome from this host's `listen` daemon.
 //! - `receiver-dies-after-go`: exits abruptly right after it resumed the vkernel, before it
 //!   is published or reported running.
+//! - `receiver-uml-exits-at-go`: a UML, let go, is told `halt` instead of `go` on its mconsole:
+//!   it exits as it would after a crash on arrival, removing its umid directory on the way
+//!   (which, on a filesystem both hosts share, is also the source's), and the receiver fails
+//!   for want of an answer to `go`.
 
 /// The environment variable that selects a fault.
 pub const VAR: &str = "VKMIGRATE_FAULT";
@@ -29,14 +33,16 @@ pub enum Fault {
     DieBeforeReady,
     SilentAfterGo,
     DieAfterGo,
+    UmlExitsAtGo,
 }
 
 impl Fault {
-    const ALL: [Fault; 4] = [
+    const ALL: [Fault; 5] = [
         Fault::DieAfterFinal,
         Fault::DieBeforeReady,
         Fault::SilentAfterGo,
         Fault::DieAfterGo,
+        Fault::UmlExitsAtGo,
     ];
 
     fn name(self) -> &'static str {
@@ -45,6 +51,7 @@ impl Fault {
             Fault::DieBeforeReady => "receiver-dies-before-ready",
             Fault::SilentAfterGo => "receiver-silent-after-go",
             Fault::DieAfterGo => "receiver-dies-after-go",
+            Fault::UmlExitsAtGo => "receiver-uml-exits-at-go",
         }
     }
 
@@ -71,6 +78,28 @@ pub fn die_at(fault: Fault) {
     if armed(fault) {
         tracing::error!(fault = fault.name(), "injected fault: exiting");
         std::process::exit(EXIT_STATUS);
+    }
+}
+
+/// A UML let go at the destination, about to be told `go` on its mconsole `socket`: if
+/// [`Fault::UmlExitsAtGo`] is selected, tell it `halt` instead and wait until its socket
+/// answers no more (it has exited).
+pub fn uml_released(socket: &std::path::Path) {
+    if !armed(Fault::UmlExitsAtGo) {
+        return;
+    }
+    tracing::error!(
+        fault = Fault::UmlExitsAtGo.name(),
+        "injected fault: halting the UML"
+    );
+    if let Err(e) = vkm_common::mconsole::request(socket, "halt") {
+        tracing::warn!(error = %e, "halt");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while vkm_common::mconsole::request(socket, "version").is_ok()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 

@@ -214,6 +214,75 @@ fn a_uml_with_a_memory_heavy_job_moves_and_goes_on() {
     move_uml("uml-busy", &init);
 }
 
+/// The destination's UML exits as it is let go (injected: told `halt` instead of `go`, which
+/// runs its exit handlers as a crash on arrival does), removing its umid directory: on one
+/// filesystem the source's too. The source must resume its UML all the same, with its
+/// mconsole where it was, and leave nothing of the move behind.
+#[test]
+fn a_uml_that_exits_on_arrival_goes_on_at_the_source() {
+    let lab = NetLab::new("uml-exit", &["a", "b"]);
+    let (a, b) = (lab.host("a"), lab.host("b"));
+    let addr = std::net::SocketAddrV4::new(b.addr, common::netlab::LISTEN_PORT).to_string();
+    let tls = b.tls_dir.to_str().expect("utf-8 path");
+    let mut listen = b.vkm_command(&["listen", "--addr", &addr, "--tls-dir", tls]);
+    listen.env("VKMIGRATE_FAULT", "receiver-uml-exits-at-go");
+    let _listener = b.spawn_ready("listen", listen, "listening on ");
+    let args = uml_command(&a.dir, "umlx");
+    let mut run = vec!["run", "--name", "umlx", "--"];
+    run.extend(args.iter().map(String::as_str));
+    a.ok(&run);
+    let (n0, _) = wait_log_tick(|| a.console_log("umlx"), |(n, _)| n >= 2, BOOT);
+    let umid_dir = a.dir.join("uml").join("umlx");
+    let pid_file = std::fs::read(umid_dir.join("pid")).expect("the UML's pid file");
+
+    let out = a.send("umlx", b, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "send succeeded: {err}");
+    assert!(err.contains("keeps running here"), "{err}");
+    assert_eq!(a.ps_names().expect("ps on a"), ["umlx"]);
+    assert!(b.ps_names().expect("ps on b").is_empty());
+    // The guest goes on on A ...
+    wait_log_tick_or(
+        || a.console_log("umlx"),
+        |(n, _)| n > n0 + 3,
+        TICKS,
+        || {
+            let log = |h: &Host| {
+                std::fs::read_to_string(h.state_dir.join("umlx").join("shim.log"))
+                    .unwrap_or_default()
+            };
+            format!("--- send ---\n{err}\n--- shim on A ---\n{}", log(a))
+        },
+    );
+    // ... with its mconsole and pid file where they were, and nothing else of the move left.
+    let socket = umid_dir.join("mconsole");
+    let version = mconsole_in(a, &socket, "version");
+    let listing = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert!(
+        version.is_ok(),
+        "mconsole at {}: {version:?}\n{:?} {:?}\n--- send ---\n{err}",
+        socket.display(),
+        listing(&a.dir.join("uml")),
+        listing(&umid_dir),
+    );
+    assert_eq!(std::fs::read(umid_dir.join("pid")).ok(), Some(pid_file));
+    let strays: Vec<_> = std::fs::read_dir(a.dir.join("uml"))
+        .expect("uml dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "umlx")
+        .collect();
+    assert!(strays.is_empty(), "left in the uml dir: {strays:?}");
+}
+
 /// Both shims' logs of vkernel `name`, B's daemon's, and what `kept` kept of B's files, for a
 /// failure's message.
 fn shim_logs(a: &Host, b: &Host, name: &str, kept: &Kept) -> String {
@@ -228,21 +297,35 @@ fn shim_logs(a: &Host, b: &Host, name: &str, kept: &Kept) -> String {
         tree_of(&log_b),
         std::fs::read_to_string(b.dir.join("listen.stderr")).unwrap_or_default(),
         kept.text(),
-        guest_view(&a.dir.join("uml").join(name).join("mconsole")),
+        guest_view(b, &a.dir.join("uml").join(name).join("mconsole")),
     )
 }
 
 /// What the guest kernel says of itself (its timers above all, for a guest whose clock
 /// stopped), asked through its mconsole (which moved with it).
-fn guest_view(socket: &Path) -> String {
+fn guest_view(host: &Host, socket: &Path) -> String {
     ["proc uptime", "proc loadavg", "proc timer_list"]
         .iter()
         .map(|c| {
-            let said = vkm_common::mconsole::request(socket, c).unwrap_or_else(|e| e.to_string());
+            let said = mconsole_in(host, socket, c).unwrap_or_else(|e| e);
             let cut: String = said.chars().take(6000).collect();
             format!("> {c}\n{cut}\n")
         })
         .collect()
+}
+
+/// `command` on the mconsole at `socket`, asked from `host`'s network namespace: UML answers
+/// to the client's address, an abstract one, which names a socket only in the UML's namespace.
+fn mconsole_in(host: &Host, socket: &Path, command: &str) -> Result<String, String> {
+    let ns =
+        std::fs::File::open(format!("/run/netns/{}", host.netns)).map_err(|e| e.to_string())?;
+    let (socket, command) = (socket.to_path_buf(), command.to_string());
+    std::thread::spawn(move || {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| e.to_string())?;
+        vkm_common::mconsole::request(&socket, &command).map_err(|e| e.to_string())
+    })
+    .join()
+    .unwrap_or_else(|_| Err("the mconsole client panicked".into()))
 }
 
 /// The last contents seen of some files, read every 100 ms until dropped: a vkernel that ends

@@ -30,56 +30,90 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
 /// Send `command` to the mconsole socket at `socket` and return the reply's text. A reply with
 /// its error flag set becomes [`CommonError::Mconsole`].
 pub fn request(socket: &Path, command: &str) -> Result<String> {
-    if command.len() >= MAX_DATA {
-        return Err(CommonError::InvalidArgument {
-            reason: format!("mconsole command of {} bytes", command.len()),
-        });
-    }
-    let io = |step| CommonError::io(step);
-    // UML replies to the sender's address, so the socket needs a name: an abstract one, which
-    // leaves no file behind. Unique per process and call, since calls may run in parallel.
-    static SEQ: AtomicU32 = AtomicU32::new(0);
-    let name = format!(
-        "vkmigrate-mconsole-{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    );
-    let addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(io("naming a socket"))?;
-    let sock = UnixDatagram::bind_addr(&addr).map_err(io("binding an mconsole client socket"))?;
-    sock.set_read_timeout(Some(REPLY_TIMEOUT))
-        .map_err(io("setting a socket timeout"))?;
-    let mut req = Vec::with_capacity(HEADER + MAX_DATA);
-    req.extend_from_slice(&MAGIC.to_ne_bytes());
-    req.extend_from_slice(&VERSION.to_ne_bytes());
-    req.extend_from_slice(&(command.len() as u32).to_ne_bytes());
-    req.extend_from_slice(command.as_bytes());
-    req.resize(HEADER + MAX_DATA, 0);
-    sock.send_to(&req, socket)
-        .map_err(|source| CommonError::MconsoleIo {
-            socket: socket.display().to_string(),
-            step: "send to",
-            source,
-        })?;
-    let mut text = String::new();
-    loop {
-        let mut buf = [0u8; HEADER + MAX_DATA];
-        let n = sock
-            .recv(&mut buf)
+    Client::connect(socket)?.request(command)
+}
+
+/// A client connected to one UML's mconsole socket. Connected, it reaches that socket by the
+/// socket itself, not by its file's name: whatever becomes of the file (moved aside during a
+/// migration, removed by another UML that cleans up the same umid directory), a UML stopped
+/// through a client can always be told `go` through it.
+#[derive(Debug)]
+pub struct Client {
+    sock: UnixDatagram,
+    socket: String,
+}
+
+impl Client {
+    pub fn connect(socket: &Path) -> Result<Client> {
+        let io = |step| CommonError::io(step);
+        // UML replies to the sender's address, so the socket needs a name: an abstract one,
+        // which leaves no file behind. Unique per process and client, since clients may run
+        // in parallel.
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "vkmigrate-mconsole-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let addr =
+            SocketAddr::from_abstract_name(name.as_bytes()).map_err(io("naming a socket"))?;
+        let sock =
+            UnixDatagram::bind_addr(&addr).map_err(io("binding an mconsole client socket"))?;
+        sock.set_read_timeout(Some(REPLY_TIMEOUT))
+            .map_err(io("setting a socket timeout"))?;
+        let name = socket.display().to_string();
+        sock.connect(socket)
             .map_err(|source| CommonError::MconsoleIo {
-                socket: socket.display().to_string(),
-                step: "wait for the reply of",
+                socket: name.clone(),
+                step: "connect to",
                 source,
             })?;
-        let (err, more, data) = parse_reply(&buf[..n])?;
-        text.push_str(&String::from_utf8_lossy(data));
-        if err != 0 {
-            return Err(CommonError::Mconsole {
-                command: command.to_owned(),
-                reply: text,
+        Ok(Client { sock, socket: name })
+    }
+
+    /// Send `command` and return the reply's text. A reply with its error flag set becomes
+    /// [`CommonError::Mconsole`].
+    pub fn request(&self, command: &str) -> Result<String> {
+        if command.len() >= MAX_DATA {
+            return Err(CommonError::InvalidArgument {
+                reason: format!("mconsole command of {} bytes", command.len()),
             });
         }
-        if more == 0 {
-            return Ok(text);
+        let mut req = Vec::with_capacity(HEADER + MAX_DATA);
+        req.extend_from_slice(&MAGIC.to_ne_bytes());
+        req.extend_from_slice(&VERSION.to_ne_bytes());
+        req.extend_from_slice(&(command.len() as u32).to_ne_bytes());
+        req.extend_from_slice(command.as_bytes());
+        req.resize(HEADER + MAX_DATA, 0);
+        self.sock
+            .send(&req)
+            .map_err(|source| CommonError::MconsoleIo {
+                socket: self.socket.clone(),
+                step: "send to",
+                source,
+            })?;
+        let mut text = String::new();
+        loop {
+            let mut buf = [0u8; HEADER + MAX_DATA];
+            let n = self
+                .sock
+                .recv(&mut buf)
+                .map_err(|source| CommonError::MconsoleIo {
+                    socket: self.socket.clone(),
+                    step: "wait for the reply of",
+                    source,
+                })?;
+            let (err, more, data) = parse_reply(&buf[..n])?;
+            text.push_str(&String::from_utf8_lossy(data));
+            if err != 0 {
+                return Err(CommonError::Mconsole {
+                    command: command.to_owned(),
+                    reply: text,
+                });
+            }
+            if more == 0 {
+                return Ok(text);
+            }
         }
     }
 }
@@ -159,5 +193,35 @@ mod tests {
         assert_eq!(request(&path, "stop").expect("test"), "stopped");
         t.join().expect("test");
         std::fs::remove_dir_all(&dir).expect("test");
+    }
+
+    /// Connected before the socket's file goes, a client still reaches it (what lets a
+    /// migration that failed resume a UML whose file another UML's clean-up removed).
+    #[test]
+    fn a_client_reaches_the_socket_after_its_file_is_removed() {
+        let dir = std::env::temp_dir().join(format!("vkm-mconsole-rm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("test");
+        let path = dir.join("mconsole");
+        let _ = std::fs::remove_file(&path);
+        let server = UnixDatagram::bind(&path).expect("test");
+        let client = Client::connect(&path).expect("test");
+        std::fs::remove_dir_all(&dir).expect("test");
+        assert!(request(&path, "go").is_err(), "the path is gone");
+        let t = std::thread::spawn(move || {
+            let mut buf = [0u8; HEADER + MAX_DATA];
+            let (_, from) = server.recv_from(&mut buf).expect("test");
+            let len = u32::from_ne_bytes(buf[8..12].try_into().expect("test")) as usize;
+            let to = SocketAddr::from_abstract_name(from.as_abstract_name().expect("test"))
+                .expect("test");
+            let answer = format!(
+                "got {}",
+                String::from_utf8_lossy(&buf[HEADER..HEADER + len])
+            );
+            server
+                .send_to_addr(&reply(0, 0, &answer), &to)
+                .expect("test");
+        });
+        assert_eq!(client.request("go").expect("test"), "got go");
+        t.join().expect("test");
     }
 }

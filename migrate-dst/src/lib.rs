@@ -20,6 +20,12 @@ pub enum DstError {
     Sys(#[from] vkm_sys::SysError),
     #[error("Cannot read the image")]
     Image(#[from] vkm_common::error::CommonError),
+    #[error("The UML did not carry out `{command}` on its mconsole")]
+    Mconsole {
+        command: &'static str,
+        #[source]
+        source: vkm_common::error::CommonError,
+    },
     #[error("The image holds no vkernel description before its pages")]
     NoMeta,
     #[error("Restore failed at step '{step}' for process {pid}")]

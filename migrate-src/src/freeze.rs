@@ -21,6 +21,8 @@ use vkm_sys::proc;
 use vkm_sys::ptrace::{self, Stop};
 use vkm_sys::tracee;
 
+use vkm_common::mconsole::Client;
+
 use crate::SrcError;
 
 /// After a `stop` that failed: it may only have been late (a UML short of CPU answers after
@@ -29,6 +31,113 @@ use crate::SrcError;
 fn undo_stop(socket: &Path) {
     if let Err(e) = vkm_common::mconsole::request(socket, "go") {
         tracing::debug!(socket = %socket.display(), error = %e, "no go after a failed stop");
+    }
+}
+
+/// A UML stopped through its mconsole (`stop`).
+#[derive(Debug)]
+struct StoppedUml {
+    socket: PathBuf,
+    /// The client it was stopped through, connected to the socket itself: `go` reaches the
+    /// UML through it whatever becomes of the socket's file meanwhile.
+    client: Client,
+    hidden: Option<Hidden>,
+}
+
+/// The mconsole socket's file moved aside, and what the umid directory held besides.
+#[derive(Debug)]
+struct Hidden {
+    at: PathBuf,
+    /// The UML's pid file (`<umid dir>/pid`) as it was.
+    pid_file: Option<Vec<u8>>,
+}
+
+impl StoppedUml {
+    fn stop(socket: &Path) -> Result<StoppedUml, vkm_common::error::CommonError> {
+        let client = Client::connect(socket)?;
+        if let Err(e) = client.request("stop") {
+            undo_stop(socket);
+            return Err(e);
+        }
+        Ok(StoppedUml {
+            socket: socket.to_path_buf(),
+            client,
+            hidden: None,
+        })
+    }
+
+    /// Move the socket's file next to the umid directory, not into it: a UML that exits
+    /// removes its umid directory with everything in it, and on a filesystem both hosts share
+    /// the destination's UML has the same one (a UML that fails on arrival takes the file
+    /// with it, and the source's UML would have no mconsole left).
+    fn hide(&mut self) -> Result<(), SrcError> {
+        let (Some(umid_dir), Some(name)) = (self.socket.parent(), self.socket.file_name()) else {
+            return Ok(());
+        };
+        let umid = umid_dir.file_name().unwrap_or_default().to_string_lossy();
+        let at = umid_dir.parent().unwrap_or(umid_dir).join(format!(
+            ".{umid}.{}.vkmigrate-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let pid_file = std::fs::read(umid_dir.join("pid")).ok();
+        std::fs::rename(&self.socket, &at).map_err(|source| SrcError::Output {
+            step: "move aside the mconsole socket",
+            path: self.socket.clone(),
+            source,
+        })?;
+        self.hidden = Some(Hidden { at, pid_file });
+        Ok(())
+    }
+
+    /// Put the socket's file back (over whatever the destination bound there: it is gone when
+    /// we thaw) with the umid directory and pid file if they went meanwhile, and tell the UML
+    /// `go`. Errors are logged: the UML runs again if it can be reached at all.
+    fn resume(self) {
+        if let Some(h) = &self.hidden {
+            h.put_back(&self.socket);
+        }
+        if let Err(e) = self.client.request("go") {
+            tracing::error!(
+                socket = %self.socket.display(),
+                error = %vkm_common::error::chain(&e),
+                "cannot resume the UML; run `uml_mconsole {} go`",
+                self.socket.display()
+            );
+        }
+    }
+}
+
+impl Hidden {
+    fn put_back(&self, socket: &Path) {
+        if let Some(dir) = socket.parent() {
+            if !dir.exists() {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    "the UML's umid directory was removed while it was stopped (a UML with the \
+                     same umid cleaned up after itself); making it again"
+                );
+                if let Err(e) = std::fs::create_dir_all(dir) {
+                    tracing::error!(dir = %dir.display(), error = %e, "cannot make it again");
+                }
+            }
+            let pid = dir.join("pid");
+            if let (Some(text), false) = (&self.pid_file, pid.exists()) {
+                if let Err(e) = std::fs::write(&pid, text) {
+                    tracing::warn!(path = %pid.display(), error = %e, "cannot write the UML's pid file again");
+                }
+            }
+        }
+        if let Err(e) = std::fs::rename(&self.at, socket) {
+            tracing::error!(
+                hidden = %self.at.display(),
+                socket = %socket.display(),
+                error = %e,
+                "cannot move the mconsole socket's file back: the UML runs again, but nothing \
+                 can reach its mconsole, so it cannot be stopped or moved; move the file back \
+                 by hand if it is there, or restart the UML when you can"
+            );
+        }
     }
 }
 
@@ -70,11 +179,8 @@ pub struct Frozen {
     pub processes: Vec<FrozenProcess>,
     /// Seized and interrupted threads that have not stopped yet.
     stopping: Vec<i32>,
-    /// The mconsole socket of the UML that was quiesced (`stop`) before the freeze; thawing
-    /// sends it `go`.
-    pub mconsole: Option<PathBuf>,
-    /// Where [`Frozen::hide_mconsole`] moved the mconsole socket's file.
-    mconsole_hidden: Option<PathBuf>,
+    /// The UML that was quiesced (`stop`) before the freeze; thawing tells it `go`.
+    uml: Option<StoppedUml>,
     borrowed: Vec<Borrowed>,
     /// We and every stopped thread share one CPU while frozen (see [`vkm_sys::cpu`]).
     cpu: Option<OneCpu>,
@@ -116,8 +222,7 @@ impl Frozen {
             init,
             processes: Vec::new(),
             stopping: Vec::new(),
-            mconsole: None,
-            mconsole_hidden: None,
+            uml: None,
             borrowed: Vec::new(),
             cpu: None,
         };
@@ -125,8 +230,8 @@ impl Frozen {
             // The UML stops at this request, which a throttled one would take its time over
             // (past the request's timeout at 0.1 % of a CPU): the hook lifts the throttle.
             run_hook();
-            match vkm_common::mconsole::request(socket, "stop") {
-                Ok(_) => frozen.mconsole = Some(socket.to_path_buf()),
+            match StoppedUml::stop(socket) {
+                Ok(uml) => frozen.uml = Some(uml),
                 // Gone or changed since: found again the long way.
                 Err(e) => {
                     tracing::debug!(socket = %socket.display(), error = %e, "UML not stopped ahead");
@@ -146,7 +251,7 @@ impl Frozen {
             run_hook();
             match result {
                 Ok(()) => return Ok(frozen),
-                Err(SrcError::Traced { pid, tracer }) if frozen.mconsole.is_none() => {
+                Err(SrcError::Traced { pid, tracer }) if frozen.uml.is_none() => {
                     frozen.thaw();
                     frozen.quiesce(pid, tracer)?;
                 }
@@ -170,16 +275,13 @@ impl Frozen {
         let Some(socket) = crate::uml::mconsole_of(tracer)? else {
             return Err(SrcError::Traced { pid, tracer });
         };
-        vkm_common::mconsole::request(&socket, "stop").map_err(|source| {
-            undo_stop(&socket);
-            SrcError::Mconsole {
-                pid: tracer,
-                command: "stop",
-                source,
-            }
+        let uml = StoppedUml::stop(&socket).map_err(|source| SrcError::Mconsole {
+            pid: tracer,
+            command: "stop",
+            source,
         })?;
         tracing::debug!(socket = %socket.display(), "UML stopped through its mconsole");
-        self.mconsole = Some(socket);
+        self.uml = Some(uml);
         Ok(())
     }
 
@@ -347,21 +449,19 @@ impl Frozen {
         Ok(())
     }
 
+    /// The mconsole socket of the UML stopped for this freeze, if any.
+    pub fn mconsole(&self) -> Option<&Path> {
+        self.uml.as_ref().map(|u| u.socket.as_path())
+    }
+
     /// Move the quiesced UML's mconsole socket file aside, so that the destination can bind the
     /// same path when both hosts see one filesystem (a shared /tmp, or the test lab). The socket
     /// stays bound to the moved file; thawing moves it back, killing removes it.
     pub fn hide_mconsole(&mut self) -> Result<(), SrcError> {
-        let Some(path) = &self.mconsole else {
-            return Ok(());
-        };
-        let hidden = path.with_file_name(format!("mconsole.vkmigrate-{}", std::process::id()));
-        std::fs::rename(path, &hidden).map_err(|source| SrcError::Output {
-            step: "move aside the mconsole socket",
-            path: path.clone(),
-            source,
-        })?;
-        self.mconsole_hidden = Some(hidden);
-        Ok(())
+        match &mut self.uml {
+            Some(uml) => uml.hide(),
+            None => Ok(()),
+        }
     }
 
     /// Take the traced task `tid` of process #`idx` from its `tracer`, which must be a stopped
@@ -372,7 +472,7 @@ impl Frozen {
             .processes
             .iter()
             .any(|p| p.threads.contains(&tracer) && p.tracer.is_none());
-        if self.mconsole.is_none() || !tracer_ours || tid != self.processes[idx].host_pid {
+        if self.uml.is_none() || !tracer_ours || tid != self.processes[idx].host_pid {
             return Err(SrcError::Traced { pid, tracer });
         }
         let ns_tid = proc::ns_pid(tid)?;
@@ -469,25 +569,8 @@ impl Frozen {
                 "a task never stopped; it is released when vkmigrate exits"
             );
         }
-        if let (Some(hidden), Some(socket)) = (self.mconsole_hidden.take(), &self.mconsole) {
-            // Over whatever the destination bound there: it is gone when we thaw.
-            if let Err(e) = std::fs::rename(&hidden, socket) {
-                tracing::error!(
-                    hidden = %hidden.display(),
-                    error = %e,
-                    "cannot move the mconsole socket back; move it back by hand"
-                );
-            }
-        }
-        if let Some(socket) = self.mconsole.take() {
-            if let Err(e) = vkm_common::mconsole::request(&socket, "go") {
-                tracing::error!(
-                    socket = %socket.display(),
-                    error = %vkm_common::error::chain(&e),
-                    "cannot resume the UML; run `uml_mconsole {} go`",
-                    socket.display()
-                );
-            }
+        if let Some(uml) = self.uml.take() {
+            uml.resume();
         }
     }
 
@@ -499,9 +582,8 @@ impl Frozen {
         let processes = std::mem::take(&mut self.processes);
         self.borrowed.clear();
         drop(self.cpu.take());
-        self.mconsole = None;
-        if let Some(hidden) = self.mconsole_hidden.take() {
-            let _ = std::fs::remove_file(hidden);
+        if let Some(hidden) = self.uml.take().and_then(|u| u.hidden) {
+            let _ = std::fs::remove_file(hidden.at);
         }
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.init),

@@ -420,7 +420,9 @@ fn converse(
     sandbox
         .commit()
         .context("Cannot let the vkernel's sandbox outlive this shim")?;
-    let (report, net) = skel.go().context("Cannot resume the vkernel")?;
+    let (report, net) = skel
+        .go_with(fault::uml_released)
+        .context("Cannot resume the vkernel")?;
     // The pause ends here; the sender learns so at once, the rest follows.
     if !fault::armed(Fault::SilentAfterGo) {
         let _ = rt.block_on(send(

@@ -319,7 +319,16 @@ impl Skeleton {
 
     /// Every thread runs (the barrier: until now none did). The network goes to the caller,
     /// who announces it ([`Network::announce`]).
-    pub fn go(mut self) -> Result<(RestoreReport, Network), DstError> {
+    pub fn go(self) -> Result<(RestoreReport, Network), DstError> {
+        self.go_with(|_| ())
+    }
+
+    /// [`Skeleton::go`], calling `released` with a UML's mconsole socket once every thread is
+    /// let go and before the UML is told `go` (where tests inject its failure).
+    pub fn go_with(
+        mut self,
+        released: impl FnOnce(&std::path::Path),
+    ) -> Result<(RestoreReport, Network), DstError> {
         let vk = Arc::clone(&self.r.vk);
         self.unpin();
         // Traced processes go to their tracers first, while the tracers are still ours.
@@ -350,7 +359,12 @@ impl Skeleton {
             }
         }
         if let Some(socket) = &vk.mconsole {
-            vkm_common::mconsole::request(std::path::Path::new(socket), "go")?;
+            let socket = std::path::Path::new(socket);
+            released(socket);
+            vkm_common::mconsole::request(socket, "go").map_err(|source| DstError::Mconsole {
+                command: "go",
+                source,
+            })?;
         }
         let report = RestoreReport {
             processes: self.r.vk.processes.len(),

@@ -325,10 +325,7 @@ pub fn finish(
         pipes,
         console,
         net,
-        mconsole: frozen
-            .mconsole
-            .as_ref()
-            .map(|p| p.to_string_lossy().into_owned()),
+        mconsole: frozen.mconsole().map(|p| p.to_string_lossy().into_owned()),
     };
     Ok(Captured {
         vk,
