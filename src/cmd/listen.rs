@@ -177,13 +177,19 @@ async fn handle(ctx: Arc<Ctx>, session: Session) -> Result<()> {
         .peer_name()
         .unwrap_or_else(|| conn.remote_address().to_string());
     let msg: ToDaemon = crate::wire::recv(&mut control, "sender").await?;
+    // An offer's clocks were read as it left the sender (see `send`), less than a round trip
+    // before it arrived: the vkernel's clocks here go on from that moment. Taken a round trip
+    // early they run a little ahead, never behind: a guest whose monotonic clock steps back
+    // may stall (a UML set back by 3 s never ticked again).
+    let sent_at = vkm_sys::calls::clock_ns(libc::CLOCK_MONOTONIC) - conn.rtt().as_nanos() as i128;
     let reply = match msg {
         ToDaemon::Offer(offer) => {
             tracing::info!(%peer, vkernel = %offer.name, mem_mib = offer.mem_bytes >> 20, "offer");
             let ctx2 = Arc::clone(&ctx);
-            let (reply, shim) = tokio::task::spawn_blocking(move || accept_offer(&ctx2, &offer))
-                .await
-                .context("The offer check panicked")?;
+            let (reply, shim) =
+                tokio::task::spawn_blocking(move || accept_offer(&ctx2, &offer, sent_at))
+                    .await
+                    .context("The offer check panicked")?;
             if let Some(shim) = shim {
                 // Follow the shim until the vkernel runs or the migration fails, for our log
                 // and to release its memory reservation.
@@ -237,7 +243,7 @@ async fn handle(ctx: Arc<Ctx>, session: Session) -> Result<()> {
 }
 
 /// Check an offer, claim the name, start the receiving shim.
-fn accept_offer(ctx: &Ctx, offer: &Offer) -> (FromDaemon, Option<(String, Shim)>) {
+fn accept_offer(ctx: &Ctx, offer: &Offer, sent_at: i128) -> (FromDaemon, Option<(String, Shim)>) {
     let refuse = |reason: String| (FromDaemon::Refuse { reason }, None);
     if let Err(e) = validate_name(&offer.name) {
         return refuse(format!("the name {:?} is not valid here: {e}", offer.name));
@@ -277,7 +283,7 @@ fn accept_offer(ctx: &Ctx, offer: &Offer) -> (FromDaemon, Option<(String, Shim)>
             },
         );
     }
-    let (reply, shim) = start_receiver(ctx, offer);
+    let (reply, shim) = start_receiver(ctx, offer, sent_at);
     if shim.is_none() {
         ctx.ledger().remove(&offer.name);
     }
@@ -285,13 +291,13 @@ fn accept_offer(ctx: &Ctx, offer: &Offer) -> (FromDaemon, Option<(String, Shim)>
 }
 
 /// Claim the name and start the receiving shim for an offer that passed the checks.
-fn start_receiver(ctx: &Ctx, offer: &Offer) -> (FromDaemon, Option<(String, Shim)>) {
+/// `sent_at`: when the offer left the sender, on our CLOCK_MONOTONIC (its clocks are from then).
+fn start_receiver(ctx: &Ctx, offer: &Offer, sent_at: i128) -> (FromDaemon, Option<(String, Shim)>) {
     let refuse = |reason: String| (FromDaemon::Refuse { reason }, None);
     let claim = match ctx.state.claim(&offer.name) {
         Ok(c) => c,
         Err(e) => return refuse(format!("{e:#}")),
     };
-    let at = vkm_sys::calls::clock_ns(libc::CLOCK_MONOTONIC);
     let mode: Vec<OsString> = vec![
         "receive".into(),
         "--name".into(),
@@ -304,7 +310,7 @@ fn start_receiver(ctx: &Ctx, offer: &Offer) -> (FromDaemon, Option<(String, Shim
         offer.migration_id.clone().into(),
         format!("--mono-ns={}", offer.clocks.monotonic_ns).into(),
         format!("--boot-ns={}", offer.clocks.boottime_ns).into(),
-        format!("--at-ns={at}").into(),
+        format!("--at-ns={sent_at}").into(),
     ];
     let mut shim = match Shim::spawn(&ctx.state, claim, &offer.name, mode, ctx.log_format) {
         Ok(s) => s,

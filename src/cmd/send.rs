@@ -218,10 +218,16 @@ pub(crate) fn migrate_vkernel(
     let (mut precopy, skeleton) = Precopy::start(live)
         .with_context(|| format!("Cannot start migrating vkernel {}", rec.name))
         .map_err(SendError::at(Stage::Source))?;
-    let offer = make_offer(&skeleton, &migration_id).map_err(SendError::at(Stage::Source))?;
+    let mut offer = make_offer(&skeleton, &migration_id).map_err(SendError::at(Stage::Source))?;
     // Write tracking starts (it write-protects every page: tens of milliseconds per GiB)
     // while the destination looks at the offer and starts a shim.
-    let asked = rt.spawn(ask_daemon(daemon, ToDaemon::Offer(Box::new(offer))));
+    let captured = skeleton.clocks;
+    let asked = rt.spawn(async move {
+        // The clocks are read as the offer leaves: the destination's copy of them starts from
+        // when it arrives, and every moment between the two would set it back.
+        offer.clocks = now_clocks(captured);
+        ask_daemon(daemon, ToDaemon::Offer(Box::new(offer))).await
+    });
     precopy.track();
     let answer = rt
         .block_on(asked)
@@ -761,7 +767,7 @@ pub(crate) fn make_offer(vk: &Vkernel, migration_id: &str) -> Result<Offer> {
         .collect();
     files.sort();
     files.dedup();
-    let clocks = now_clocks(vk);
+    let clocks = now_clocks(vk.clocks);
     Ok(Offer {
         version: PROTOCOL_VERSION,
         name: vk.name.clone(),
@@ -776,9 +782,9 @@ pub(crate) fn make_offer(vk: &Vkernel, migration_id: &str) -> Result<Offer> {
     })
 }
 
-/// The vkernel's clocks now: those captured at the skeleton's freeze plus the time since.
-fn now_clocks(vk: &Vkernel) -> vkm_common::model::Clocks {
-    let mut c = vk.clocks;
+/// The vkernel's clocks now: those `captured` at the skeleton's freeze plus the time since.
+fn now_clocks(captured: vkm_common::model::Clocks) -> vkm_common::model::Clocks {
+    let mut c = captured;
     let since = vkm_sys::calls::clock_ns(libc::CLOCK_REALTIME) - c.realtime_ns;
     c.monotonic_ns += since;
     c.boottime_ns += since;

@@ -255,6 +255,11 @@ impl Connection {
             .unwrap_or_default()
     }
 
+    /// The current estimate of the round-trip time.
+    pub fn rtt(&self) -> std::time::Duration {
+        self.inner.rtt()
+    }
+
     /// The common name of the peer's certificate: the host name it was issued for.
     pub fn peer_name(&self) -> Option<String> {
         let chain = self.peer_certificates();
