@@ -81,6 +81,30 @@ fn a_running_vkload_moves_to_another_host_and_goes_on() {
     assert!(r["downtime_ms"].as_f64().unwrap() > 0.0);
 }
 
+/// vkload with a helper process made as UML makes its own (sharing a thread's TLS, and so
+/// its errno), blocked in `poll`. The move hands that `poll` an EINTR (its restart state
+/// stays behind); the helper must meet it before the rest of the vkernel runs, or it may read
+/// the other thread's errno instead. UML's helpers did, and the guest panicked on arrival.
+#[test]
+fn a_helper_that_shares_a_threads_errno_moves_and_goes_on() {
+    let lab = NetLab::new("mig-helper", &["a", "b"]);
+    let (a, b) = (lab.host("a"), lab.host("b"));
+    let _listener = b.spawn_listen();
+    a.run_vkload("web1", &["--mem", "8", "--helper"]);
+    a.wait_tick("web1", 5, Duration::from_secs(20));
+    let seen = a.last_tick("web1");
+    let out = a.send("web1", b, &[]);
+    assert!(
+        out.status.success(),
+        "send failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The helper reads errno a millisecond after its poll failed: well within 10 ticks.
+    b.wait_tick("web1", seen + 10, Duration::from_secs(20));
+    let log = b.console_log("web1");
+    assert!(!log.contains("FAIL"), "on B:\n{log}");
+}
+
 #[test]
 fn a_certificate_of_another_ca_is_refused_and_the_vkernel_stays() {
     let lab = NetLab::new("mig-cert", &["a", "b"]);

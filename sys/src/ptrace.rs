@@ -459,8 +459,10 @@ pub const ERESTART_RESTARTBLOCK: i64 = 516;
 
 /// Turn a thread interrupted inside a syscall into one that re-executes (or fails) it when it
 /// resumes in a new process, where the kernel's own restart state is gone. CRIU does the same;
-/// a `restart_block` (nanosleep's remaining time) cannot move, so that case returns EINTR.
-pub fn fixup_restart(r: &mut Regs) {
+/// a `restart_block` (nanosleep's remaining time, poll's descriptors) cannot move, so that
+/// case returns EINTR: true then, when the thread meets an EINTR it would not have met.
+pub fn fixup_restart(r: &mut Regs) -> bool {
+    let mut interrupted = false;
     if (r.orig_rax as i64) >= 0 {
         let ax = -(r.rax as i64);
         if ax == ERESTARTSYS || ax == ERESTARTNOINTR || ax == ERESTARTNOHAND {
@@ -468,9 +470,11 @@ pub fn fixup_restart(r: &mut Regs) {
             r.rip -= 2;
         } else if ax == ERESTART_RESTARTBLOCK {
             r.rax = (-(libc::EINTR as i64)) as u64;
+            interrupted = true;
         }
     }
     r.orig_rax = u64::MAX;
+    interrupted
 }
 
 #[cfg(test)]
@@ -528,12 +532,12 @@ mod tests {
         r.orig_rax = 0;
         r.rax = (-ERESTARTSYS) as u64;
         r.rip = 100;
-        fixup_restart(&mut r);
+        assert!(!fixup_restart(&mut r));
         assert_eq!((r.rax, r.rip, r.orig_rax), (0, 98, u64::MAX));
         r.orig_rax = 35;
         r.rax = (-ERESTART_RESTARTBLOCK) as u64;
         r.rip = 100;
-        fixup_restart(&mut r);
+        assert!(fixup_restart(&mut r));
         assert_eq!(r.rax as i64, -(libc::EINTR as i64));
         assert_eq!(r.rip, 100);
     }

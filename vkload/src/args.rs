@@ -4,7 +4,7 @@ use std::net::Ipv4Addr;
 
 pub const USAGE: &str = "\
 usage: vkload [--mem MIB] [--threads N] [--children N] [--ram-file-mib M] [--dirty-mbps R]
-              [--without FEAT[,FEAT...]] [--tick-ms MS] [--net TAP,IP/PREFIX[,MAC]]
+              [--without FEAT[,FEAT...]] [--tick-ms MS] [--net TAP,IP/PREFIX[,MAC]] [--helper]
   --mem MIB            private anonymous pattern region (default 16, 0 = none)
   --threads N          TLS worker threads (default 2)
   --children N         forked child processes (default 1, at most 63)
@@ -18,6 +18,9 @@ usage: vkload [--mem MIB] [--threads N] [--children N] [--ram-file-mib M] [--dir
   --net TAP,IP/PREFIX[,MAC]
                        attach to the existing tap TAP and answer ARP and ping for IP with
                        MAC (default 02:00 followed by the four bytes of IP); off by default
+  --helper             also run a UML-style helper process that shares a thread's errno and
+                       fails if its poll ever ends with another errno than EINTR (needs
+                       threads); off by default
 ";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +88,8 @@ pub struct Config {
     pub tick_ms: u64,
     pub verify_s: u64,
     pub net: Option<NetConfig>,
+    /// `--helper` (see `helper`).
+    pub helper: bool,
     disabled: u32,
 }
 
@@ -119,6 +124,7 @@ impl Default for Config {
             tick_ms: 100,
             verify_s: 2,
             net: None,
+            helper: false,
             disabled: 0,
         }
     }
@@ -186,6 +192,7 @@ pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Parsed, String> {
                 }
             }
             "--net" => cfg.net = Some(net(name, value()?)?),
+            "--helper" if inline.is_none() => cfg.helper = true,
             _ => return Err(format!("unknown option '{name}'")),
         }
     }

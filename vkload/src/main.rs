@@ -11,7 +11,7 @@
 //!
 //! ```text
 //! vkload [--mem MIB] [--threads N] [--children N] [--ram-file-mib M] [--dirty-mbps R]
-//!        [--without FEAT[,FEAT...]] [--tick-ms MS] [--net TAP,IP/PREFIX[,MAC]]
+//!        [--without FEAT[,FEAT...]] [--tick-ms MS] [--net TAP,IP/PREFIX[,MAC]] [--helper]
 //! FEAT: threads memfd pipe socketpair itimer posix-timer signals children eventfd file
 //! ```
 //!
@@ -50,6 +50,7 @@ mod chan;
 mod check;
 mod children;
 mod datafile;
+mod helper;
 mod mem;
 mod net;
 mod pattern;
@@ -157,6 +158,9 @@ fn run(cfg: &Config) -> ! {
         }
         if cfg.has(Feature::Signals) {
             workers::spawn_usr2_sender();
+        }
+        if cfg.helper {
+            helper::spawn();
         }
         if let Some(t) = tap.take() {
             t.spawn();

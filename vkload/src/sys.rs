@@ -483,3 +483,56 @@ pub fn poll_in(fd: RawFd, timeout_ms: c_int) -> io::Result<libc::c_short> {
     cvt(unsafe { libc::poll(&mut pfd, 1, timeout_ms) })?;
     Ok(pfd.revents)
 }
+
+/// The calling thread's errno.
+pub fn errno() -> c_int {
+    // SAFETY: __errno_location returns the calling thread's errno slot, always valid.
+    unsafe { *libc::__errno_location() }
+}
+
+/// Set the calling thread's errno.
+pub fn set_errno(e: c_int) {
+    // SAFETY: as in `errno`.
+    unsafe { *libc::__errno_location() = e };
+}
+
+/// Sleep `us` microseconds with select(2) (see `helper`).
+pub fn select_sleep_us(us: i64) {
+    let mut tv = libc::timeval {
+        tv_sec: us / 1_000_000,
+        tv_usec: us % 1_000_000,
+    };
+    // SAFETY: no descriptor sets, and `tv` is a valid timeval select may update.
+    unsafe {
+        libc::select(
+            0,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            &mut tv,
+        )
+    };
+}
+
+/// Start `f(fd)` in a new process that shares our memory and descriptors and, having no TLS
+/// of its own, the calling thread's TLS (as UML's helpers do): `clone(CLONE_VM | CLONE_FILES)`
+/// on `stack`, with no exit signal.
+pub fn clone_helper(
+    f: extern "C" fn(*mut libc::c_void) -> c_int,
+    stack: &'static mut [u8],
+    fd: RawFd,
+) -> io::Result<libc::pid_t> {
+    // The stack grows down from its 16-byte aligned top.
+    let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
+    // SAFETY: `stack` is leaked memory no one else uses, large enough for `f`, which only
+    // makes raw system calls (it must not allocate: it shares our thread's malloc cache);
+    // `fd` is passed by value.
+    cvt(unsafe {
+        libc::clone(
+            f,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_FILES,
+            fd as usize as *mut libc::c_void,
+        )
+    })
+}

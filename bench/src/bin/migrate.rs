@@ -11,6 +11,10 @@
 //! host's root as hostfs; "idle" runs a once-a-second counter, any non-zero rate a guest job
 //! that rewrites 32 MiB of its tmpfs with random data in a loop (as fast as the guest can).
 //!
+//! A move counts as failed (column "failed", the reason on stderr) when `send` fails, or when
+//! the vkernel does not go on at hostB: no new tick line on its console there within 10 s, or
+//! a sign of a crash (a guest kernel panic, a vkload check that failed).
+//!
 //! The lab's links have an MTU of 65535 (`--mtu`), like loopback, where the QEMU figures the
 //! README compares with were measured.
 //!
@@ -293,7 +297,7 @@ fn one(lab: &Lab, size: u64, rate: u64, downtime_ms: u64, uml: bool) -> Result<S
     } else {
         start_vkload(lab, size, rate)?;
     }
-    send_and_report(lab, downtime_ms)
+    send_and_report(lab, downtime_ms, uml)
 }
 
 /// Start vkload of `size` MiB as vkernel "bench" on hostA, once its memory is written.
@@ -337,8 +341,48 @@ fn start_vkload(lab: &Lab, size: u64, rate: u64) -> Result<()> {
     Ok(())
 }
 
-/// `send` the vkernel "bench" from hostA to hostB, clean both up, and read the report.
-fn send_and_report(lab: &Lab, downtime_ms: u64) -> Result<Sample> {
+/// Signs on a console that the vkernel there is broken.
+const CRASH_SIGNS: [&str; 6] = [
+    "Kernel panic",
+    "Segfault",
+    "BUG",
+    "Oops",
+    "segfault",
+    "FAIL",
+];
+
+/// After a move that `send` reported done: the vkernel must go on at hostB, its console
+/// showing a new tick line and none of [`CRASH_SIGNS`]. A guest that crashed on arrival is
+/// a failed move, whatever `send` said.
+fn arrived(lab: &Lab, uml: bool) -> Result<()> {
+    let log = lab.work.join("b/state/bench/console.log");
+    let tick = if uml { "uml-tick " } else { "vkload tick=" };
+    let t0 = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(line) = text
+            .lines()
+            .find(|l| CRASH_SIGNS.iter().any(|s| l.contains(s)))
+        {
+            bail!("the vkernel broke on hostB: {line}");
+        }
+        // The last line may still be partial: a complete tick line counts.
+        if text
+            .split_inclusive('\n')
+            .any(|l| l.ends_with('\n') && l.contains(tick))
+        {
+            return Ok(());
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            bail!("the vkernel showed no tick on hostB within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `send` the vkernel "bench" from hostA to hostB, check that it goes on there, clean both
+/// up, and read the report.
+fn send_and_report(lab: &Lab, downtime_ms: u64, uml: bool) -> Result<Sample> {
     let report = lab.work.join("report.json");
     let tls = lab.work.join("a").join("tls");
     let dt = downtime_ms.to_string();
@@ -362,6 +406,11 @@ fn send_and_report(lab: &Lab, downtime_ms: u64) -> Result<Sample> {
         // Whoever asked for logs gets send's.
         eprint!("{}", String::from_utf8_lossy(&out.stderr));
     }
+    let arrival = if out.status.success() {
+        arrived(lab, uml)
+    } else {
+        Ok(())
+    };
     for h in ["a", "b"] {
         let _ = lab.vkm(h, &["kill", "bench"]).output();
         // `kill` returns before the shim has removed its state: wait for it.
@@ -380,6 +429,7 @@ fn send_and_report(lab: &Lab, downtime_ms: u64) -> Result<Sample> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    arrival?;
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
     eprintln!(
         "downtime {} ms = {}; final round {}",
@@ -406,20 +456,24 @@ fn main() -> Result<()> {
     let mut lab = Lab::new(&bin, args.mtu)?;
     lab.listen()?;
     println!(
-        "| size | dirtying | runs | total time | downtime (pause) | rounds | on the wire | round-0 page throughput | throttle |"
+        "| size | dirtying | runs | failed | total time | downtime (pause) | rounds | on the wire | round-0 page throughput | throttle |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for &size in &args.sizes {
         for &rate in &args.rates {
             let mut samples = Vec::new();
+            let mut failed = 0;
             for _ in 0..args.runs {
                 match one(&lab, size, rate, args.downtime_ms, args.uml) {
                     Ok(s) => samples.push(s),
-                    Err(e) => eprintln!("{size} MiB at {rate} MB/s: {e:#}"),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("{size} MiB at {rate} MB/s: {e:#}");
+                    }
                 }
             }
             if samples.is_empty() {
-                println!("| {size} MiB | {rate} MiB/s | 0 | failed | | | | | |");
+                println!("| {size} MiB | {rate} MiB/s | 0 | {failed} | | | | | | |");
                 continue;
             }
             let range = |f: &dyn Fn(&Sample) -> f64, digits: usize| {
@@ -444,7 +498,7 @@ fn main() -> Result<()> {
                 format!("{} %", range(&|s| s.throttle, 1))
             };
             println!(
-                "| {size} MiB | {rate_s} | {} | {} ms | {} ms | {} | {} MiB | {} GB/s | {throttle} |",
+                "| {size} MiB | {rate_s} | {} | {failed} | {} ms | {} ms | {} | {} MiB | {} GB/s | {throttle} |",
                 samples.len(),
                 range(&|s| s.total_ms, 0),
                 range(&|s| s.downtime_ms, 1),

@@ -147,6 +147,7 @@ impl Skeleton {
             objects,
             hosts: BTreeMap::new(),
             pages: 0,
+            interrupted: Vec::new(),
         };
         r.build_tree(&order, sandbox)?;
         if let Some(c) = cpu.as_mut() {
@@ -351,9 +352,15 @@ impl Skeleton {
             }
             given.push(tracee.tid);
         }
+        // Those told EINTR deal with it first, on their own (see `settle`).
+        let interrupted: Vec<i32> = (self.r.interrupted.iter())
+            .filter(|t| !given.contains(t))
+            .copied()
+            .collect();
+        settle(&interrupted);
         for rp in self.r.procs.values() {
             for r in &rp.threads {
-                if !given.contains(&r.tid) {
+                if !given.contains(&r.tid) && !interrupted.contains(&r.tid) {
                     ptrace::detach(r.tid, 0)?;
                 }
             }
@@ -481,6 +488,107 @@ struct RProc {
     threads: Vec<Remote>,
 }
 
+/// How long a syscall may run before the thread counts as blocked in it (see [`settle`]).
+const BLOCKED_AFTER: Duration = Duration::from_millis(1);
+/// How long [`settle`] gives the threads in all.
+const SETTLE_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// Where a thread [`settle`] runs is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum At {
+    /// Running user code (its next syscall stop is an entry).
+    User,
+    /// Inside a syscall it entered then.
+    Syscall(Instant),
+    /// Let go, or gone.
+    Done,
+}
+
+/// Let the threads `tids` (ours, stopped at a syscall's exit, told EINTR by
+/// [`ptrace::fixup_restart`]) run on their own until each blocks in a syscall again, then let
+/// them go; every other thread stays stopped meanwhile. An EINTR is within a blocking call's
+/// contract, but a thread that handles it while the rest of its vkernel runs may read state
+/// another thread changes: UML's helper threads share errno with the UML kernel process (one
+/// TLS block), and a helper whose `poll` saw EINTR read the kernel's errno at times, took it
+/// for a failed `poll` and printed from a stack with no kernel task under it: the guest
+/// panicked ("Segfault with no mm") in about one move in twenty. Blocked again, a thread is
+/// interrupted and let go, and its syscall restarts in place, as after any stop. Errors are
+/// logged: a thread that does not settle in time is let go where it is.
+fn settle(tids: &[i32]) {
+    let mut at: Vec<At> = tids.iter().map(|&t| resume(t, 0, At::User)).collect();
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    while at.contains(&At::User) || at.iter().any(|a| matches!(a, At::Syscall(_))) {
+        if Instant::now() > deadline {
+            break;
+        }
+        for (a, &t) in at.iter_mut().zip(tids) {
+            let w = ptrace::wait_timeout(t, Duration::ZERO);
+            if let Ok(Some(stop)) = &w {
+                tracing::debug!(tid = t, at = ?*a, ?stop, "settling");
+            }
+            *a = match (*a, w) {
+                (At::Done, _) => At::Done,
+                (_, Err(_) | Ok(Some(Stop::Exited(_) | Stop::Killed(_)))) => At::Done,
+                (At::Syscall(since), Ok(None)) if since.elapsed() >= BLOCKED_AFTER => {
+                    let_go_blocked(t);
+                    At::Done
+                }
+                (now, Ok(None)) => now,
+                // Entering a syscall: let it run, and see whether it returns.
+                (At::User, Ok(Some(Stop::Syscall))) => resume(t, 0, At::Syscall(Instant::now())),
+                (At::Syscall(_), Ok(Some(Stop::Syscall))) => resume(t, 0, At::User),
+                (now, Ok(Some(Stop::Signal(sig)))) => resume(t, sig, now),
+                (now, Ok(Some(Stop::Event(_)))) => resume(t, 0, now),
+            };
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
+    for (a, &t) in at.iter().zip(tids) {
+        if *a != At::Done {
+            tracing::warn!(
+                tid = t,
+                "an interrupted thread did not block again in time: let go where it is"
+            );
+            let_go_blocked(t);
+        }
+    }
+}
+
+/// Send the stopped thread `tid` on to its next syscall stop with `sig` delivered: `then` is
+/// where it will be, Done if it cannot go on (it was let go as it was).
+fn resume(tid: i32, sig: i32, then: At) -> At {
+    match ptrace::syscall(tid, sig) {
+        Ok(()) => then,
+        Err(e) => {
+            tracing::warn!(tid, error = %e, "cannot let an interrupted thread run");
+            let _ = ptrace::detach(tid, sig);
+            At::Done
+        }
+    }
+}
+
+/// Stop the running thread `tid` (blocked in a syscall, or late) and let it go: a syscall it
+/// was in restarts. Under `PTRACE_SYSCALL` the interrupt of a blocked syscall is reported as
+/// that syscall's exit stop; a signal on its way is delivered as the thread goes.
+fn let_go_blocked(tid: i32) {
+    if let Err(e) = ptrace::interrupt(tid) {
+        tracing::warn!(tid, error = %e, "cannot interrupt a thread to let it go");
+        return;
+    }
+    let sig = match ptrace::wait_timeout(tid, SETTLE_TIMEOUT) {
+        Ok(Some(Stop::Syscall | Stop::Event(_))) => 0,
+        Ok(Some(Stop::Signal(sig))) => sig,
+        Ok(Some(Stop::Exited(_) | Stop::Killed(_))) | Err(_) => return,
+        Ok(None) => {
+            tracing::warn!(tid, "a thread did not stop to be let go");
+            return;
+        }
+    };
+    if let Err(e) = ptrace::detach(tid, sig) {
+        tracing::warn!(tid, error = %e, "cannot let a thread go");
+    }
+}
+
 struct Restorer {
     vk: Arc<Vkernel>,
     scratch: u64,
@@ -491,6 +599,8 @@ struct Restorer {
     /// Namespace pid → host pid of every process created, zombies included.
     hosts: BTreeMap<i32, i32>,
     pages: u64,
+    /// Host tids of the threads that will meet an EINTR (see [`ptrace::fixup_restart`]).
+    interrupted: Vec<i32>,
 }
 
 impl Restorer {
@@ -562,6 +672,7 @@ impl Restorer {
             }
         }
         let mut unmapped = Vec::new();
+        let mut interrupted = Vec::new();
         for &i in order {
             let p = &vk.processes[i];
             if p.zombie.is_some() {
@@ -578,13 +689,16 @@ impl Restorer {
                 let mut regs = ptrace::regs_from_bytes(&t.regs).ok_or_else(|| {
                     DstError::Inconsistent(format!("thread {} has a bad register blob", t.tid))
                 })?;
-                ptrace::fixup_restart(&mut regs);
+                if ptrace::fixup_restart(&mut regs) {
+                    interrupted.push(r.tid);
+                }
                 ptrace::set_xstate(r.tid, &t.xstate)
                     .map_err(|e| step("xstate", t.tid, e.into()))?;
                 ptrace::setregs(r.tid, &regs)?;
                 ptrace::set_sigmask(r.tid, t.sigmask)?;
             }
         }
+        self.interrupted = interrupted;
         Ok(())
     }
 }
