@@ -505,8 +505,8 @@ enum At {
 }
 
 /// Let the threads `tids` (ours, stopped at a syscall's exit, told EINTR by
-/// [`ptrace::fixup_restart`]) run on their own until each blocks in a syscall again, then let
-/// them go; every other thread stays stopped meanwhile. An EINTR is within a blocking call's
+/// [`ptrace::fixup_restart`], sharing a TLS with another thread) run on their own until each
+/// blocks in a syscall again, then let them go; every other thread stays stopped meanwhile. An EINTR is within a blocking call's
 /// contract, but a thread that handles it while the rest of its vkernel runs may read state
 /// another thread changes: UML's helper threads share errno with the UML kernel process (one
 /// TLS block), and a helper whose `poll` saw EINTR read the kernel's errno at times, took it
@@ -599,7 +599,10 @@ struct Restorer {
     /// Namespace pid → host pid of every process created, zombies included.
     hosts: BTreeMap<i32, i32>,
     pages: u64,
-    /// Host tids of the threads that will meet an EINTR (see [`ptrace::fixup_restart`]).
+    /// Host tids of the threads that will meet an EINTR (see [`ptrace::fixup_restart`]) and
+    /// share their TLS, and with it errno, with another thread, as UML's helpers do: they meet
+    /// it alone (see [`settle`]). Threads with a TLS of their own handle their EINTR
+    /// side by side, as they would any.
     interrupted: Vec<i32>,
 }
 
@@ -672,7 +675,8 @@ impl Restorer {
             }
         }
         let mut unmapped = Vec::new();
-        let mut interrupted = Vec::new();
+        // (host tid, told EINTR, its address space and TLS): see `interrupted`.
+        let mut tls = Vec::new();
         for &i in order {
             let p = &vk.processes[i];
             if p.zombie.is_some() {
@@ -689,16 +693,21 @@ impl Restorer {
                 let mut regs = ptrace::regs_from_bytes(&t.regs).ok_or_else(|| {
                     DstError::Inconsistent(format!("thread {} has a bad register blob", t.tid))
                 })?;
-                if ptrace::fixup_restart(&mut regs) {
-                    interrupted.push(r.tid);
-                }
+                let eintr = ptrace::fixup_restart(&mut regs);
+                tls.push((r.tid, eintr, p.mm, regs.fs_base));
                 ptrace::set_xstate(r.tid, &t.xstate)
                     .map_err(|e| step("xstate", t.tid, e.into()))?;
                 ptrace::setregs(r.tid, &regs)?;
                 ptrace::set_sigmask(r.tid, t.sigmask)?;
             }
         }
-        self.interrupted = interrupted;
+        // Told EINTR, and sharing its TLS (so its errno) with another thread.
+        self.interrupted = (tls.iter())
+            .filter(|&&(tid, eintr, mm, fs)| {
+                eintr && fs != 0 && (tls.iter()).any(|&(t, _, m, f)| t != tid && m == mm && f == fs)
+            })
+            .map(|t| t.0)
+            .collect();
         Ok(())
     }
 }
