@@ -61,6 +61,18 @@ pub fn cont(pid: i32, sig: i32) -> Result<()> {
     ptrace(libc::PTRACE_CONT, pid, 0, sig as usize, "PTRACE_CONT").map(drop)
 }
 
+/// `PTRACE_SETOPTIONS`: the stopped tracee's options become `options` (`PTRACE_O_*`).
+pub fn set_options(pid: i32, options: u64) -> Result<()> {
+    ptrace(
+        libc::PTRACE_SETOPTIONS,
+        pid,
+        0,
+        options as usize,
+        "PTRACE_SETOPTIONS",
+    )
+    .map(drop)
+}
+
 /// `PTRACE_SYSCALL`: resume until the next syscall entry or exit.
 pub fn syscall(pid: i32, sig: i32) -> Result<()> {
     ptrace(libc::PTRACE_SYSCALL, pid, 0, sig as usize, "PTRACE_SYSCALL").map(drop)

@@ -515,7 +515,19 @@ enum At {
 /// interrupted and let go, and its syscall restarts in place, as after any stop. Errors are
 /// logged: a thread that does not settle in time is let go where it is.
 fn settle(tids: &[i32]) {
-    let mut at: Vec<At> = tids.iter().map(|&t| resume(t, 0, At::User)).collect();
+    // Processes or threads they start meanwhile are not ours: they run as they are made.
+    let mut at: Vec<At> = (tids.iter())
+        .map(
+            |&t| match ptrace::set_options(t, ptrace::PTRACE_O_TRACESYSGOOD) {
+                Ok(()) => resume(t, 0, At::User),
+                Err(e) => {
+                    tracing::warn!(tid = t, error = %e, "cannot let an interrupted thread run");
+                    let _ = ptrace::detach(t, 0);
+                    At::Done
+                }
+            },
+        )
+        .collect();
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     while at.contains(&At::User) || at.iter().any(|a| matches!(a, At::Syscall(_))) {
         if Instant::now() > deadline {
