@@ -124,7 +124,11 @@ impl Hidden {
             let pid = dir.join("pid");
             if let (Some(text), false) = (&self.pid_file, pid.exists()) {
                 if let Err(e) = std::fs::write(&pid, text) {
-                    tracing::warn!(path = %pid.display(), error = %e, "cannot write the UML's pid file again");
+                    tracing::warn!(
+                        path = %pid.display(),
+                        error = %e,
+                        "cannot write the UML's pid file again"
+                    );
                 }
             }
         }

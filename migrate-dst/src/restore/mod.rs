@@ -493,7 +493,7 @@ const BLOCKED_AFTER: Duration = Duration::from_millis(1);
 /// How long [`settle`] gives the threads in all.
 const SETTLE_TIMEOUT: Duration = Duration::from_millis(200);
 
-/// Where a thread [`settle`] runs is.
+/// Where a thread that [`settle`] runs is now.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum At {
     /// Running user code (its next syscall stop is an entry).
@@ -506,14 +506,15 @@ enum At {
 
 /// Let the threads `tids` (ours, stopped at a syscall's exit, told EINTR by
 /// [`ptrace::fixup_restart`], sharing a TLS with another thread) run on their own until each
-/// blocks in a syscall again, then let them go; every other thread stays stopped meanwhile. An EINTR is within a blocking call's
-/// contract, but a thread that handles it while the rest of its vkernel runs may read state
-/// another thread changes: UML's helper threads share errno with the UML kernel process (one
-/// TLS block), and a helper whose `poll` saw EINTR read the kernel's errno at times, took it
-/// for a failed `poll` and printed from a stack with no kernel task under it: the guest
-/// panicked ("Segfault with no mm") in about one move in twenty. Blocked again, a thread is
-/// interrupted and let go, and its syscall restarts in place, as after any stop. Errors are
-/// logged: a thread that does not settle in time is let go where it is.
+/// blocks in a syscall again, then let them go; every other thread stays stopped meanwhile.
+/// An EINTR is within a blocking call's contract, but a thread that handles it while the rest
+/// of its vkernel runs may read state another thread changes: UML's helper threads share
+/// errno with the UML kernel process (one TLS block), and a helper whose `poll` saw EINTR
+/// read the kernel's errno at times, took it for a failed `poll` and printed from a stack
+/// with no kernel task under it: the guest panicked ("Segfault with no mm") in about one move
+/// in twenty. Blocked again, a thread is interrupted and let go, and its syscall restarts in
+/// place, as after any stop. Errors are logged: a thread that does not settle in time is let
+/// go where it is.
 fn settle(tids: &[i32]) {
     // Processes or threads they start meanwhile are not ours: they run as they are made.
     let mut at: Vec<At> = (tids.iter())
@@ -529,10 +530,7 @@ fn settle(tids: &[i32]) {
         )
         .collect();
     let deadline = Instant::now() + SETTLE_TIMEOUT;
-    while at.contains(&At::User) || at.iter().any(|a| matches!(a, At::Syscall(_))) {
-        if Instant::now() > deadline {
-            break;
-        }
+    while at.iter().any(|a| *a != At::Done) && Instant::now() <= deadline {
         for (a, &t) in at.iter_mut().zip(tids) {
             let w = ptrace::wait_timeout(t, Duration::ZERO);
             if let Ok(Some(stop)) = &w {
