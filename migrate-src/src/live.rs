@@ -344,7 +344,7 @@ impl Precopy {
                 Ok(r) => r,
                 // The process exited (a short-lived child): nothing of it to send; the final
                 // state will show the tree changed.
-                Err(_) if !proc_exists(m.pid) => {
+                Err(_) if !has_memory(m.pid) => {
                     tracing::debug!(pid = m.pid, "a tracked process exited during pre-copy");
                     m.tracker = None;
                     continue;
@@ -773,8 +773,15 @@ fn read_tree(init: i32) -> Option<BTreeMap<i32, Vec<i32>>> {
     Some(tree)
 }
 
-fn proc_exists(pid: i32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
+/// Whether process `pid` still has its memory: not when it is gone, nor when it is a zombie
+/// whose parent has yet to reap it (its /proc entry stays, its pagemap cannot be opened).
+fn has_memory(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the command name's closing parenthesis.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X')
+    })
 }
 
 /// The skeleton's VMAs of address space `mm`.
@@ -1113,4 +1120,28 @@ fn add(a: &mut RoundStats, b: &RoundStats) {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A zombie keeps its /proc entry but not its memory: a round must take it for gone.
+    #[test]
+    fn a_zombie_has_no_memory() {
+        assert!(has_memory(std::process::id() as i32));
+        let mut child = std::process::Command::new("true").spawn().expect("test");
+        let pid = child.id() as i32;
+        let t0 = Instant::now();
+        while has_memory(pid) {
+            assert!(t0.elapsed() < Duration::from_secs(10), "true never exited");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "not reaped yet"
+        );
+        child.wait().expect("test");
+        assert!(!has_memory(pid));
+    }
 }
