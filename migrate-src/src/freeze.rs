@@ -683,7 +683,7 @@ fn wait_for_stop(
 
 /// None: the task is gone; Some(None): alive; Some(Some(status)): exited, with its wait status
 /// (field 52 of /proc/PID/stat).
-fn dead_status(tid: i32) -> Option<Option<i32>> {
+pub(crate) fn dead_status(tid: i32) -> Option<Option<i32>> {
     let stat = proc::read(proc::pid_path(tid, "stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();

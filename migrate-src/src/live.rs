@@ -776,12 +776,7 @@ fn read_tree(init: i32) -> Option<BTreeMap<i32, Vec<i32>>> {
 /// Whether process `pid` still has its memory: not when it is gone, nor when it is a zombie
 /// whose parent has yet to reap it (its /proc entry stays, its pagemap cannot be opened).
 fn has_memory(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        // The state follows the command name's closing parenthesis.
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next())
-            .is_some_and(|state| state != 'Z' && state != 'X')
-    })
+    crate::freeze::dead_status(pid) == Some(None)
 }
 
 /// The skeleton's VMAs of address space `mm`.

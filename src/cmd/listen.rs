@@ -177,13 +177,14 @@ async fn handle(ctx: Arc<Ctx>, session: Session) -> Result<()> {
         .peer_name()
         .unwrap_or_else(|| conn.remote_address().to_string());
     let msg: ToDaemon = crate::wire::recv(&mut control, "sender").await?;
-    // An offer's clocks were read as it left the sender (see `send`), less than a round trip
-    // before it arrived: the vkernel's clocks here go on from that moment. Taken a round trip
-    // early they run a little ahead, never behind: a guest whose monotonic clock steps back
-    // may stall (a UML set back by 3 s never ticked again).
-    let sent_at = vkm_sys::calls::clock_ns(libc::CLOCK_MONOTONIC) - conn.rtt().as_nanos() as i128;
     let reply = match msg {
         ToDaemon::Offer(offer) => {
+            // Its clocks were read as it left the sender (see `send`), less than a round trip
+            // before it arrived: the vkernel's clocks here go on from that moment. Taken a
+            // round trip early they run a little ahead, never behind: a guest whose monotonic
+            // clock steps back may stall (a UML set back by 3 s never ticked again).
+            let sent_at =
+                vkm_sys::calls::clock_ns(libc::CLOCK_MONOTONIC) - conn.rtt().as_nanos() as i128;
             tracing::info!(%peer, vkernel = %offer.name, mem_mib = offer.mem_bytes >> 20, "offer");
             let ctx2 = Arc::clone(&ctx);
             let (reply, shim) =

@@ -9,8 +9,9 @@
 //! behind it: the guest panicked).
 //!
 //! The helper shares the making thread's TLS, and with it glibc's per-thread malloc cache:
-//! it must not allocate, so it formats its one message by hand into a stack buffer.
+//! it must not allocate, so it formats its one message into a stack buffer.
 
+use std::io::Write;
 use std::os::fd::IntoRawFd;
 
 use crate::check::OrFail;
@@ -62,27 +63,12 @@ extern "C" fn helper_main(arg: *mut libc::c_void) -> libc::c_int {
         if e == libc::EINTR {
             continue;
         }
-        // "vkload FAIL: helper: poll failed with errno N\n", without allocating.
-        const PREFIX: &[u8] = b"vkload FAIL: helper: poll failed with errno ";
-        let mut line = [0u8; 64];
-        line[..PREFIX.len()].copy_from_slice(PREFIX);
-        let mut digits = [0u8; 10];
-        let (mut n, mut nd) = (e.unsigned_abs(), 0);
-        loop {
-            digits[nd] = b'0' + (n % 10) as u8;
-            nd += 1;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        let mut len = PREFIX.len();
-        for &d in digits[..nd].iter().rev() {
-            line[len] = d;
-            len += 1;
-        }
-        line[len] = b'\n';
-        let line = &line[..=len];
+        // Into a stack buffer: writing to a byte slice does not allocate.
+        let mut buf = [0u8; 64];
+        let mut cur = std::io::Cursor::new(&mut buf[..]);
+        let _ = writeln!(cur, "vkload FAIL: helper: poll failed with errno {e}");
+        let len = usize::try_from(cur.position()).unwrap_or(0);
+        let line = &buf[..len];
         let _ = sys::write_all_fd(2, line);
         let _ = sys::write_all_fd(1, line);
         loop {

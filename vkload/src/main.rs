@@ -12,7 +12,7 @@
 //! ```text
 //! vkload [--mem MIB] [--threads N] [--children N] [--ram-file-mib M] [--dirty-mbps R]
 //!        [--without FEAT[,FEAT...]] [--tick-ms MS] [--net TAP,IP/PREFIX[,MAC]] [--helper]
-//! FEAT: threads memfd pipe socketpair itimer posix-timer signals children eventfd file
+//! FEAT: threads memfd pipe socketpair itimer posix-timer signals children eventfd file window
 //! ```
 //!
 //! Every tick the main thread prints exactly one line on stdout, with a single write(2):

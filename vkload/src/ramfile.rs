@@ -5,8 +5,8 @@
 //! through their inherited copy of view A). Pages 1.. are pattern pages written round-robin,
 //! one per tick, through a one-page window mapped onto each in turn (as UML maps parts of its
 //! RAM file in and out; through view A without the `window` feature), and checked through
-//! view B and through pread. Pages not yet written
-//! are holes, so the file stays sparse for a while, as UML's does.
+//! view B and through pread. Pages not yet written are holes, so the file stays sparse for a
+//! while, as UML's does.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

@@ -531,13 +531,12 @@ fn settle(tids: &[i32]) {
         .collect();
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     while at.iter().any(|a| *a != At::Done) && Instant::now() <= deadline {
-        for (a, &t) in at.iter_mut().zip(tids) {
+        for (a, &t) in at.iter_mut().zip(tids).filter(|(a, _)| **a != At::Done) {
             let w = ptrace::wait_timeout(t, Duration::ZERO);
             if let Ok(Some(stop)) = &w {
                 tracing::debug!(tid = t, at = ?*a, ?stop, "settling");
             }
             *a = match (*a, w) {
-                (At::Done, _) => At::Done,
                 (_, Err(_) | Ok(Some(Stop::Exited(_) | Stop::Killed(_)))) => At::Done,
                 (At::Syscall(since), Ok(None)) if since.elapsed() >= BLOCKED_AFTER => {
                     let_go_blocked(t);
@@ -546,7 +545,8 @@ fn settle(tids: &[i32]) {
                 (now, Ok(None)) => now,
                 // Entering a syscall: let it run, and see whether it returns.
                 (At::User, Ok(Some(Stop::Syscall))) => resume(t, 0, At::Syscall(Instant::now())),
-                (At::Syscall(_), Ok(Some(Stop::Syscall))) => resume(t, 0, At::User),
+                // Its exit (Done is not waited for).
+                (_, Ok(Some(Stop::Syscall))) => resume(t, 0, At::User),
                 (now, Ok(Some(Stop::Signal(sig)))) => resume(t, sig, now),
                 (now, Ok(Some(Stop::Event(_)))) => resume(t, 0, now),
             };
